@@ -1,0 +1,31 @@
+# `make demo` and `make test` do all the set-up on a fresh Debian 12 machine.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test demo bench lint tools clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+tools:
+	@sh scripts/ensure-tools.sh
+
+test: tools $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: tools $(STAMP)
+	$(PY) -m probed.demo
+
+bench: tools $(STAMP)
+	$(PY) bench/hits.py
+	$(PY) bench/gdb_proxy.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .cache
