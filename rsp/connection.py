@@ -267,11 +267,11 @@ class RSPClient:
         """
         if not self.running or self._interrupting:
             return
-        self._interrupting = True
         async with self._send_lock:
             # Re-check under the lock: the stop may have arrived while we waited for it.
-            if not self.running or self._closed:
+            if not self.running or self._interrupting or self._closed:
                 return
+            self._interrupting = True
             try:
                 await self._stream.send_all(INTERRUPT)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:

@@ -1,0 +1,203 @@
+"""Hits per second: probed against a minimal hand-written RSP loop and against GDB, side by side.
+
+All variants run one after the other against the same QEMU guest, each for the same number of hits on
+`probe_target`, and each checks the guest really advanced one call per hit (the guest's own `calls`
+counter). Printed: hits/s per variant and the ratios the issue names.
+
+    python bench/hits.py [--hits N] [--arch i386|x86_64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from elftools.elf.elffile import ELFFile  # noqa: E402
+
+from probed.api import attach  # noqa: E402
+from probed.qemu import QemuGuest  # noqa: E402
+from rsp.framing import NEED_DATA, Framer, Packet, encode_packet  # noqa: E402
+
+
+def symbol_address(elf: Path, name: str) -> int:
+    with open(elf, "rb") as f:
+        for sym in ELFFile(f).get_section_by_name(".symtab").iter_symbols():
+            if sym.name == name:
+                return sym["st_value"]
+    raise KeyError(name)
+
+
+class RawLoop:
+    """The yardstick: blocking socket, one packet at a time, acks sent as GDB does."""
+
+    def __init__(self, target: str):
+        kind, _, where = target.partition(":")
+        if kind == "unix":
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.connect(where)
+        else:
+            host, _, port = where.rpartition(":")
+            self.sock = socket.create_connection((host, int(port)))
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.framer = Framer()
+
+    def packet(self) -> bytes:
+        while True:
+            ev = self.framer.next_event()
+            if isinstance(ev, Packet):
+                return ev.payload
+            if ev is NEED_DATA:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise EOFError
+                self.framer.receive_data(data)
+
+    def ask(self, payload: bytes, ack: bool = True) -> bytes:
+        self.sock.sendall(encode_packet(payload))
+        reply = self.packet()
+        if ack:
+            self.sock.sendall(b"+")
+        return reply
+
+    def run(self, address: int, hits: int, post: bool) -> float:
+        self.ask(b"qSupported:swbreak+")
+        self.ask(b"?")
+        assert self.ask(b"Z0,%x,1" % address) == b"OK"
+        t0 = time.perf_counter()
+        for _ in range(hits):
+            self.sock.sendall(encode_packet(b"c"))
+            self.packet()  # stop at the breakpoint; acked by the `+` in front of the next packet
+            self.sock.sendall(b"+")
+            self.ask(b"g")
+            self.sock.sendall(encode_packet(b"s"))
+            self.packet()
+            self.sock.sendall(b"+")
+            if post:
+                self.ask(b"g")
+        elapsed = time.perf_counter() - t0
+        self.ask(b"z0,%x,1" % address)
+        self.sock.sendall(encode_packet(b"D"))
+        self.packet()
+        self.sock.close()
+        return elapsed
+
+
+def read_calls(target: str, elf: Path) -> int:
+    raw = RawLoop(target)
+    raw.ask(b"qSupported")
+    addr = symbol_address(elf, "calls")
+    value = int.from_bytes(bytes.fromhex(raw.ask(b"m%x,4" % addr).decode()), "little")
+    raw.sock.sendall(encode_packet(b"D"))
+    raw.packet()
+    raw.sock.close()
+    return value
+
+
+async def probed_run(target: str, elf: Path, hits: int, post: bool, arch: str) -> float:
+    reg = "eax" if arch == "i386" else "rax"
+    async with attach(target, symbols=[str(elf)]) as engine:
+        seen = 0
+        done = trio.Event()
+        t0 = 0.0
+
+        def count(_ctx):
+            nonlocal seen
+            seen += 1
+            if seen == hits:
+                done.set()
+            return None
+
+        probe = await engine.add_probe(
+            "probe_target", pre=[f"v=%{reg}"], post=[f"v=%{reg}"] if post else None
+        )
+        t0 = time.perf_counter()
+        with engine.hub.subscribe(probe.id, maxsize=hits + 10) as sub:
+            for _ in range(hits):
+                await sub.receive()
+        elapsed = time.perf_counter() - t0
+        await engine.remove_probe(probe.id)
+        del count, done
+        return elapsed
+
+
+def gdb_run(target: str, elf: Path, hits: int, arch: str) -> float:
+    reg = "$eax" if arch == "i386" else "$rax"
+    where = target.split(":", 1)[1]
+    script = textwrap.dedent(f"""
+        import gdb, time
+        class B(gdb.Breakpoint):
+            n = 0
+            def stop(self):
+                gdb.parse_and_eval("{reg}")
+                B.n += 1
+                return B.n >= {hits}
+        B("probe_target")
+        t0 = time.perf_counter()
+        gdb.execute("continue")
+        print("ELAPSED", time.perf_counter() - t0, B.n)
+        gdb.execute("delete")
+        gdb.execute("detach")
+    """)
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(script)
+    try:
+        out = subprocess.run(
+            ["gdb", "-batch", "-nx", str(elf), "-ex", f"target remote {where}", "-x", f.name],
+            capture_output=True, text=True, timeout=600,
+        ).stdout
+    finally:
+        os.unlink(f.name)
+    for line in out.splitlines():
+        if line.startswith("ELAPSED"):
+            _, secs, n = line.split()
+            assert int(n) == hits, out
+            return float(secs)
+    raise RuntimeError("gdb run failed:\n" + out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hits", type=int, default=3000)
+    ap.add_argument("--arch", default="i386", choices=["i386", "x86_64"])
+    args = ap.parse_args()
+    hits = args.hits
+    with QemuGuest(args.arch, stopped=False) as guest:
+        elf, target = guest.elf, guest.target
+        addr = symbol_address(elf, "probe_target")
+        results: dict[str, float] = {}
+
+        def measure(name: str, fn) -> None:
+            before = read_calls(target, elf)
+            secs = fn()
+            after = read_calls(target, elf)
+            advanced = after - before
+            # The guest runs freely between variants, so it advances at least one call per hit.
+            assert advanced >= hits, f"{name}: guest advanced {advanced} calls for {hits} hits"
+            results[name] = hits / secs
+            print(f"{name:<34} {hits / secs:9.0f} hits/s  ({hits} hits in {secs:.2f} s)", flush=True)
+
+        measure("raw loop c,g,s", lambda: RawLoop(target).run(addr, hits, post=False))
+        measure("probed pre (1 register)", lambda: trio.run(probed_run, target, elf, hits, False, args.arch))
+        measure("raw loop c,g,s,g", lambda: RawLoop(target).run(addr, hits, post=True))
+        measure("probed pre+post (1 register)", lambda: trio.run(probed_run, target, elf, hits, True, args.arch))
+        measure("gdb python Breakpoint.stop", lambda: gdb_run(target, elf, hits, args.arch))
+
+    print()
+    print(f"probed pre / raw c,g,s         {results['probed pre (1 register)'] / results['raw loop c,g,s']:.2f}  (target >= 0.8)")
+    print(f"probed pre+post / raw c,g,s,g  {results['probed pre+post (1 register)'] / results['raw loop c,g,s,g']:.2f}  (target >= 0.8)")
+    print(f"probed pre / gdb               {results['probed pre (1 register)'] / results['gdb python Breakpoint.stop']:.2f}  (target >= 1.5)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The Python library API: attach to a guest and hang Python callables (or fetch args) on it.
+
+    import trio
+    from probed.api import attach
+
+    async def main():
+        async with attach("unix:/tmp/gdb.sock", symbols=["guest.elf"]) as engine:
+            def args(ctx):                      # runs before the probed instruction
+                return {"eax": ctx.regs["eax"]}
+
+            async def name(ctx):                # handlers may await reads
+                sp = ctx.regs["esp"]
+                return await ctx.read_string(await ctx.read_u(sp + 12))
+
+            probe = await engine.add_probe("probe_target", pre=name, post=args)
+            with engine.hub.subscribe(probe.id) as hits:
+                async for record in hits:
+                    print(record["seq"], record["pre"], record["post"])
+
+    trio.run(main)
+
+A handler gets a `probed.context.HitContext`: `ctx.regs[name]` (target-description names and kprobe
+aliases), `await ctx.read(addr, n)`, `await ctx.read_u(addr, size)`, `await ctx.read_string(addr)`,
+`ctx.symbolize(addr)`, `ctx.cpu`, `ctx.pc`, `ctx.probe`, `ctx.phase`. It returns a JSON-serialisable value,
+which the hit record carries as `pre` or `post`. An exception is recorded in that hit's `error`; after
+`fault_limit` faults in a row the probe is disabled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import trio
+
+from .context import HitContext
+from .engine import Engine
+from .events import Subscription
+from .probes import Probe
+
+__all__ = ["Engine", "HitContext", "Probe", "Subscription", "attach"]
+
+
+@asynccontextmanager
+async def attach(target: str, *, symbols: Sequence[str] = (), **options) -> AsyncIterator[Engine]:
+    """Attach an engine to `target` for the duration of the block.
+
+    On exit every probe's breakpoint is removed, the guest resumes, and the connection is closed.
+
+    Args:
+        target: `tcp:HOST:PORT` or `unix:PATH` of QEMU's gdbstub.
+        symbols: symbol files, `PATH[@BIAS]`.
+        **options: passed to `Engine` (`stopped`, `hw_slots`, `buffer`, `fault_limit`).
+    """
+    async with trio.open_nursery() as nursery:
+        engine = Engine(target, symbol_files=symbols, **options)
+        await nursery.start(engine.run)
+        try:
+            yield engine
+        finally:
+            nursery.cancel_scope.cancel()

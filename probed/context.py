@@ -1,0 +1,134 @@
+"""The hit context handlers see: the CPU state at one moment of one hit, read lazily and in batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from rsp.errors import RSPError
+
+if TYPE_CHECKING:
+    from .probes import Probe
+    from .target import Target
+
+__all__ = ["HitContext", "RegisterView"]
+
+STRING_MAX = 256
+PAGE = 4096
+
+
+class RegisterView(Mapping[str, int]):
+    """Registers by name over one `g` reply, decoded one at a time as they are asked for."""
+
+    def __init__(self, target: Target, g_payload: bytes):
+        self._target = target
+        self._g = g_payload
+        self._cache: dict[str, int | None] = {}
+
+    def __getitem__(self, name: str) -> int:
+        try:
+            return self._cache[name]  # type: ignore[return-value]
+        except KeyError:
+            pass
+        real = self._target.arch.resolve_register(name) if name not in self._target.layout_names else name
+        value = self._target.layout.value(self._g, real)
+        self._cache[name] = value
+        if value is None:
+            raise KeyError(f"register {name} is unavailable")
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._target.g_register_names)
+
+    def __len__(self) -> int:
+        return len(self._target.g_register_names)
+
+
+class HitContext:
+    """What a handler gets on a hit.
+
+    Attributes:
+        probe: the probe whose handler runs.
+        cpu: the index of the CPU that hit (0-based).
+        phase: "pre" (before the probed instruction) or "post" (after it).
+        regs: registers by name (`ctx.regs["eax"]`, kprobe aliases too: `ctx.regs["ax"]`).
+    """
+
+    def __init__(self, target: Target, cpu: int, phase: str, g_payload: bytes | None, probe: Probe | None = None):
+        self._target = target
+        self.cpu = cpu
+        self.phase = phase
+        self.probe = probe
+        self._g = g_payload
+        self._regs: RegisterView | None = RegisterView(target, g_payload) if g_payload is not None else None
+        self.reads = 0
+
+    # -- registers ----------------------------------------------------------------------------------
+
+    @property
+    def regs(self) -> RegisterView:
+        if self._regs is None:
+            raise RuntimeError("registers were not read for this hit; use `await ctx.registers()`")
+        return self._regs
+
+    async def registers(self) -> RegisterView:
+        """The registers, read with one `g` the first time they are needed."""
+        if self._regs is None:
+            self._g = await self._target.read_g()
+            self._regs = RegisterView(self._target, self._g)
+        return self._regs
+
+    @property
+    def pc(self) -> int:
+        return self.regs[self._target.arch.pc]
+
+    # -- memory -------------------------------------------------------------------------------------
+
+    async def read_many(self, requests: Sequence[tuple[int, int]]) -> list[bytes | Exception]:
+        """Several reads in one round trip; a failed read is returned as its exception."""
+        self.reads += len(requests)
+        return await self._target.read_many(requests)
+
+    async def read(self, address: int, length: int) -> bytes:
+        """Read guest memory.
+
+        Raises:
+            RemoteError: the target refused the read (an unmapped address).
+        """
+        (result,) = await self.read_many([(address, length)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def read_u(self, address: int, size: int | None = None) -> int:
+        """Read an unsigned integer of `size` bytes (default: the word size), in target byte order."""
+        size = size or self._target.arch.word_size
+        return int.from_bytes(await self.read(address, size), "little")
+
+    async def read_string(self, address: int, limit: int = STRING_MAX) -> str:
+        """Read a NUL-terminated string (at most `limit` bytes), decoded as UTF-8 with replacement."""
+        out = bytearray()
+        addr = address
+        while len(out) < limit:
+            chunk = min(limit - len(out), PAGE - (addr % PAGE))
+            try:
+                data = await self.read(addr, chunk)
+            except RSPError:
+                if out:
+                    break
+                raise
+            nul = data.find(b"\0")
+            if nul >= 0:
+                out += data[:nul]
+                break
+            out += data
+            addr += chunk
+        return out.decode("utf-8", errors="replace")
+
+    def symbolize(self, address: int) -> str | None:
+        """`sym+0xoff` for an address in the loaded symbols, else None."""
+        return self._target.symbolize(address)
+
+    def __repr__(self) -> str:
+        return f"<HitContext {self.phase} cpu{self.cpu} probe={getattr(self.probe, 'name', None)}>"
+

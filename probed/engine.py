@@ -1,0 +1,930 @@
+"""The engine: the one task that owns the QEMU connection and runs stop -> classify -> handle -> resume.
+
+Rules it keeps (ARCHITECTURE.md):
+- All-stop. While the guest is stopped for a hit nothing else runs it. Changes (adding, removing, enabling
+  probes) are requests run by the engine task while the guest is stopped: a running guest is interrupted,
+  every pending change is applied, and the guest resumes.
+- The guest is always resumed after a hit, whatever a handler did; handler errors go into the hit record.
+- A hit costs only the packets its handlers need. When every breakpoint's pre-handlers read registers only,
+  the register read and the single-step go out in one write; a post-handler that reads registers only gets
+  its `g` in the same write as the `c` that resumes the guest.
+
+QEMU facts this leans on (shared/QEMU-GDBSTUB.md): `c` from a pc that sits on a breakpoint stops again at
+once without executing, so a hit always single-steps the probed instruction before continuing; `vCont;s:T`
+steps one vCPU and leaves the others stopped; an interrupt (0x03) sent during a step would pause the guest
+before the step completes, so interrupts are only sent while the guest runs freely after `c`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+import trio
+
+from rsp.connection import RSPClient, raise_for_reply
+from rsp.errors import ConnectionClosed, RSPError
+from rsp.stop import Exited, StopEvent, StopReply, Terminated, ThreadId
+
+from .context import HitContext
+from .debugger import DebuggerLink, gdb_key
+from .errors import BadSpec, ProbedError, TargetError, Unsupported
+from .events import EventHub
+from .handlers import Handler, make_handler
+from .probes import FAULT_LIMIT, HookPoint, Probe, ProbeTable
+from .slots import SlotAllocator
+from .symbols import Location, SymbolStore, parse_file_arg
+from .target import Target
+from .watch import WatchHelper
+
+__all__ = ["Engine"]
+
+log = logging.getLogger(__name__)
+
+SIGTRAP = 5
+Z_TYPES = {"break": 0, "hbreak": 1, "watch:w": 2, "watch:r": 3, "watch:rw": 4}
+
+
+@dataclass
+class _Hit:
+    """A breakpoint hit between its pre phase and its step."""
+
+    thread: ThreadId | None
+    cpu: int
+    pc: int
+    stop: int
+    probes: list[Probe]
+    pre: list[tuple[Any, str | None]]
+
+
+class _Request:
+    """Work to run in the engine task while the guest is stopped."""
+
+    def __init__(self, fn: Callable[[], Awaitable[Any]]):
+        self.fn = fn
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class Engine:
+    """Probes on a QEMU guest, driven over one RSP connection.
+
+    Args:
+        target: `tcp:HOST:PORT` or `unix:PATH` of QEMU's gdbstub.
+        symbol_files: symbol files, each `PATH[@BIAS]`.
+        stopped: leave the guest stopped after attaching until `resume()` (boot-time tracing).
+        hw_slots: hardware debug-register slots (x86: 4).
+        buffer: how many recent hit records the ring buffer keeps.
+        fault_limit: consecutive handler faults after which a probe is disabled.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        symbol_files: Sequence[str] = (),
+        stopped: bool = False,
+        hw_slots: int = 4,
+        buffer: int = 65536,
+        fault_limit: int = FAULT_LIMIT,
+        timeout: float = 10.0,
+    ):
+        self.target_address = target
+        self.symbols = SymbolStore()
+        for arg in symbol_files:
+            path, bias = parse_file_arg(arg)
+            self.symbols.add_file(path, bias=bias)
+        self.table = ProbeTable()
+        self.hub = EventHub(buffer, on_missed=self._count_missed)
+        self.slots = SlotAllocator(hw_slots)
+        self.fault_limit = fault_limit
+        self.timeout = timeout
+        self.target: Target | None = None
+        self.watch = WatchHelper(self)
+        self.state = "detached"
+        self.stops = 0
+        self.hits = 0
+        self.records = 0
+        self._hold = stopped
+        self._requests: deque[_Request] = deque()
+        self._wake = trio.Event()
+        self._free_running = False
+        self._installed: dict[tuple[str, int, int, str], bytes] = {}
+        self._slot_of: dict[tuple[str, int, int, str], Any] = {}
+        self._dirty = False
+        self._pipeline_step = True
+        self._dead: BaseException | None = None
+        self._started = time.monotonic()
+        self.current_thread: ThreadId | None = None
+        self.debugger: DebuggerLink | None = None  # the GDB stub's session (probed.debugger.DebuggerLink), when one is attached
+
+    # -- properties ---------------------------------------------------------------------------------
+
+    @property
+    def arch(self):
+        return self.target.arch if self.target else None
+
+    @property
+    def client(self) -> RSPClient:
+        return self.target.client
+
+    # -- the service --------------------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Attach, report started, and run until cancelled; then clean up and detach.
+
+        Raises:
+            TargetError: the target cannot be reached, or went away.
+        """
+        try:
+            client = await RSPClient.connect(self.target_address, timeout=self.timeout)
+        except ConnectionClosed as exc:
+            raise TargetError(str(exc)) from exc
+        self.target = Target(client, self.symbols)
+        try:
+            try:
+                await self.target.attach()
+            except RSPError as exc:
+                raise TargetError(f"cannot attach to {self.target_address}: {exc}") from exc
+            self.state = "stopped"
+            log.info("attached to %s (%s, %d cpu)", self.target_address, self.arch.name, len(self.target.threads))
+            task_status.started()
+            await self._loop()
+        except ConnectionClosed as exc:
+            self._dead = TargetError(f"the target went away: {exc}")
+            raise self._dead from exc
+        except BaseException as exc:
+            self._dead = exc if isinstance(exc, ProbedError) else TargetError("the engine stopped")
+            raise
+        finally:
+            self._fail_requests()
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(5):
+                    await self._shutdown()
+            self.hub.close()
+            self.state = "detached"
+
+    async def _loop(self) -> None:
+        client = self.client
+        running = False
+        while True:
+            if not running:
+                await self._serve_requests()
+                if self.debugger is not None and self.debugger.interrupt_requested:
+                    # The debugger asked for a stop while we were busy with a hit: this stop is its.
+                    await self.debugger.deliver(StopReply(2, self.debugger.current_thread))
+                if self._holding():
+                    self.state = "stopped"
+                    await self._wait_for_wake()
+                    continue
+                self.state = "running"
+                self._free_running = True
+                await client.resume(b"c")
+            else:
+                self._free_running = True
+            try:
+                event = await client.wait_stop()
+            finally:
+                self._free_running = False
+            running = await self._on_stop(event)
+
+    def _holding(self) -> bool:
+        return self._hold or (self.debugger is not None and self.debugger.holding)
+
+    async def _wait_for_wake(self) -> None:
+        while self._holding() and not self._requests:
+            self._wake = trio.Event()
+            await self._wake.wait()
+
+    async def _serve_requests(self) -> None:
+        if self._dirty:
+            self._dirty = False
+            await self._reconcile()
+        while self._requests:
+            req = self._requests.popleft()
+            try:
+                req.result = await req.fn()
+            except Exception as exc:
+                req.error = exc
+            finally:
+                req.done.set()
+        if self._dirty:
+            self._dirty = False
+            await self._reconcile()
+
+    def _fail_requests(self) -> None:
+        while self._requests:
+            req = self._requests.popleft()
+            req.error = TargetError("the engine is not running")
+            req.done.set()
+
+    async def call_stopped(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+        """Run `fn` in the engine task while the guest is stopped; returns its result.
+
+        Raises:
+            TargetError: the engine is not attached or has stopped.
+        """
+        if self.target is None or self._dead is not None:
+            raise TargetError("the engine is not attached to a target")
+        req = _Request(fn)
+        self._requests.append(req)
+        await self._wakeup()
+        await req.done.wait()
+        if req.error is not None:
+            raise req.error
+        return req.result
+
+    async def _wakeup(self) -> None:
+        self._wake.set()
+        if self._free_running:
+            await self.client.interrupt()
+
+    async def _shutdown(self) -> None:
+        if self.target is None:
+            return
+        client = self.client
+        try:
+            if client.running:
+                await client.halt(timeout=2)
+            packets = [self._z_packet(key, insert=False) for key in self._installed]
+            self._installed.clear()
+            if packets:
+                await client.pipeline(packets, timeout=2)
+            # `D` also makes QEMU drop every breakpoint and resume the guest.
+            await client.request(b"D", timeout=2)
+        except (RSPError, trio.TooSlowError, RuntimeError) as exc:
+            log.warning("could not detach cleanly: %s", exc)
+        finally:
+            with trio.move_on_after(1):
+                await client.aclose()
+
+    # -- stops --------------------------------------------------------------------------------------
+
+    async def _on_stop(self, event: StopEvent) -> bool:
+        """Handle one stop; returns True when the guest was already resumed."""
+        if isinstance(event, Exited | Terminated):
+            raise TargetError(f"the guest is gone ({event})")
+        if not isinstance(event, StopReply):
+            return False
+        self.stops += 1
+        if event.thread is not None:
+            self.current_thread = event.thread
+        debugger = self.debugger
+        if debugger is not None:
+            debugger.forget_registers()
+        if event.signal != SIGTRAP:
+            if debugger is not None and (debugger.interrupt_requested or debugger.running):
+                await debugger.deliver(event)  # GDB's Ctrl-C, or a signal it should see
+            return False  # our interrupt (T02): pending requests run next
+        if event.is_watch:
+            resumed = await self.watch.on_watch_stop(event)
+            if debugger is not None and debugger.wants_watch(event):
+                await debugger.deliver(event)
+            return resumed
+        return await self._on_break_stop(event)
+
+    async def _on_break_stop(self, event: StopReply) -> bool:
+        target = self.target
+        client = target.client
+        thread = event.thread
+        debugger = self.debugger
+        stepped = self._pipeline_step and not (debugger and debugger.has_breakpoints())
+        if stepped:
+            (g,) = await client.pipeline([b"g"], resume=target.step_packet(thread))
+            raise_for_reply(b"g", g)
+        else:
+            g = await target.read_g()
+        pc = target.pc_of(g)
+        if debugger is not None:
+            debugger.remember_registers(thread, g)
+        point = self.table.breakpoint_at(pc)
+        probes = point.active() if point is not None else []
+        debugger_wants = debugger is not None and not stepped and debugger.wants_break(pc)
+        if not probes:
+            if stepped:
+                await self._finish_step()
+            elif debugger is not None and debugger.running:
+                # Not a probe's stop: the debugger's, or one it should see anyway.
+                await debugger.deliver(event)
+            else:
+                log.debug("stop at %#x that no probe wants", pc)
+            return False
+        hit = await self._pre_phase(thread, pc, g, probes)
+        if debugger_wants:
+            # Both want this place: the probe hit is recorded, and the debugger gets the stop. The probed
+            # instruction is stepped (and the post-handlers run) when the debugger resumes.
+            debugger.park(hit)
+            await debugger.deliver(event)
+            return False
+        return await self._complete_hit(hit, stepped=stepped)
+
+    async def _pre_phase(self, thread: ThreadId | None, pc: int, g: bytes, probes: list[Probe]) -> _Hit:
+        self.hits += 1
+        cpu = thread.tid - 1 if thread is not None and thread.tid > 0 else 0
+        ctx = HitContext(self.target, cpu, "pre", g)
+        pre = [await self._run(p, p.pre, ctx) for p in probes]
+        return _Hit(thread, cpu, pc, self.stops, probes, pre)
+
+    async def _complete_hit(self, hit: _Hit, *, stepped: bool = False, may_resume: bool = True) -> bool | StopEvent:
+        """Step the probed instruction (unless already on its way), run post-handlers, publish.
+
+        Returns True when the guest was resumed here; with `may_resume=False`, the step's stop event.
+        """
+        target = self.target
+        client = target.client
+        if not stepped:
+            await client.resume(target.step_packet(hit.thread))
+        step_event = await client.wait_stop()
+        probes = hit.probes
+        post: list[tuple[Any, str | None]] = [(None, None)] * len(probes)
+        resumed = False
+        post_handlers = [p.post for p in probes if p.post is not None]
+        if post_handlers:
+            plain_step = isinstance(step_event, StopReply) and not step_event.is_watch
+            if (
+                may_resume
+                and plain_step
+                and not self._requests
+                and not self._holding()
+                and not any(h.needs_memory for h in post_handlers)
+            ):
+                self._free_running = True
+                (g2,) = await client.pipeline([b"g"], resume=b"c")
+                resumed = True
+            else:
+                g2 = await target.read_g()
+            pctx = HitContext(target, hit.cpu, "post", g2)
+            post = [await self._run(p, p.post, pctx) if p.post is not None else (None, None) for p in probes]
+
+        now = time.time_ns()
+        where = target.symbolize(hit.pc)
+        for probe, (pre_value, pre_err), (post_value, post_err) in zip(probes, hit.pre, post, strict=True):
+            record = {
+                "probe": probe.id,
+                "name": probe.name,
+                "seq": probe.hits,
+                "stop": hit.stop,
+                "time_ns": now,
+                "cpu": hit.cpu,
+                "pc": f"{hit.pc:#x}",
+                "where": where,
+                "pre": pre_value,
+                "post": post_value,
+                "error": _join_errors(pre_err, post_err),
+            }
+            self._publish(probe, record, pre_value, post_value)
+        if self._dirty and resumed:
+            await client.interrupt()
+        if not may_resume:
+            return step_event
+        if not resumed and isinstance(step_event, StopReply) and step_event.is_watch:
+            # The probed instruction itself touched a watched address.
+            self.stops += 1
+            return await self.watch.on_watch_stop(step_event)
+        return resumed
+
+    async def _finish_step(self) -> None:
+        step_event = await self.client.wait_stop()
+        if isinstance(step_event, StopReply) and step_event.is_watch:
+            await self.watch.on_watch_stop(step_event)
+
+    async def _run(self, probe: Probe, handler: Handler | None, ctx: HitContext) -> tuple[Any, str | None]:
+        """Run one handler; count the hit (pre phase) and any fault."""
+        if ctx.phase == "pre":
+            probe.hits += 1
+        if handler is None:
+            return None, None
+        ctx.probe = probe
+        try:
+            value = await handler.run(ctx)
+        except Exception as exc:  # a handler's bug is recorded, never fatal
+            probe.faults += 1
+            probe.fault_run += 1
+            if probe.fault_run >= self.fault_limit and probe.enabled:
+                probe.enabled = False
+                probe.disabled_reason = f"{probe.fault_run} handler faults in a row (last: {type(exc).__name__}: {exc})"
+                log.warning("probe %s disabled: %s", probe.name, probe.disabled_reason)
+                self._dirty = True
+            return None, f"{ctx.phase}: {type(exc).__name__}: {exc}"
+        probe.fault_run = 0
+        return value, None
+
+    def _publish(self, probe: Probe, record: dict[str, Any], pre: Any, post: Any) -> None:
+        if probe.condition is not None:
+            values: dict[str, Any] = {}
+            if isinstance(pre, dict):
+                values.update(pre)
+            if isinstance(post, dict):
+                values.update(post)
+            if not probe.condition.matches(values):
+                probe.filtered += 1
+                return
+        self.records += 1
+        self.hub.publish(record)
+
+    def _count_missed(self, probe_id: int) -> None:
+        try:
+            self.table.find(probe_id).missed += 1
+        except ProbedError:
+            pass
+
+    # -- breakpoints on the target ------------------------------------------------------------------
+
+    def _z_packet(self, key: tuple[str, int, int, str], insert: bool) -> bytes:
+        kind, address, length, access = key
+        ztype = Z_TYPES["watch:" + access] if kind == "watch" else Z_TYPES[kind]
+        size = length if kind == "watch" else self.arch.breakpoint_kind
+        return b"%s%d,%x,%x" % (b"Z" if insert else b"z", ztype, address, size)
+
+    async def _reconcile(self) -> list[tuple[tuple[str, int, int, str], Exception]]:
+        """Make the target's breakpoints match the enabled hook points, in one write.
+
+        Returns:
+            The insertions the target refused, with their errors (those points stay uninstalled).
+        """
+        want = {key for key, point in self.table.points.items() if point.active()}
+        if self.debugger is not None:
+            want |= self.debugger.keys()
+        removals = [key for key in self._installed if key not in want]
+        inserts = [key for key in want if key not in self._installed]
+        for key in removals:
+            self.slots.free(self._slot_of.pop(key, None))
+        packets = [self._z_packet(k, insert=False) for k in removals] + [self._z_packet(k, insert=True) for k in inserts]
+        failures: list[tuple[tuple[str, int, int, str], Exception]] = []
+        if packets:
+            replies = await self.client.pipeline(packets)
+            for key in removals:
+                del self._installed[key]
+            for key, packet, reply in zip(inserts, packets[len(removals) :], replies[len(removals) :], strict=True):
+                try:
+                    raise_for_reply(packet, reply)
+                    if reply != b"OK":
+                        raise TargetError(f"unexpected reply {reply[:20]!r} to {packet!r}")
+                except RSPError as exc:
+                    failures.append((key, _refused(key, exc)))
+                except TargetError as exc:
+                    failures.append((key, exc))
+                else:
+                    self._installed[key] = packet
+        self._pipeline_step = all(
+            not (p.pre is not None and p.pre.needs_memory)
+            for point in self.table.points.values()
+            if point.kind != "watch"
+            for p in point.active()
+        )
+        return failures
+
+    async def _install_probe(self, probe: Probe) -> None:
+        """File a probe and install its hook point; undo everything if the target refuses."""
+        point = self.table.add(probe)
+        slot = None
+        if probe.kind == "watch" or probe.hw:
+            if point.key not in self._installed and point.key not in self._slot_of:
+                what = f"{probe.kind} {probe.spec}"
+                slot = self.slots.allocate("probe", probe.name, what)
+                self._slot_of[point.key] = slot
+        failures = await self._reconcile()
+        for key, exc in failures:
+            if key == point.key:
+                self.table.remove(probe)
+                if slot is not None:
+                    self.slots.free(self._slot_of.pop(point.key, None))
+                await self._reconcile()
+                raise exc
+
+    async def _check_readable(self, address: int) -> None:
+        (result,) = await self.target.read_many([(address, 1)])
+        if isinstance(result, Exception):
+            raise TargetError(f"address {address:#x} is not mapped in the guest (the target refused to read it: {result})")
+
+    # -- public API ---------------------------------------------------------------------------------
+
+    def _new_name(self, name: str | None, fallback: str) -> str:
+        if name:
+            if self.table.name_taken(name):
+                raise BadSpec(name, "a probe with that name exists already")
+            return name
+        base = fallback.replace(":", "_").replace("+", "_")
+        candidate, n = base, 1
+        while self.table.name_taken(candidate):
+            n += 1
+            candidate = f"{base}_{n}"
+        return candidate
+
+    def _condition(self, condition: str | None, pre: Handler | None, post: Handler | None):
+        if not condition:
+            return None
+        from .filter import parse_filter
+
+        fields: list[str] = []
+        for h in (pre, post):
+            fields += list(getattr(h, "fields", ()) or ())
+        return parse_filter(condition, fields)
+
+    async def add_probe(
+        self,
+        spec: str,
+        *,
+        name: str | None = None,
+        pre: Any = None,
+        post: Any = None,
+        condition: str | None = None,
+        priority: int = 0,
+        hw: bool = False,
+    ) -> Probe:
+        """Add a breakpoint probe at `sym`, `sym+off`, `file:sym+off` or `0xADDR`.
+
+        Args:
+            pre: fetch args (list of `NAME=FETCHARG[:TYPE]`) or a callable `fn(ctx)`, run before the
+                probed instruction.
+            post: the same, run after it is single-stepped; `[]` steps without fetching, None skips the
+                post phase.
+            condition: a filter over the fetched names; a hit is reported only when it holds.
+            hw: use a hardware breakpoint (takes a debug-register slot).
+
+        Raises:
+            UnknownSymbol, BadSpec, FetchSyntaxError, FilterSyntaxError, SlotsExhausted, TargetError.
+        """
+        self._require_attached()
+        location = self.symbols.resolve(spec)
+        pre_h = make_handler(pre, self.arch, self.symbols)
+        post_h = make_handler(post, self.arch, self.symbols)
+        cond = self._condition(condition, pre_h, post_h)
+
+        async def apply() -> Probe:
+            await self._check_readable(location.address)
+            probe = Probe(
+                id=self.table.new_id(),
+                name=self._new_name(name, location.symbol and _short(location) or f"{location.address:#x}"),
+                spec=spec,
+                location=location,
+                pre=pre_h,
+                post=post_h,
+                condition=cond,
+                priority=priority,
+                hw=hw,
+            )
+            await self._install_probe(probe)
+            return probe
+
+        return await self.call_stopped(apply)
+
+    async def add_watch(
+        self,
+        spec: str,
+        *,
+        length: int | None = None,
+        access: str = "w",
+        name: str | None = None,
+        pre: Any = None,
+        post: Any = None,
+        condition: str | None = None,
+        priority: int = 0,
+    ) -> Probe:
+        """Add a data watchpoint probe on a data symbol or `0xADDR` (see `probed.watch`)."""
+        self._require_attached()
+        location, length, access = self.watch.check(spec, length, access)
+        pre_h = make_handler(pre, self.arch, self.symbols)
+        post_h = make_handler(post, self.arch, self.symbols)
+        cond = self._condition(condition, pre_h, post_h)
+
+        async def apply() -> Probe:
+            await self._check_readable(location.address)
+            probe = Probe(
+                id=self.table.new_id(),
+                name=self._new_name(name, location.symbol and _short(location) or f"{location.address:#x}"),
+                spec=spec,
+                location=location,
+                kind="watch",
+                pre=pre_h,
+                post=post_h,
+                condition=cond,
+                priority=priority,
+                length=length,
+                access=access,
+            )
+            probe.last_value = await self.watch.current_value(probe)
+            await self._install_probe(probe)
+            return probe
+
+        return await self.call_stopped(apply)
+
+    async def remove_probe(self, ref: int | str) -> None:
+        """Remove a probe; its hook point stays while other probes hang on it.
+
+        Raises:
+            NotFound: no such probe.
+        """
+        self.table.find(ref)
+
+        async def apply() -> None:
+            self.table.remove(self.table.find(ref))
+            await self._reconcile()
+
+        await self.call_stopped(apply)
+
+    async def remove_all(self) -> int:
+        """Remove every probe; returns how many there were."""
+
+        async def apply() -> int:
+            probes = list(self.table)
+            for p in probes:
+                self.table.remove(p)
+            await self._reconcile()
+            return len(probes)
+
+        return await self.call_stopped(apply)
+
+    async def enable_probe(self, ref: int | str) -> None:
+        """Enable a probe (its breakpoint is installed again, and it takes a slot if it needs one)."""
+        self.table.find(ref)
+
+        async def apply() -> None:
+            probe = self.table.find(ref)
+            if probe.enabled:
+                return
+            probe.enabled, probe.disabled_reason, probe.fault_run = True, None, 0
+            point = self.table.points[probe.point_key]
+            if (probe.kind == "watch" or probe.hw) and point.key not in self._installed:
+                self._slot_of[point.key] = self.slots.allocate("probe", probe.name, f"{probe.kind} {probe.spec}")
+            if probe.kind == "watch":
+                probe.last_value = await self.watch.current_value(probe)
+            for key, exc in await self._reconcile():
+                if key == point.key:
+                    probe.enabled = False
+                    self.slots.free(self._slot_of.pop(key, None))
+                    raise exc
+
+        await self.call_stopped(apply)
+
+    async def disable_probe(self, ref: int | str) -> None:
+        """Disable a probe: its breakpoint goes when no enabled probe shares it (and frees its slot)."""
+        self.table.find(ref)
+
+        async def apply() -> None:
+            probe = self.table.find(ref)
+            probe.enabled = False
+            probe.disabled_reason = None
+            await self._reconcile()
+
+        await self.call_stopped(apply)
+
+    async def resume(self) -> None:
+        """Let a guest held by `stopped=True` run."""
+
+        async def apply() -> None:
+            self._hold = False
+
+        await self.call_stopped(apply)
+
+    async def hold(self) -> None:
+        """Keep the guest stopped until `resume()`."""
+
+        async def apply() -> None:
+            self._hold = True
+
+        await self.call_stopped(apply)
+
+    async def set_bias(self, file: str, bias: int) -> list[Probe]:
+        """Relocate a symbol file; its probes move with it. Returns the probes that moved."""
+
+        async def apply() -> list[Probe]:
+            self.symbols.set_bias(file, bias)
+            moved = [p for p in self.table if p.location.file == file]
+            for p in moved:
+                self.table.remove(p)
+                p.location = self.symbols.relocate(p.location)
+                self.table.add(p)
+            await self._reconcile()
+            return moved
+
+        return await self.call_stopped(apply)
+
+    # -- the debugger (GDB through the stub) -----------------------------------------------------------
+
+    async def debugger_attach(self, link: DebuggerLink) -> StopReply:
+        """Attach a debugger: the guest stops and stays stopped for it. Returns the stop to report.
+
+        Raises:
+            Unsupported: a debugger is attached already.
+        """
+
+        async def apply() -> StopReply:
+            if self.debugger is not None:
+                raise Unsupported("a debugger is attached already; probed serves one GDB at a time")
+            self.debugger = link
+            link.holding, link.running = True, False
+            link.current_thread = self.current_thread or (self.target.threads[0] if self.target.threads else None)
+            return StopReply(5, link.current_thread)
+
+        return await self.call_stopped(apply)
+
+    async def debugger_detach(self, link: DebuggerLink) -> None:
+        """Forget the debugger: its breakpoints and slots go, parked hits complete, the guest runs on."""
+
+        async def apply() -> None:
+            if self.debugger is not link:
+                return
+            for hit in list(link.parked.values()):
+                await self._complete_hit(hit, may_resume=False)
+            link.parked.clear()
+            for slot in link.slots.values():
+                self.slots.free(slot)
+            link.slots.clear()
+            link.points.clear()
+            self.debugger = None
+            await self._reconcile()
+
+        await self.call_stopped(apply)
+
+    async def debugger_request(self, payloads: Sequence[bytes]) -> list[bytes]:
+        """Forward packets to the target while the debugger holds it (in one write); the replies."""
+
+        async def apply() -> list[bytes]:
+            link = self.debugger
+            if link is not None and payloads == [b"g"]:
+                cached = link.cached_registers(link.current_thread)
+                if cached is not None:
+                    return [cached]
+            if any(p[:1] in (b"G", b"P", b"M", b"X", b"H") for p in payloads) and link is not None:
+                link.forget_registers()
+            return await self.client.pipeline(list(payloads))
+
+        return await self.call_stopped(apply)
+
+    async def debugger_insert(self, ztype: int, address: int, kind: int) -> None:
+        """GDB's `Z`: hardware kinds take a slot owned by "gdb".
+
+        Raises:
+            SlotsExhausted: no debug-register slot free.
+            TargetError, Unsupported: the target refused.
+        """
+
+        async def apply() -> None:
+            link = self.debugger
+            key = gdb_key(ztype, address, kind)
+            if key in link.points:
+                link.points[key] += 1
+                return
+            if ztype != 0 and key not in self._installed:
+                link.slots[key] = self.slots.allocate("gdb", f"Z{ztype}", f"{key[0]} {address:#x}")
+            link.points[key] = 1
+            for fkey, exc in await self._reconcile():
+                if fkey == key:
+                    del link.points[key]
+                    self.slots.free(link.slots.pop(key, None))
+                    raise exc
+
+        await self.call_stopped(apply)
+
+    async def debugger_remove(self, ztype: int, address: int, kind: int) -> None:
+        """GDB's `z` (removing what is not there is not an error, as with QEMU)."""
+
+        async def apply() -> None:
+            link = self.debugger
+            key = gdb_key(ztype, address, kind)
+            if key not in link.points:
+                return
+            del link.points[key]
+            self.slots.free(link.slots.pop(key, None))
+            await self._reconcile()
+
+        await self.call_stopped(apply)
+
+    async def debugger_resume(self, action: str, thread: ThreadId | None = None) -> None:
+        """GDB resumes the guest: `c` (continue) or `s` (step one instruction of `thread`).
+
+        A probe hit parked where GDB stopped completes first (its instruction is stepped, post-handlers
+        run); a step from a probe's address fires that probe once. GDB gets the stop it asked for.
+        """
+
+        async def apply() -> None:
+            link = self.debugger
+            if link is None:
+                return
+            if action == "s":
+                event = await self._debugger_step(link, thread or link.current_thread)
+                await link.deliver(event)
+                return
+            for hit in list(link.parked.values()):
+                event = await self._complete_hit(hit, may_resume=False)
+                del link.parked[hit.thread.tid if hit.thread else 1]
+                if isinstance(event, StopReply) and event.is_watch:
+                    await self.watch.on_watch_stop(event)
+                    if link.wants_watch(event):
+                        await link.deliver(event)
+                        return
+            link.holding, link.running = False, True
+
+        await self.call_stopped(apply)
+
+    async def _debugger_step(self, link: DebuggerLink, thread: ThreadId | None) -> StopEvent:
+        tid = thread.tid if thread else 1
+        hit = link.parked.pop(tid, None)
+        if hit is not None:
+            event = await self._complete_hit(hit, may_resume=False)
+        else:
+            g = link.cached_registers(thread)
+            if g is None:
+                if thread is not None and len(self.target.threads) > 1:
+                    await self.client.request(b"Hg" + thread.encode())
+                g = await self.target.read_g()
+            pc = self.target.pc_of(g)
+            point = self.table.breakpoint_at(pc)
+            probes = point.active() if point is not None else []
+            if probes:
+                self.stops += 1
+                hit = await self._pre_phase(thread, pc, g, probes)
+                event = await self._complete_hit(hit, may_resume=False)
+            else:
+                await self.client.resume(self.target.step_packet(thread))
+                event = await self.client.wait_stop()
+        link.forget_registers()
+        self.stops += 1
+        if isinstance(event, StopReply) and event.is_watch:
+            await self.watch.on_watch_stop(event)
+        if isinstance(event, StopReply) and event.thread is None:
+            event = StopReply(event.signal, thread, event.core, event.reason, event.watch_address, event.registers)
+        return event
+
+    async def debugger_interrupt(self) -> None:
+        """GDB's Ctrl-C: stop the guest and give GDB the stop."""
+        link = self.debugger
+        if link is None or not link.running:
+            return
+        link.interrupt_requested = True
+        await self._wakeup()
+
+    def probes(self) -> list[Probe]:
+        return list(self.table)
+
+    def find_probe(self, ref: int | str) -> Probe:
+        return self.table.find(ref)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "stops": self.stops,
+            "hits": self.hits,
+            "records": self.records,
+            "missed": sum(p.missed for p in self.table),
+            "faults": sum(p.faults for p in self.table),
+            "filtered": sum(p.filtered for p in self.table),
+            "breakpoints": len(self._installed),
+            "slots": self.slots.table(),
+            "retransmits": self.client.retransmits if self.target else 0,
+        }
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "target": self.target_address,
+            "arch": self.arch.name if self.arch else None,
+            "state": self.state,
+            "cpus": len(self.target.threads) if self.target else 0,
+            "uptime_s": round(time.monotonic() - self._started, 3),
+            "probes": len(self.table),
+            "hook_points": len(self.table.points),
+            "symbol_files": [f.name for f in self.symbols.files()],
+        }
+
+    def hooks(self, glob: str = "*") -> list[dict[str, Any]]:
+        """Probeable functions from the loaded symbols, with the handlers on each active point."""
+        rows = []
+        for sym in self.symbols.functions(glob):
+            point = self.table.breakpoint_at(sym.address)
+            rows.append(
+                {"name": sym.name, "address": f"{sym.address:#x}", "size": sym.size,
+                 "handlers": len(point.probes) if point else 0}
+            )
+        return rows
+
+    def points(self, glob: str = "*") -> list[HookPoint]:
+        return [p for p in self.table.points.values() if fnmatchcase(self.symbols.symbolize(p.address) or "", glob)]
+
+    def _require_attached(self) -> None:
+        if self.target is None or self.arch is None:
+            raise TargetError("the engine is not attached to a target yet")
+        if self._dead is not None:
+            raise TargetError("the engine has stopped")
+
+
+def _short(location: Location) -> str:
+    return location.symbol if not location.offset else f"{location.symbol}+{location.offset:#x}"
+
+
+def _join_errors(*errors: str | None) -> str | None:
+    present = [e for e in errors if e]
+    return "; ".join(present) if present else None
+
+
+def _refused(key: tuple[str, int, int, str], exc: RSPError) -> ProbedError:
+    kind, address, length, access = key
+    if "not support" in str(exc):
+        return Unsupported(f"the target does not support {kind} ({access}) points: {exc}")
+    return TargetError(f"the target refused the {kind} at {address:#x}: {exc}")
+

@@ -1,0 +1,117 @@
+"""Hit records and their fan-out: a ring buffer of recent records and bounded subscriptions.
+
+A slow reader never stalls the guest: each subscription has a bounded buffer, and a record that does not
+fit is dropped for that subscriber and counted (`Subscription.missed`, and the probe's `missed`, as kprobes
+counts `nmissed`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+__all__ = ["EventHub", "Subscription", "encode_record"]
+
+
+def encode_record(record: dict[str, Any]) -> str:
+    """One hit record as a line of JSON (no newline)."""
+    return json.dumps(record, separators=(", ", ": "), default=repr)
+
+
+class Subscription:
+    """A bounded stream of records for one reader; iterate it with `async for`.
+
+    Attributes:
+        probe: the probe id it follows, or None for all.
+        missed: records dropped because the reader was behind.
+    """
+
+    def __init__(self, hub: EventHub, probe: int | None, maxsize: int):
+        self._hub = hub
+        self.probe = probe
+        self.missed = 0
+        self._send, self._receive = trio.open_memory_channel[dict[str, Any]](maxsize)
+
+    def _offer(self, record: dict[str, Any]) -> bool:
+        try:
+            self._send.send_nowait(record)
+        except trio.WouldBlock:
+            self.missed += 1
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return True
+        return True
+
+    async def receive(self) -> dict[str, Any]:
+        """The next record (waits for one)."""
+        return await self._receive.receive()
+
+    def receive_nowait(self) -> dict[str, Any]:
+        """The next record if one is buffered; raises trio.WouldBlock otherwise."""
+        return self._receive.receive_nowait()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        """Stop receiving; the hub forgets this subscription."""
+        self._hub._subscriptions.discard(self)
+        self._send.close()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EventHub:
+    """Keeps the newest records and hands every new one to each subscription.
+
+    Args:
+        buffer: how many records the ring buffer keeps.
+        on_missed: called with a record's probe id each time a subscriber drops it.
+    """
+
+    def __init__(self, buffer: int = 65536, on_missed: Callable[[int], None] | None = None):
+        self._ring: deque[dict[str, Any]] = deque(maxlen=buffer)
+        self._subscriptions: set[Subscription] = set()
+        self._on_missed = on_missed
+        self.published = 0
+
+    def publish(self, record: dict[str, Any]) -> None:
+        """Add a record: into the ring, and to every subscription that wants it."""
+        self._ring.append(record)
+        self.published += 1
+        for sub in self._subscriptions:
+            if sub.probe is not None and sub.probe != record["probe"]:
+                continue
+            if not sub._offer(record) and self._on_missed is not None:
+                self._on_missed(record["probe"])
+
+    def recent(self, probe: int | None = None) -> list[dict[str, Any]]:
+        """The records still in the ring buffer, oldest first."""
+        if probe is None:
+            return list(self._ring)
+        return [r for r in self._ring if r["probe"] == probe]
+
+    def subscribe(self, probe: int | None = None, maxsize: int = 1024) -> Subscription:
+        """A new subscription to records published from now on."""
+        sub = Subscription(self, probe, maxsize)
+        self._subscriptions.add(sub)
+        return sub
+
+    def close(self) -> None:
+        """End every subscription (readers see the end of their stream)."""
+        for sub in list(self._subscriptions):
+            sub.close()

@@ -1,0 +1,71 @@
+"""Probe handlers: fetch-language programs and Python callables, behind one small interface.
+
+A handler runs with a `HitContext` and returns a JSON-serialisable value. The engine asks each handler
+what it needs (`needs_memory`) so that a hit costs only the packets its handlers need: a handler that
+reads only registers lets the engine send the register read and the single-step in one write.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["FetchHandler", "Handler", "PythonHandler", "make_handler"]
+
+
+class Handler:
+    """What the engine runs on a hit."""
+
+    needs_registers: bool = True
+    needs_memory: bool = True
+    description: str = ""
+
+    async def run(self, ctx: Any) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class FetchHandler(Handler):
+    """A handler made of kprobe_events fetch args (`dfd=%di:s32 name=+0(%si):string`)."""
+
+    def __init__(self, args: Sequence[str], arch: Any, symbols: Any):
+        from .fetch import parse_fetchargs
+
+        self.args = list(args)
+        self.program = parse_fetchargs(self.args, arch, symbols)
+        self.fields = tuple(self.program.fields)
+        self.needs_registers = bool(self.program.needs_registers)
+        self.needs_memory = bool(self.program.needs_memory)
+        self.description = " ".join(self.args)
+
+    async def run(self, ctx: Any) -> dict[str, Any]:
+        if not self.fields:
+            return {}
+        return await self.program.evaluate(ctx)
+
+
+class PythonHandler(Handler):
+    """A Python callable `fn(ctx)`; it may be a coroutine function (to `await ctx.read(...)`)."""
+
+    needs_memory = True  # it may read anything: the engine reads before it steps
+
+    def __init__(self, fn: Callable[[Any], Any]):
+        self.fn = fn
+        self.description = getattr(fn, "__qualname__", repr(fn))
+
+    async def run(self, ctx: Any) -> Any:
+        result = self.fn(ctx)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+
+def make_handler(spec: Sequence[str] | Callable[[Any], Any] | Handler | None, arch: Any, symbols: Any) -> Handler | None:
+    """A handler from fetch args, a callable, or a ready Handler; None stays None."""
+    if spec is None or isinstance(spec, Handler):
+        return spec
+    if callable(spec):
+        return PythonHandler(spec)
+    if isinstance(spec, str):
+        spec = spec.split()
+    return FetchHandler(list(spec), arch, symbols)

@@ -1,0 +1,168 @@
+"""Probes and hook points: what the engine knows about each probe, and which ones share an address.
+
+A hook point is one address on the target with one breakpoint (or one watchpoint) and any number of
+probes hanging on it, run in order of priority, then of addition. Removing one probe leaves the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import NotFound
+from .handlers import Handler
+from .symbols import Location
+
+__all__ = ["HookPoint", "Probe", "ProbeTable", "FAULT_LIMIT"]
+
+FAULT_LIMIT = 10
+"""Consecutive handler faults after which a probe is disabled."""
+
+
+@dataclass(eq=False)
+class Probe:
+    """One probe: a location, a pre-handler, an optional post-handler, and its counters.
+
+    `kind` is "break" (a breakpoint, software or `hw`) or "watch" (a data watchpoint with `length` and
+    `access` in "w", "r", "rw").
+    """
+
+    id: int
+    name: str
+    spec: str
+    location: Location
+    kind: str = "break"
+    pre: Handler | None = None
+    post: Handler | None = None
+    condition: Any = None  # a probed.filter.Filter, or None
+    priority: int = 0
+    hw: bool = False
+    length: int = 0
+    access: str = "w"
+    enabled: bool = True
+    disabled_reason: str | None = None
+    hits: int = 0
+    missed: int = 0
+    faults: int = 0
+    fault_run: int = 0
+    filtered: int = 0
+    last_value: int | None = None  # watchpoints: the last value seen at the address
+    order: int = field(default=0, repr=False)
+
+    @property
+    def address(self) -> int:
+        return self.location.address
+
+    @property
+    def state(self) -> str:
+        if self.enabled:
+            return "enabled"
+        return f"disabled: {self.disabled_reason}" if self.disabled_reason else "disabled"
+
+    @property
+    def point_key(self) -> tuple[str, int, int, str]:
+        """What makes two probes share one hook point (and one breakpoint or watchpoint)."""
+        if self.kind == "watch":
+            return ("watch", self.address, self.length, self.access)
+        return ("hbreak" if self.hw else "break", self.address, 0, "x")
+
+    def info(self) -> dict[str, Any]:
+        """The row `probectl list` shows."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "spec": self.spec,
+            "address": f"{self.address:#x}",
+            "hits": self.hits,
+            "missed": self.missed,
+            "faults": self.faults,
+            "state": self.state,
+        }
+
+
+@dataclass(eq=False)
+class HookPoint:
+    """An address with one breakpoint or watchpoint and the probes that share it."""
+
+    key: tuple[str, int, int, str]
+    probes: list[Probe] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return self.key[0]
+
+    @property
+    def address(self) -> int:
+        return self.key[1]
+
+    def active(self) -> list[Probe]:
+        """The enabled probes, in the order their handlers run."""
+        return [p for p in self.probes if p.enabled]
+
+    def add(self, probe: Probe) -> None:
+        self.probes.append(probe)
+        self.probes.sort(key=lambda p: (-p.priority, p.order))
+
+
+class ProbeTable:
+    """All probes, by id and name, grouped into hook points."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, Probe] = {}
+        self.points: dict[tuple[str, int, int, str], HookPoint] = {}
+        self._next_id = 1
+
+    def new_id(self) -> int:
+        pid = self._next_id
+        self._next_id += 1
+        return pid
+
+    def __iter__(self):
+        return iter(sorted(self._by_id.values(), key=lambda p: p.id))
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def add(self, probe: Probe) -> HookPoint:
+        """File a probe under its hook point (created when new)."""
+        probe.order = probe.id
+        self._by_id[probe.id] = probe
+        point = self.points.get(probe.point_key)
+        if point is None:
+            point = self.points[probe.point_key] = HookPoint(probe.point_key)
+        point.add(probe)
+        return point
+
+    def remove(self, probe: Probe) -> HookPoint:
+        """Take a probe out; returns its hook point (now maybe empty, and then forgotten)."""
+        del self._by_id[probe.id]
+        point = self.points[probe.point_key]
+        point.probes.remove(probe)
+        if not point.probes:
+            del self.points[probe.point_key]
+        return point
+
+    def find(self, ref: int | str) -> Probe:
+        """A probe by id (int or digits) or by name.
+
+        Raises:
+            NotFound: no such probe.
+        """
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+            probe = self._by_id.get(int(ref))
+            if probe is not None:
+                return probe
+        for probe in self._by_id.values():
+            if probe.name == ref:
+                return probe
+        raise NotFound(f"probe {ref!r}")
+
+    def name_taken(self, name: str) -> bool:
+        return any(p.name == name for p in self._by_id.values())
+
+    def breakpoint_at(self, address: int) -> HookPoint | None:
+        """The software or hardware breakpoint hook point at `address`, if any."""
+        return self.points.get(("break", address, 0, "x")) or self.points.get(("hbreak", address, 0, "x"))
+
+    def watch_points(self) -> list[HookPoint]:
+        return [p for p in self.points.values() if p.kind == "watch"]

@@ -1,0 +1,313 @@
+"""Symbols: ELF symbol tables, System.map and /proc/kallsyms dumps, relocation, and probe specs.
+
+A probe is tracked by file, symbol and offset, not by raw address: when a file's bias changes (a module or
+a kernel loaded elsewhere) every location in it is resolved again (`SymbolStore.relocate`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import difflib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from .errors import BadSpec, NotFound, UnknownSymbol
+
+__all__ = ["Location", "Symbol", "SymbolFile", "SymbolStore", "parse_file_arg", "parse_number"]
+
+_CODE_LETTERS = frozenset("tTwW")
+_MAP_LINE = re.compile(rb"^([0-9a-fA-F]+)\s+([a-zA-Z?])\s+(\S+)(?:\s+\[(\S+)\])?")
+
+
+@dataclass(frozen=True)
+class Symbol:
+    """A symbol at its biased address."""
+
+    name: str
+    address: int
+    size: int
+    kind: str  # "code" or "data"
+    file: str
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a probe is: the spec it came from, and what it resolved to."""
+
+    spec: str
+    file: str | None
+    symbol: str | None
+    offset: int
+    address: int
+
+
+def parse_number(text: str) -> int:
+    """A decimal or 0x-hex number.
+
+    Raises:
+        ValueError: not a number.
+    """
+    text = text.strip()
+    return int(text, 16) if text.lower().startswith(("0x", "-0x")) else int(text, 10)
+
+
+def parse_file_arg(arg: str) -> tuple[str, int]:
+    """`PATH[@BIAS]` to (path, bias)."""
+    path, sep, bias = arg.rpartition("@")
+    if not sep:
+        return arg, 0
+    try:
+        return path, parse_number(bias)
+    except ValueError:
+        raise BadSpec(arg, f"bad bias {bias!r} (decimal or 0x hex)") from None
+
+
+class SymbolFile:
+    """One loaded symbol file: its symbols at link addresses, and a bias added to each."""
+
+    def __init__(self, name: str, path: Path, raw: list[tuple[str, int, int, str]], bias: int = 0):
+        self.name = name
+        self.path = path
+        self.bias = bias
+        self._raw = raw  # (name, link address, size, kind), sorted by address
+
+    @classmethod
+    def load(cls, path: str | Path, bias: int = 0, name: str | None = None) -> SymbolFile:
+        """Read an ELF, a System.map or a kallsyms dump (told apart by content).
+
+        Raises:
+            NotFound: the file does not exist.
+            BadSpec: it is none of the three formats.
+        """
+        path = Path(path)
+        try:
+            head = path.open("rb").read(4)
+        except OSError as exc:
+            raise NotFound(f"symbol file {path} ({exc.strerror})") from None
+        raw = _load_elf(path) if head == b"\x7fELF" else _load_map(path)
+        if not raw:
+            raise BadSpec(str(path), "no symbols found (expected an ELF, a System.map or a kallsyms dump)")
+        return cls(name or path.stem.split(".")[0] or path.name, path, raw, bias)
+
+    def symbols(self) -> Iterator[Symbol]:
+        for name, addr, size, kind in self._raw:
+            yield Symbol(name, addr + self.bias, size, kind, self.name)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+
+def _fill_sizes(entries: list[tuple[str, int, int, str]]) -> list[tuple[str, int, int, str]]:
+    """Sort by address; a symbol without a size extends to the next symbol."""
+    entries.sort(key=lambda e: e[1])
+    addrs = [e[1] for e in entries]
+    out = []
+    for i, (name, addr, size, kind) in enumerate(entries):
+        if size <= 0:
+            j = bisect.bisect_right(addrs, addr, i)
+            size = addrs[j] - addr if j < len(addrs) else 0
+        out.append((name, addr, size, kind))
+    return out
+
+
+def _load_map(path: Path) -> list[tuple[str, int, int, str]]:
+    entries = []
+    with path.open("rb") as f:
+        for line in f:
+            m = _MAP_LINE.match(line)
+            if m is None:
+                continue
+            letter = m.group(2).decode()
+            if letter in "uUvV":
+                continue
+            entries.append((m.group(3).decode(), int(m.group(1), 16), 0, "code" if letter in _CODE_LETTERS else "data"))
+    return _fill_sizes(entries)
+
+
+def _load_elf(path: Path) -> list[tuple[str, int, int, str]]:
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import SymbolTableSection
+
+    entries = []
+    with path.open("rb") as f:
+        elf = ELFFile(f)
+        exec_sections = {
+            i for i, s in enumerate(elf.iter_sections()) if s["sh_flags"] & 0x4  # SHF_EXECINSTR
+        }
+        for section in elf.iter_sections():
+            if not isinstance(section, SymbolTableSection) or section.name != ".symtab":
+                continue
+            for sym in section.iter_symbols():
+                st_type = sym["st_info"]["type"]
+                shndx = sym["st_shndx"]
+                if not sym.name or shndx == "SHN_UNDEF" or st_type in ("STT_FILE", "STT_SECTION"):
+                    continue
+                if st_type == "STT_FUNC":
+                    kind = "code"
+                elif st_type == "STT_OBJECT":
+                    kind = "data"
+                else:
+                    kind = "code" if isinstance(shndx, int) and shndx in exec_sections else "data"
+                entries.append((sym.name, sym["st_value"], sym["st_size"], kind))
+    return _fill_sizes(entries)
+
+
+class SymbolStore:
+    """Every loaded symbol file, looked up together."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, SymbolFile] = {}
+        self._by_name: dict[str, list[Symbol]] | None = None
+        self._sorted: list[Symbol] | None = None
+        self._addrs: list[int] = []
+
+    # -- files --------------------------------------------------------------------------------------
+
+    def add_file(self, path: str | Path, bias: int = 0, name: str | None = None) -> SymbolFile:
+        """Load a symbol file (replacing one of the same name)."""
+        sf = SymbolFile.load(path, bias, name)
+        self._files[sf.name] = sf
+        self._invalidate()
+        return sf
+
+    def files(self) -> list[SymbolFile]:
+        return list(self._files.values())
+
+    def file(self, name: str) -> SymbolFile:
+        try:
+            return self._files[name]
+        except KeyError:
+            raise NotFound(f"symbol file {name!r} (loaded: {', '.join(self._files) or 'none'})") from None
+
+    def set_bias(self, file_name: str, bias: int) -> None:
+        """Relocate a file: its symbols move to link address + bias."""
+        self.file(file_name).bias = bias
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        self._by_name = None
+        self._sorted = None
+
+    def _index(self) -> dict[str, list[Symbol]]:
+        if self._by_name is None:
+            by_name: dict[str, list[Symbol]] = {}
+            for sf in self._files.values():
+                for sym in sf.symbols():
+                    by_name.setdefault(sym.name, []).append(sym)
+            self._by_name = by_name
+        return self._by_name
+
+    def _address_index(self) -> list[Symbol]:
+        if self._sorted is None:
+            syms = [s for sf in self._files.values() for s in sf.symbols()]
+            syms.sort(key=lambda s: (s.address, s.kind != "code", s.name.startswith("__")))
+            self._sorted = syms
+            self._addrs = [s.address for s in syms]
+        return self._sorted
+
+    # -- lookups ------------------------------------------------------------------------------------
+
+    def lookup(self, name: str, file: str | None = None) -> Symbol:
+        """A symbol by name (code preferred when names repeat).
+
+        Raises:
+            UnknownSymbol: with close matches.
+        """
+        candidates = self._index().get(name, [])
+        if file is not None:
+            self.file(file)
+            candidates = [s for s in candidates if s.file == file]
+        if not candidates:
+            raise UnknownSymbol(name, self.close_matches(name), file)
+        code = [s for s in candidates if s.kind == "code"]
+        return (code or candidates)[0]
+
+    def close_matches(self, name: str, n: int = 5) -> list[str]:
+        """Names like `name` (quick: a cheap prefilter before difflib)."""
+        names = self._index().keys()
+        low = name.lower()
+        lo, hi = len(name) - 3, len(name) + 3
+        head, tail = low[:2], low[-3:]
+        pool = [
+            s for s in names
+            if (lo <= len(s) <= hi and (s[:2].lower() == head or s[-3:].lower() == tail)) or (len(low) > 3 and low in s.lower())
+        ]
+        return difflib.get_close_matches(name, pool, n=n, cutoff=0.6)
+
+    def symbolize(self, address: int) -> str | None:
+        """`sym` or `sym+0xoff` for an address inside a known symbol."""
+        syms = self._address_index()
+        i = bisect.bisect_right(self._addrs, address) - 1
+        while i >= 0:
+            sym = syms[i]
+            if sym.address <= address and (address < sym.address + max(sym.size, 1)):
+                # Prefer the first of several symbols at the same address.
+                while i > 0 and syms[i - 1].address == sym.address:
+                    i -= 1
+                    sym = syms[i] if syms[i].kind == "code" or sym.kind != "code" else sym
+                off = address - sym.address
+                return sym.name if off == 0 else f"{sym.name}+{off:#x}"
+            if address - sym.address > 1 << 20:
+                return None
+            i -= 1
+        return None
+
+    def functions(self, glob: str = "*") -> Iterator[Symbol]:
+        """Code symbols whose names match a glob, by address."""
+        for sym in self._address_index():
+            if sym.kind == "code" and fnmatchcase(sym.name, glob):
+                yield sym
+
+    # -- specs --------------------------------------------------------------------------------------
+
+    def _parse_spec(self, spec: str) -> tuple[str | None, str | None, int]:
+        text = spec.strip()
+        file = None
+        if ":" in text:
+            file, _, text = text.partition(":")
+            self.file(file)
+        try:
+            if text.lower().startswith("0x"):
+                return file, None, parse_number(text)
+            sym, sep, off = text.partition("+")
+            if not sym:
+                raise BadSpec(spec, "expected sym, sym+off, file:sym+off or 0xADDR")
+            return file, sym, parse_number(off) if sep else 0
+        except ValueError:
+            raise BadSpec(spec, "bad offset (decimal or 0x hex)") from None
+
+    def resolve(self, spec: str) -> Location:
+        """A code location from `sym`, `sym+off`, `file:sym+off` or `0xADDR`.
+
+        Raises:
+            UnknownSymbol, BadSpec: unknown name, offset past the symbol, data not code, bad syntax.
+        """
+        file, name, value = self._parse_spec(spec)
+        if name is None:
+            return Location(spec, file, None, 0, value)
+        sym = self.lookup(name, file)
+        if sym.kind != "code":
+            raise BadSpec(spec, f"{name} is data, not code (use a watchpoint for data)")
+        if sym.size and value >= sym.size:
+            raise BadSpec(spec, f"offset {value:#x} is past the end of {name} (size {sym.size:#x})")
+        return Location(spec, sym.file, sym.name, value, sym.address + value)
+
+    def resolve_data(self, spec: str) -> tuple[Location, int]:
+        """A data location (any symbol, or an address) and the size of the symbol there (0 if unknown)."""
+        file, name, value = self._parse_spec(spec)
+        if name is None:
+            return Location(spec, file, None, 0, value), 0
+        sym = self.lookup(name, file)
+        if sym.size and value >= sym.size:
+            raise BadSpec(spec, f"offset {value:#x} is past the end of {name} (size {sym.size:#x})")
+        return Location(spec, sym.file, sym.name, value, sym.address + value), (sym.size if not value else 0)
+
+    def relocate(self, location: Location) -> Location:
+        """The same file, symbol and offset at the file's current bias."""
+        if location.symbol is None:
+            return location
+        sym = self.lookup(location.symbol, location.file)
+        return Location(location.spec, sym.file, sym.name, location.offset, sym.address + location.offset)
