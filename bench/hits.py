@@ -66,19 +66,27 @@ class RawLoop:
     def ask(self, payload: bytes, ack: bool = True) -> bytes:
         self.sock.sendall(encode_packet(payload))
         reply = self.packet()
+        while reply.startswith(b"T") and payload != b"?":
+            reply = self.packet()  # the stop QEMU sends unasked when we connect to a running guest
         if ack:
             self.sock.sendall(b"+")
         return reply
 
-    def run(self, address: int, hits: int, post: bool) -> float:
+    def calls(self, address: int) -> int:
+        return int.from_bytes(bytes.fromhex(self.ask(b"m%x,4" % address).decode()), "little")
+
+    def run(self, address: int, calls: int, hits: int, post: bool) -> tuple[float, int]:
         self.ask(b"qSupported:swbreak+")
         self.ask(b"?")
         assert self.ask(b"Z0,%x,1" % address) == b"OK"
         t0 = time.perf_counter()
+        first = None
         for _ in range(hits):
             self.sock.sendall(encode_packet(b"c"))
-            self.packet()  # stop at the breakpoint; acked by the `+` in front of the next packet
+            self.packet()  # stop at the breakpoint
             self.sock.sendall(b"+")
+            if first is None:
+                first = self.calls(calls)
             self.ask(b"g")
             self.sock.sendall(encode_packet(b"s"))
             self.packet()
@@ -86,66 +94,55 @@ class RawLoop:
             if post:
                 self.ask(b"g")
         elapsed = time.perf_counter() - t0
+        # The last hit's call has run its increment by now (we stepped into its body).
+        advanced = self.calls(calls) - first
         self.ask(b"z0,%x,1" % address)
         self.sock.sendall(encode_packet(b"D"))
         self.packet()
         self.sock.close()
-        return elapsed
+        return elapsed, advanced
 
 
-def read_calls(target: str, elf: Path) -> int:
-    raw = RawLoop(target)
-    raw.ask(b"qSupported")
-    addr = symbol_address(elf, "calls")
-    value = int.from_bytes(bytes.fromhex(raw.ask(b"m%x,4" % addr).decode()), "little")
-    raw.sock.sendall(encode_packet(b"D"))
-    raw.packet()
-    raw.sock.close()
-    return value
-
-
-async def probed_run(target: str, elf: Path, hits: int, post: bool, arch: str) -> float:
+async def probed_run(target: str, elf: Path, hits: int, post: bool, arch: str) -> tuple[float, int]:
     reg = "eax" if arch == "i386" else "rax"
-    async with attach(target, symbols=[str(elf)]) as engine:
-        seen = 0
-        done = trio.Event()
-        t0 = 0.0
-
-        def count(_ctx):
-            nonlocal seen
-            seen += 1
-            if seen == hits:
-                done.set()
-            return None
-
-        probe = await engine.add_probe(
-            "probe_target", pre=[f"v=%{reg}"], post=[f"v=%{reg}"] if post else None
-        )
-        t0 = time.perf_counter()
+    async with attach(target, symbols=[str(elf)], stopped=True) as engine:
+        calls = engine.symbols.lookup("calls").address
+        client = engine.target.client
+        before = int.from_bytes(await client.read_memory(calls, 4), "little")
+        probe = await engine.add_probe("probe_target", pre=[f"v=%{reg}"], post=[f"v=%{reg}"] if post else None)
         with engine.hub.subscribe(probe.id, maxsize=hits + 10) as sub:
+            t0 = time.perf_counter()
+            await engine.resume()
             for _ in range(hits):
                 await sub.receive()
-        elapsed = time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+        await engine.hold()
+        after = await engine.call_stopped(lambda: client.read_memory(calls, 4))
+        advanced = int.from_bytes(after, "little") - before
+        # Held (at the start or the end) between a hit and its call's increment: one call either way.
+        assert abs(advanced - probe.hits) <= 1, (advanced, probe.hits)
         await engine.remove_probe(probe.id)
-        del count, done
-        return elapsed
+        return elapsed * hits / probe.hits, min(advanced, hits)
 
 
-def gdb_run(target: str, elf: Path, hits: int, arch: str) -> float:
+def gdb_run(target: str, elf: Path, hits: int, arch: str) -> tuple[float, int]:
     reg = "$eax" if arch == "i386" else "$rax"
     where = target.split(":", 1)[1]
     script = textwrap.dedent(f"""
         import gdb, time
         class B(gdb.Breakpoint):
             n = 0
+            first = None
             def stop(self):
                 gdb.parse_and_eval("{reg}")
                 B.n += 1
+                if B.n == 1:
+                    B.first = int(gdb.parse_and_eval("calls"))
                 return B.n >= {hits}
         B("probe_target")
         t0 = time.perf_counter()
         gdb.execute("continue")
-        print("ELAPSED", time.perf_counter() - t0, B.n)
+        print("ELAPSED", time.perf_counter() - t0, B.n, int(gdb.parse_and_eval("calls")) - B.first)
         gdb.execute("delete")
         gdb.execute("detach")
     """)
@@ -160,9 +157,9 @@ def gdb_run(target: str, elf: Path, hits: int, arch: str) -> float:
         os.unlink(f.name)
     for line in out.splitlines():
         if line.startswith("ELAPSED"):
-            _, secs, n = line.split()
+            _, secs, n, advanced = line.split()
             assert int(n) == hits, out
-            return float(secs)
+            return float(secs), int(advanced) + 1
     raise RuntimeError("gdb run failed:\n" + out)
 
 
@@ -172,24 +169,22 @@ def main() -> None:
     ap.add_argument("--arch", default="i386", choices=["i386", "x86_64"])
     args = ap.parse_args()
     hits = args.hits
-    with QemuGuest(args.arch, stopped=False) as guest:
+    with QemuGuest(args.arch, stopped=True) as guest:
         elf, target = guest.elf, guest.target
         addr = symbol_address(elf, "probe_target")
+        calls = symbol_address(elf, "calls")
         results: dict[str, float] = {}
 
         def measure(name: str, fn) -> None:
-            before = read_calls(target, elf)
-            secs = fn()
-            after = read_calls(target, elf)
-            advanced = after - before
-            # The guest runs freely between variants, so it advances at least one call per hit.
-            assert advanced >= hits, f"{name}: guest advanced {advanced} calls for {hits} hits"
+            secs, advanced = fn()
+            # The guest's own counter: one call per hit, no more, no fewer.
+            assert advanced in (hits, hits - 1), f"{name}: guest advanced {advanced} calls for {hits} hits"
             results[name] = hits / secs
             print(f"{name:<34} {hits / secs:9.0f} hits/s  ({hits} hits in {secs:.2f} s)", flush=True)
 
-        measure("raw loop c,g,s", lambda: RawLoop(target).run(addr, hits, post=False))
+        measure("raw loop c,g,s", lambda: RawLoop(target).run(addr, calls, hits, post=False))
         measure("probed pre (1 register)", lambda: trio.run(probed_run, target, elf, hits, False, args.arch))
-        measure("raw loop c,g,s,g", lambda: RawLoop(target).run(addr, hits, post=True))
+        measure("raw loop c,g,s,g", lambda: RawLoop(target).run(addr, calls, hits, post=True))
         measure("probed pre+post (1 register)", lambda: trio.run(probed_run, target, elf, hits, True, args.arch))
         measure("gdb python Breakpoint.stop", lambda: gdb_run(target, elf, hits, args.arch))
 

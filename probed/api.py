@@ -52,10 +52,28 @@ async def attach(target: str, *, symbols: Sequence[str] = (), **options) -> Asyn
         symbols: symbol files, `PATH[@BIAS]`.
         **options: passed to `Engine` (`stopped`, `hw_slots`, `buffer`, `fault_limit`).
     """
-    async with trio.open_nursery() as nursery:
-        engine = Engine(target, symbol_files=symbols, **options)
-        await nursery.start(engine.run)
-        try:
-            yield engine
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            engine = Engine(target, symbol_files=symbols, **options)
+            await nursery.start(engine.run)
+            try:
+                yield engine
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _single(group) from None
+
+
+def _single(group: BaseExceptionGroup) -> BaseException:
+    """The one exception inside nested groups (the caller's, or the engine's), else the group."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for e in exc.exceptions:
+                walk(e)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else group

@@ -33,6 +33,7 @@ from rsp.stop import Exited, StopEvent, StopReply, Terminated, ThreadId
 
 from .context import HitContext
 from .debugger import DebuggerLink, gdb_key
+from .emulate import MAX_INSN, Emulator
 from .errors import BadSpec, ProbedError, TargetError, Unsupported
 from .events import EventHub
 from .handlers import Handler, make_handler
@@ -107,6 +108,8 @@ class Engine:
         self.timeout = timeout
         self.target: Target | None = None
         self.watch = WatchHelper(self)
+        self.emulator: Any = _NoEmulator()
+        self._last_point: HookPoint | None = None
         self.state = "detached"
         self.stops = 0
         self.hits = 0
@@ -152,6 +155,7 @@ class Engine:
                 await self.target.attach()
             except RSPError as exc:
                 raise TargetError(f"cannot attach to {self.target_address}: {exc}") from exc
+            self.emulator = Emulator(self.arch, self.target.layout)
             self.state = "stopped"
             log.info("attached to %s (%s, %d cpu)", self.target_address, self.arch.name, len(self.target.threads))
             task_status.started()
@@ -294,12 +298,24 @@ class Engine:
         client = target.client
         thread = event.thread
         debugger = self.debugger
-        stepped = self._pipeline_step and not (debugger and debugger.has_breakpoints())
-        if stepped:
+        guess = self._last_point
+        code: bytes | None = None
+        stepped = False
+        if debugger is not None and debugger.has_breakpoints():
+            g = await target.read_g()  # the stop may be GDB's: nothing may move before we know
+        elif guess is not None and self._pipeline_step and any(p.post for p in guess.active()):
+            # Likely the same probe as last time, with a post-handler: read and step in one write.
             (g,) = await client.pipeline([b"g"], resume=target.step_packet(thread))
             raise_for_reply(b"g", g)
+            stepped = True
         else:
-            g = await target.read_g()
+            # Read the registers and (speculatively) the instruction of the likely probe.
+            reqs = [b"g"] + ([b"m%x,%x" % (guess.address, MAX_INSN)] if guess is not None else [])
+            replies = await client.pipeline(reqs)
+            g = replies[0]
+            raise_for_reply(b"g", g)
+            if len(replies) > 1 and replies[1][:1] != b"E" and replies[1]:
+                code = bytes.fromhex(replies[1].decode("ascii"))
         pc = target.pc_of(g)
         if debugger is not None:
             debugger.remember_registers(thread, g)
@@ -315,6 +331,7 @@ class Engine:
             else:
                 log.debug("stop at %#x that no probe wants", pc)
             return False
+        self._last_point = point
         hit = await self._pre_phase(thread, pc, g, probes)
         if debugger_wants:
             # Both want this place: the probe hit is recorded, and the debugger gets the stop. The probed
@@ -322,7 +339,29 @@ class Engine:
             debugger.park(hit)
             await debugger.deliver(event)
             return False
+        if not stepped and not any(p.post for p in probes) and not self._requests and not self._holding():
+            if guess is not point or code is None:
+                (code,) = await target.read_many([(pc, MAX_INSN)])
+            if await self._simulate(hit, g, code):
+                return True
         return await self._complete_hit(hit, stepped=stepped)
+
+    async def _simulate(self, hit: _Hit, g: bytes, code: bytes | Exception) -> bool:
+        """Get past the breakpoint by simulating the instruction and continue, in one write."""
+        if isinstance(code, Exception):
+            return False
+        plan = self.emulator.plan(code)
+        packets = self.emulator.packets(plan, g, hit.pc) if plan is not None else None
+        if packets is None:
+            return False
+        self._free_running = True
+        replies = await self.client.pipeline(packets, resume=b"c")
+        bad = [(p, r) for p, r in zip(packets, replies, strict=True) if r != b"OK"]
+        if bad:
+            log.error("simulating the instruction at %#x failed: %r; stepping from now on", hit.pc, bad)
+            self.emulator = _NoEmulator()
+        self._publish_hit(hit, [(None, None)] * len(hit.probes))
+        return True
 
     async def _pre_phase(self, thread: ThreadId | None, pc: int, g: bytes, probes: list[Probe]) -> _Hit:
         self.hits += 1
@@ -362,9 +401,21 @@ class Engine:
             pctx = HitContext(target, hit.cpu, "post", g2)
             post = [await self._run(p, p.post, pctx) if p.post is not None else (None, None) for p in probes]
 
+        self._publish_hit(hit, post)
+        if self._dirty and resumed:
+            await client.interrupt()
+        if not may_resume:
+            return step_event
+        if not resumed and isinstance(step_event, StopReply) and step_event.is_watch:
+            # The probed instruction itself touched a watched address.
+            self.stops += 1
+            return await self.watch.on_watch_stop(step_event)
+        return resumed
+
+    def _publish_hit(self, hit: _Hit, post: list[tuple[Any, str | None]]) -> None:
         now = time.time_ns()
-        where = target.symbolize(hit.pc)
-        for probe, (pre_value, pre_err), (post_value, post_err) in zip(probes, hit.pre, post, strict=True):
+        where = self.target.symbolize(hit.pc)
+        for probe, (pre_value, pre_err), (post_value, post_err) in zip(hit.probes, hit.pre, post, strict=True):
             record = {
                 "probe": probe.id,
                 "name": probe.name,
@@ -379,15 +430,6 @@ class Engine:
                 "error": _join_errors(pre_err, post_err),
             }
             self._publish(probe, record, pre_value, post_value)
-        if self._dirty and resumed:
-            await client.interrupt()
-        if not may_resume:
-            return step_event
-        if not resumed and isinstance(step_event, StopReply) and step_event.is_watch:
-            # The probed instruction itself touched a watched address.
-            self.stops += 1
-            return await self.watch.on_watch_stop(step_event)
-        return resumed
 
     async def _finish_step(self) -> None:
         step_event = await self.client.wait_stop()
@@ -449,6 +491,8 @@ class Engine:
             The insertions the target refused, with their errors (those points stay uninstalled).
         """
         want = {key for key, point in self.table.points.items() if point.active()}
+        if self._last_point is not None and self.table.points.get(self._last_point.key) is not self._last_point:
+            self._last_point = None
         if self.debugger is not None:
             want |= self.debugger.keys()
         removals = [key for key in self._installed if key not in want]
@@ -911,6 +955,16 @@ class Engine:
             raise TargetError("the engine is not attached to a target yet")
         if self._dead is not None:
             raise TargetError("the engine has stopped")
+
+
+class _NoEmulator:
+    """Stands in before attaching, or after a simulation failed: always step."""
+
+    def plan(self, code: bytes) -> None:
+        return None
+
+    def packets(self, *args: Any) -> None:
+        return None
 
 
 def _short(location: Location) -> str:
