@@ -196,7 +196,8 @@ class Engine:
                 event = await client.wait_stop()
             finally:
                 self._free_running = False
-            running = await self._on_stop(event)
+            with client.bounded(self.timeout):
+                running = await self._on_stop(event)
 
     def _holding(self) -> bool:
         return self._hold or (self.debugger is not None and self.debugger.holding)
@@ -379,7 +380,7 @@ class Engine:
         client = target.client
         if not stepped:
             await client.resume(target.step_packet(hit.thread))
-        step_event = await client.wait_stop()
+        step_event = await client.wait_stop(timeout=None)
         probes = hit.probes
         post: list[tuple[Any, str | None]] = [(None, None)] * len(probes)
         resumed = False
@@ -432,7 +433,7 @@ class Engine:
             self._publish(probe, record, pre_value, post_value)
 
     async def _finish_step(self) -> None:
-        step_event = await self.client.wait_stop()
+        step_event = await self.client.wait_stop(timeout=None)
         if isinstance(step_event, StopReply) and step_event.is_watch:
             await self.watch.on_watch_stop(step_event)
 
@@ -888,7 +889,7 @@ class Engine:
                 event = await self._complete_hit(hit, may_resume=False)
             else:
                 await self.client.resume(self.target.step_packet(thread))
-                event = await self.client.wait_stop()
+                event = await self.client.wait_stop(timeout=None)
         link.forget_registers()
         self.stops += 1
         if isinstance(event, StopReply) and event.is_watch:

@@ -106,7 +106,7 @@ class WatchHelper:
         post = [(None, None)] * len(probes)
         if need_step:
             await target.client.resume(target.step_packet(thread))
-            await target.client.wait_stop()
+            await target.client.wait_stop(timeout=None)
             g2 = await target.read_g()
             if not after:
                 new = await target.read_many([(pt.address, pt.key[2]) for pt in points])

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import trio
 
@@ -101,6 +102,7 @@ class RSPClient:
         self.pending_stops: deque[StopEvent] = deque()
         self.console: list[bytes] = []
         self.retransmits = 0
+        self._bounded = 0
 
     @classmethod
     async def connect(cls, target: str, *, timeout: float = 10.0) -> RSPClient:
@@ -204,14 +206,38 @@ class RSPClient:
             frames += encode_packet(resume)
         self._last_sent = frames
         replies: list[bytes] = []
+        if self._bounded and timeout is None:
+            await self._exchange(frames, payloads, resume, replies)
+            return replies
         with trio.move_on_at(self._deadline(timeout)):
-            await self._send(frames)
-            if resume is not None:
-                self.running = True
-            for p in payloads:
-                replies.append(await self._receive_reply(p))
+            await self._exchange(frames, payloads, resume, replies)
             return replies
         raise TargetTimeout(f"no reply to {payloads[len(replies)][:40]!r} within the time allowed")
+
+    async def _exchange(
+        self, frames: bytes, payloads: Sequence[bytes], resume: bytes | None, replies: list[bytes]
+    ) -> None:
+        await self._send(frames)
+        if resume is not None:
+            self.running = True
+        for p in payloads:
+            replies.append(await self._receive_reply(p))
+
+    @contextmanager
+    def bounded(self, seconds: float) -> Iterator[None]:
+        """One time limit for a whole exchange of several requests (cheaper than one scope each).
+
+        Raises:
+            TargetTimeout: the exchange did not finish in time.
+        """
+        with trio.move_on_after(seconds) as scope:
+            self._bounded += 1
+            try:
+                yield
+            finally:
+                self._bounded -= 1
+        if scope.cancelled_caught:
+            raise TargetTimeout(f"the target did not answer within {seconds} s")
 
     async def checked(self, payload: bytes, *, timeout: float | None = None) -> bytes:
         """Like `request`, but raise for the error reply and the empty (unsupported) reply.
@@ -244,20 +270,25 @@ class RSPClient:
         if self.pending_stops:
             self.running = False
             return self.pending_stops.popleft()
+        if timeout == math.inf or (self._bounded and timeout is None):
+            return await self._next_stop()
         with trio.move_on_at(self._deadline(timeout)):
-            while True:
-                payload = await self._receive_packet()
-                event = parse_stop_reply(payload) if is_stop_payload(payload) else None
-                if isinstance(event, ConsoleOutput):
-                    self.console.append(event.text)
-                    continue
-                if event is None:
-                    # A stray reply (say, to a request that timed out): not ours to wait for.
-                    continue
-                self.running = False
-                self._interrupting = False
-                return event
+            return await self._next_stop()
         raise TargetTimeout("the target did not stop within the time allowed")
+
+    async def _next_stop(self) -> StopEvent:
+        while True:
+            payload = await self._receive_packet()
+            event = parse_stop_reply(payload) if is_stop_payload(payload) else None
+            if isinstance(event, ConsoleOutput):
+                self.console.append(event.text)
+                continue
+            if event is None:
+                # A stray reply (say, to a request that timed out): not ours to wait for.
+                continue
+            self.running = False
+            self._interrupting = False
+            return event
 
     async def interrupt(self) -> None:
         """Ask a running target to stop (0x03). The stop arrives through `wait_stop`.
