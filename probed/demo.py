@@ -57,7 +57,7 @@ def main() -> None:
             )
             _wait_for_socket(daemon, control)
             _ctl(control, "add", "-n", "args", "probe_target", "a=$arg1:s32", "b=$arg2:s32",
-                 "name=+0($arg3):string", "--post", "sum=%ax:s32")
+                 "name=+0($arg3):string", "sp=%sp:x32", "--post", "sp=%sp:x32")
             _ctl(control, "add", "-n", "calls", "probe_target", "calls=@calls:u32", "--if", "calls < 1000000")
             _ctl(control, "hooks", "probe_*")
             print(f"\nHits, live, for {SECONDS:.0f} seconds:", flush=True)

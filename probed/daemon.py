@@ -1,0 +1,106 @@
+"""probed: the daemon. Attaches to QEMU's gdbstub, serves the control socket (and GDB), writes hit records.
+
+SIGINT and SIGTERM end it cleanly: every breakpoint it set is removed, the guest resumes, it detaches and
+exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .control import default_control_path, serve_control
+from .engine import Engine
+from .errors import ProbedError
+from .events import encode_record
+
+log = logging.getLogger("probed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="probed", description="Probe daemon for QEMU guests over the GDB remote protocol.")
+    ap.add_argument("--target", required=True, help="QEMU's gdbstub: tcp:HOST:PORT or unix:PATH")
+    ap.add_argument("--symbols", action="append", default=[], metavar="FILE[@BIAS]",
+                    help="ELF, System.map or kallsyms dump; repeatable")
+    ap.add_argument("--control", type=Path, default=None, help=f"control socket (default {default_control_path()})")
+    ap.add_argument("--events", type=Path, metavar="FILE.jsonl", help="append every hit record to this file")
+    ap.add_argument("--stopped", action="store_true", help="keep the guest stopped until `probectl resume`")
+    ap.add_argument("--hw-slots", type=int, default=4, metavar="N", help="hardware debug-register slots (default 4)")
+    ap.add_argument("--buffer", type=int, default=65536, metavar="N", help="hit records kept for `probectl events`")
+    ap.add_argument("--gdb-listen", metavar="ADDR", help="serve GDB here: tcp:127.0.0.1:PORT or unix:PATH")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ap.add_argument("--version", action="version", version=f"probed {__version__}")
+    return ap
+
+
+async def write_events(engine: Engine, path: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Append each hit record to `path` as a JSON line (flushed once per batch)."""
+    with engine.hub.subscribe(maxsize=65536) as sub, path.open("a", encoding="utf-8") as out:
+        task_status.started()
+        async for record in sub:
+            out.write(encode_record(record) + "\n")
+            while True:
+                try:
+                    out.write(encode_record(sub.receive_nowait()) + "\n")
+                except trio.WouldBlock:
+                    break
+            out.flush()
+        if sub.missed:
+            log.warning("the events file missed %d records (writer too slow)", sub.missed)
+
+
+async def run(args: argparse.Namespace) -> None:
+    engine = Engine(args.target, symbol_files=args.symbols, stopped=args.stopped, hw_slots=args.hw_slots,
+                    buffer=args.buffer)
+    control = args.control or default_control_path()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            if args.events:
+                await nursery.start(write_events, engine, args.events)
+            await nursery.start(serve_control, engine, control)
+            if args.gdb_listen:
+                from stub.server import serve_gdb
+
+                await nursery.start(serve_gdb, engine, args.gdb_listen)
+                log.info("serving GDB on %s", args.gdb_listen)
+            log.info("ready: control socket %s", control)
+            async for signum in signals:
+                log.info("%s: removing breakpoints, resuming the guest, detaching", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="probed: %(message)s", stream=sys.stderr)
+    try:
+        trio.run(run, args)
+    except ProbedError as exc:
+        print(f"probed: {exc}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:
+        errors = [e for e in _leaves(group) if isinstance(e, ProbedError)]
+        if errors:
+            print(f"probed: {errors[0]}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+def _leaves(exc: BaseException):
+    if isinstance(exc, BaseExceptionGroup):
+        for e in exc.exceptions:
+            yield from _leaves(e)
+    else:
+        yield exc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
