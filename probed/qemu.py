@@ -104,6 +104,7 @@ class QemuGuest:
         stopped: start with `-S` (no instruction runs until a debugger continues).
         gdb: "unix" (a socket in a private directory) or "tcp" (127.0.0.1, a free port).
         kernel: boot this instead of the bundled guest (e.g. a Linux bzImage), with `append`/`initrd`.
+        bare: boot nothing (for reading a machine's registers and target description).
 
     Attributes:
         target: what `probed --target` takes: `unix:PATH` or `tcp:127.0.0.1:PORT`.
@@ -124,8 +125,10 @@ class QemuGuest:
         memory: str = "64M",
         extra_args: Sequence[str] = (),
         workdir: str | os.PathLike | None = None,
+        bare: bool = False,
     ):
         self.arch = arch
+        self.bare = bare
         self.smp = smp
         self.stopped = stopped
         self.gdb = gdb
@@ -157,7 +160,7 @@ class QemuGuest:
         binary = f"qemu-system-{self.arch}"
         if shutil.which(binary) is None:
             raise QemuError(f"{binary} is not installed (apt-get install qemu-system-x86)")
-        if self.kernel is None:
+        if self.kernel is None and not self.bare:
             self.elf = build_guest(self.arch)
         listener = self._listen()
         args = [
@@ -166,8 +169,9 @@ class QemuGuest:
             "-serial", f"file:{self.serial_log}",
             "-chardev", f"socket,id=gdb0,fd={listener.fileno()},server=on,wait=off",
             "-gdb", "chardev:gdb0",
-            "-kernel", str(self.kernel or self.elf),
         ]
+        if not self.bare:
+            args += ["-kernel", str(self.kernel or self.elf)]
         if self.stopped:
             args.append("-S")
         if self.append:

@@ -1,0 +1,115 @@
+"""Framing, sans-IO: one table of (event, wire bytes) drives the parser and the builder tests."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rsp.framing import (
+    NEED_DATA,
+    Ack,
+    BadChecksum,
+    Framer,
+    Interrupt,
+    Nack,
+    Notification,
+    Packet,
+    checksum,
+    decode_payload,
+    encode_notification,
+    encode_packet,
+)
+
+TABLE = [
+    (Packet(b"g"), b"$g#67"),
+    (Packet(b"OK"), b"$OK#9a"),
+    (Packet(b""), b"$#00"),
+    (Packet(b"T05thread:01;"), b"$T05thread:01;#07"),
+    (Packet(b"X#$}*"), b"$X}\x03}\x04}]}\n#" + b"%02x" % checksum(b"X}\x03}\x04}]}\n")),
+    (Notification(b"Stop:T05"), b"%Stop:T05#" + b"%02x" % checksum(b"Stop:T05")),
+    (Ack(), b"+"),
+    (Nack(), b"-"),
+    (Interrupt(), b"\x03"),
+]
+
+
+def events(framer: Framer) -> list:
+    out = []
+    while (ev := framer.next_event()) is not NEED_DATA:
+        out.append(ev)
+    return out
+
+
+@pytest.mark.parametrize(("event", "wire"), TABLE)
+def test_parse_whole_bytewise_and_with_trailing_data(event, wire):
+    whole = Framer()
+    whole.receive_data(wire)
+    assert events(whole) == [event]
+
+    bytewise = Framer()
+    got = []
+    for b in wire:
+        bytewise.receive_data(bytes([b]))
+        got += events(bytewise)
+    assert got == [event]
+
+    trailing = Framer()
+    trailing.receive_data(wire + b"$O")
+    assert events(trailing) == [event]
+    assert trailing.buffered == 2
+
+
+@pytest.mark.parametrize(("event", "wire"), [row for row in TABLE if isinstance(row[0], Packet | Notification)])
+def test_build(event, wire):
+    build = encode_packet if isinstance(event, Packet) else encode_notification
+    assert build(event.payload) == wire
+
+
+def test_run_length_decoding():
+    # "0* " is '0' and 32 - 29 = 3 more: GDB manual's example.
+    framer = Framer()
+    raw = b"0* "
+    framer.receive_data(b"$" + raw + b"#%02x" % checksum(raw))
+    assert events(framer) == [Packet(b"0000")]
+    assert decode_payload(b"ab*!") == b"ab" + b"b" * 4
+
+
+def test_garbage_is_skipped_and_counted():
+    framer = Framer()
+    framer.receive_data(b"xyz$OK#9azz+")
+    assert events(framer) == [Packet(b"OK"), Ack()]
+    assert framer.garbage == 5
+
+
+def test_bad_checksum_is_an_event_and_the_stream_goes_on():
+    framer = Framer()
+    framer.receive_data(b"$OK#00$g#67$OK#zz")
+    evs = events(framer)
+    assert evs[0] == BadChecksum(b"OK", 0x9A, 0)
+    assert evs[1] == Packet(b"g")
+    assert evs[2] == BadChecksum(b"OK", 0x9A, None)
+
+
+@given(st.binary(max_size=300))
+def test_any_payload_round_trips(payload):
+    framer = Framer()
+    framer.receive_data(encode_packet(payload))
+    assert events(framer) == [Packet(payload)]
+
+
+@given(st.binary(max_size=400), st.lists(st.integers(1, 50), max_size=20))
+def test_any_bytes_give_events_never_exceptions_whatever_the_chunking(data, cuts):
+    whole = Framer()
+    whole.receive_data(data)
+    expected = events(whole)
+    chunked = Framer()
+    got, pos = [], 0
+    for cut in cuts + [len(data)]:
+        chunked.receive_data(data[pos : pos + cut])
+        pos += cut
+        got += events(chunked)
+    chunked.receive_data(data[pos:])
+    got += events(chunked)
+    assert got == expected
+    assert all(isinstance(e, Packet | Notification | Ack | Nack | Interrupt | BadChecksum) for e in got)
