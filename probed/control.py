@@ -39,7 +39,7 @@ def default_control_path() -> Path:
     return base / "control.sock"
 
 
-def _prepare_socket_path(path: Path) -> None:
+def prepare_socket_path(path: Path) -> None:
     """Make the owner-only directory; refuse a live daemon's socket; remove a stale one."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if path.exists() or path.is_socket():
@@ -283,7 +283,7 @@ async def serve_control(engine: Any, path: str | os.PathLike, *, task_status=tri
         ProbedError: another daemon already listens there.
     """
     path = Path(path)
-    _prepare_socket_path(path)
+    prepare_socket_path(path)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:

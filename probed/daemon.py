@@ -15,7 +15,7 @@ from pathlib import Path
 import trio
 
 from . import __version__
-from .control import default_control_path, serve_control
+from .control import default_control_path, prepare_socket_path, serve_control
 from .engine import Engine
 from .errors import ProbedError
 from .events import encode_record
@@ -59,6 +59,7 @@ async def run(args: argparse.Namespace) -> None:
     engine = Engine(args.target, symbol_files=args.symbols, stopped=args.stopped, hw_slots=args.hw_slots,
                     buffer=args.buffer)
     control = args.control or default_control_path()
+    prepare_socket_path(control)  # refuse a second daemon before touching the target
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)

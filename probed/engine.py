@@ -28,7 +28,7 @@ from typing import Any
 import trio
 
 from rsp.connection import RSPClient, raise_for_reply
-from rsp.errors import ConnectionClosed, RSPError
+from rsp.errors import ConnectionClosed, RSPError, TargetTimeout
 from rsp.stop import Exited, StopEvent, StopReply, Terminated, ThreadId
 
 from .context import HitContext
@@ -153,6 +153,11 @@ class Engine:
         try:
             try:
                 await self.target.attach()
+            except TargetTimeout as exc:
+                raise TargetError(
+                    f"cannot attach to {self.target_address}: it does not answer ({exc}); "
+                    "QEMU serves one debugger at a time: is another one attached?"
+                ) from exc
             except RSPError as exc:
                 raise TargetError(f"cannot attach to {self.target_address}: {exc}") from exc
             self.emulator = Emulator(self.arch, self.target.layout)

@@ -1,0 +1,156 @@
+"""probed and probectl as a user runs them: real processes, a real QEMU guest."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from probed.symbols import SymbolStore
+from rsp.connection import RSPClient
+
+NAMES = ["alpha", "beta", "gamma", "delta"]
+
+
+class Daemon:
+    def __init__(self, guest, tmp_path: Path, *extra: str):
+        self.control = tmp_path / "ctl" / "control.sock"
+        self.events = tmp_path / "hits.jsonl"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "probed.daemon", "--target", guest.target, "--symbols", str(guest.elf),
+             "--control", str(self.control), "--events", str(self.events), *extra],
+            stderr=subprocess.PIPE, text=True,
+        )
+        self.log = []
+        for line in self.proc.stderr:
+            self.log.append(line)
+            if "ready" in line:
+                break
+        else:
+            raise AssertionError("probed did not start:\n" + "".join(self.log))
+
+    def ctl(self, *args: str, check: int | None = 0) -> subprocess.CompletedProcess:
+        out = subprocess.run([sys.executable, "-m", "probed.cli", "--control", str(self.control), *args],
+                             capture_output=True, text=True, timeout=120)
+        if check is not None:
+            assert out.returncode == check, out.stderr
+        return out
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            self.proc.stderr.close()
+
+
+@pytest.fixture
+def daemon(guest_i386, tmp_path):
+    d = Daemon(guest_i386, tmp_path, "--stopped")
+    yield d
+    if d.proc.poll() is None:
+        d.proc.kill()
+        d.proc.wait()
+
+
+def test_add_probes_and_read_exact_hits(daemon):
+    assert daemon.ctl("add", "-n", "args", "probe_target", "a=$arg1:s32", "b=$arg2:s32",
+                      "name=+0($arg3):string", "--post", "sp=%sp:u32", "ip=%ip:symbol").stdout.strip() == "1"
+    assert daemon.ctl("add", "probe_target", "c=@calls:u32", "--if", "c >= 2").stdout.strip() == "2"
+    daemon.ctl("resume")
+    out = daemon.ctl("events", "--probe", "args", "--count", "6", "--json").stdout
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["seq"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for n, r in enumerate(records, start=1):
+        assert r["pre"] == {"a": n, "b": 3 * n + 1, "name": NAMES[n % 4]}
+        assert r["post"]["ip"] == "probe_target+0x1"
+        assert r["where"] == "probe_target" and r["cpu"] == 0 and r["error"] is None
+    # The filter: probe 2 reports only hits where calls >= 2, i.e. from the third call on.
+    filtered = [json.loads(line) for line in daemon.ctl("events", "--probe", "2", "--count", "2", "--json").stdout.splitlines()]
+    assert [r["pre"]["c"] for r in filtered] == [2, 3]
+    assert filtered[0]["stop"] == records[2]["stop"]
+
+    listing = json.loads(daemon.ctl("list", "--json").stdout)
+    assert [sorted(p) for p in listing] == [sorted(["id", "name", "spec", "address", "hits", "missed", "faults", "state"])] * 2
+    assert listing[0]["name"] == "args" and listing[0]["state"] == "enabled"
+    human = daemon.ctl("events", "--probe", "args", "--count", "1").stdout
+    assert human.startswith('#1 args cpu0 pc=0x') and 'name="beta"' in human
+
+    daemon.ctl("disable", "args")
+    assert json.loads(daemon.ctl("list", "--json").stdout)[0]["state"] == "disabled"
+    daemon.ctl("rm", "--all")
+    assert daemon.ctl("list").stdout.strip() == "no probes"
+    assert "probe_target" in daemon.ctl("hooks", "probe_*").stdout
+    assert daemon.stop() == 0
+    assert sum(1 for _ in daemon.events.open()) >= 8
+
+
+def test_errors_are_clear_and_change_nothing(daemon):
+    out = daemon.ctl("add", "probe_targt", check=1)
+    assert "unknown symbol 'probe_targt'" in out.stderr and "probe_target" in out.stderr
+    out = daemon.ctl("add", "probe_target", "a=+4(%sp:s32", check=1)
+    assert "column 9: expected )" in out.stderr and "^" in out.stderr
+    out = daemon.ctl("add", "probe_target", "a=%ax", "--if", "a ==", check=1)
+    assert "filter error at column 5" in out.stderr
+    out = daemon.ctl("rm", "nothing", check=1)
+    assert "no probe 'nothing'" in out.stderr
+    assert daemon.ctl("list", "--json").stdout.strip() == "[]"
+    assert daemon.ctl("add", check=2).returncode == 2
+
+
+def test_control_socket_is_owner_only_and_single(daemon, guest_i386, tmp_path):
+    mode = stat.S_IMODE(os.stat(daemon.control).st_mode)
+    assert mode == 0o600
+    assert stat.S_IMODE(os.stat(daemon.control.parent).st_mode) == 0o700
+    second = subprocess.run(
+        [sys.executable, "-m", "probed.daemon", "--target", guest_i386.target, "--control", str(daemon.control)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert second.returncode == 1 and "another daemon listens" in second.stderr
+
+
+def test_probectl_without_a_daemon(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "probed.cli", "--control", str(tmp_path / "none.sock"), "list"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3
+    assert "no daemon at" in out.stderr
+
+
+def test_sigterm_leaves_the_guest_running_without_breakpoints(daemon, guest_i386):
+    daemon.ctl("add", "probe_target", "a=$arg1")
+    daemon.ctl("resume")
+    daemon.ctl("events", "--count", "3")
+    assert daemon.stop() == 0
+
+    async def check():
+        symbols = SymbolStore()
+        symbols.add_file(guest_i386.elf)
+        client = await RSPClient.connect(guest_i386.target)
+        await client.request(b"qSupported")
+        await client.read_xfer("features", "target.xml")  # QEMU answers `p` only after this
+        # No `?` here: it would delete the breakpoints this test looks for.
+        turns = symbols.lookup("turns").address
+        elsewhere = symbols.lookup("elsewhere").address
+        before = int.from_bytes(await client.read_memory(turns, 4), "little")
+        # probe_target runs before elsewhere in every turn: a breakpoint left there would stop us first.
+        assert await client.request(b"Z0,%x,1" % elsewhere) == b"OK"
+        for _ in range(2):
+            await client.resume(b"c")
+            with trio.fail_after(30):
+                await client.wait_stop()
+            regs = await client.request(b"p8")
+            assert int.from_bytes(bytes.fromhex(regs.decode()), "little") == elsewhere
+        after = int.from_bytes(await client.read_memory(turns, 4), "little")
+        assert after > before  # the guest kept running after the daemon left
+        await client.request(b"D")
+        await client.aclose()
+
+    trio.run(check)
