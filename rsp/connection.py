@@ -204,6 +204,7 @@ class RSPClient:
         frames = b"".join(encode_packet(p) for p in payloads)
         if resume is not None:
             frames += encode_packet(resume)
+            self.pending_stops.clear()
         self._last_sent = frames
         replies: list[bytes] = []
         if self._bounded and timeout is None:
@@ -256,6 +257,8 @@ class RSPClient:
             raise RuntimeError("the target already runs")
         frame = encode_packet(payload)
         self._last_sent = frame
+        # A stop that came unasked before this resume describes a stop that is over now.
+        self.pending_stops.clear()
         self.running = True
         await self._send(frame)
 
