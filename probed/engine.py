@@ -326,7 +326,7 @@ class Engine:
         if debugger is not None:
             debugger.remember_registers(thread, g)
         point = self.table.breakpoint_at(pc)
-        probes = point.active() if point is not None else []
+        probes = self.table.active_at(pc)
         debugger_wants = debugger is not None and not stepped and debugger.wants_break(pc)
         if not probes:
             if stepped:
@@ -532,16 +532,14 @@ class Engine:
 
     async def _install_probe(self, probe: Probe) -> None:
         """File a probe and install its hook point; undo everything if the target refuses."""
-        point = self.table.add(probe)
         slot = None
-        if probe.kind == "watch" or probe.hw:
-            if point.key not in self._installed and point.key not in self._slot_of:
-                what = f"{probe.kind} {probe.spec}"
-                slot = self.slots.allocate("probe", probe.name, what)
-                self._slot_of[point.key] = slot
+        key = probe.point_key
+        if (probe.kind == "watch" or probe.hw) and key not in self._installed and key not in self._slot_of:
+            slot = self._slot_of[key] = self.slots.allocate("probe", probe.name, _slot_use(probe))
+        point = self.table.add(probe)
         failures = await self._reconcile()
-        for key, exc in failures:
-            if key == point.key:
+        for fkey, exc in failures:
+            if fkey == point.key:
                 self.table.remove(probe)
                 if slot is not None:
                     self.slots.free(self._slot_of.pop(point.key, None))
@@ -699,10 +697,10 @@ class Engine:
             probe = self.table.find(ref)
             if probe.enabled:
                 return
-            probe.enabled, probe.disabled_reason, probe.fault_run = True, None, 0
             point = self.table.points[probe.point_key]
             if (probe.kind == "watch" or probe.hw) and point.key not in self._installed:
-                self._slot_of[point.key] = self.slots.allocate("probe", probe.name, f"{probe.kind} {probe.spec}")
+                self._slot_of[point.key] = self.slots.allocate("probe", probe.name, _slot_use(probe))
+            probe.enabled, probe.disabled_reason, probe.fault_run = True, None, 0
             if probe.kind == "watch":
                 probe.last_value = await self.watch.current_value(probe)
             for key, exc in await self._reconcile():
@@ -886,8 +884,7 @@ class Engine:
                     await self.client.request(b"Hg" + thread.encode())
                 g = await self.target.read_g()
             pc = self.target.pc_of(g)
-            point = self.table.breakpoint_at(pc)
-            probes = point.active() if point is not None else []
+            probes = self.table.active_at(pc)
             if probes:
                 self.stops += 1
                 hit = await self._pre_phase(thread, pc, g, probes)
@@ -971,6 +968,10 @@ class _NoEmulator:
 
     def packets(self, *args: Any) -> None:
         return None
+
+
+def _slot_use(probe: Probe) -> str:
+    return f"{'watch' if probe.kind == 'watch' else 'hbreak'} {probe.spec}"
 
 
 def _short(location: Location) -> str:

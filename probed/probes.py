@@ -164,5 +164,14 @@ class ProbeTable:
         """The software or hardware breakpoint hook point at `address`, if any."""
         return self.points.get(("break", address, 0, "x")) or self.points.get(("hbreak", address, 0, "x"))
 
+    def active_at(self, address: int) -> list[Probe]:
+        """The enabled probes of the software and hardware breakpoints at `address`, in handler order."""
+        probes = [
+            p for kind in ("break", "hbreak") if (pt := self.points.get((kind, address, 0, "x"))) for p in pt.active()
+        ]
+        if len(probes) > 1:
+            probes.sort(key=lambda p: (-p.priority, p.order))
+        return probes
+
     def watch_points(self) -> list[HookPoint]:
         return [p for p in self.points.values() if p.kind == "watch"]
