@@ -47,6 +47,7 @@ class DebuggerLink:
         self.running = False
         self.interrupt_requested = False
         self.current_thread: ThreadId | None = None
+        self.g_thread: ThreadId | None = None  # GDB's `Hg` choice
         self.points: dict[tuple[str, int, int, str], int] = {}
         self.slots: dict[tuple[str, int, int, str], Slot] = {}
         self.parked: dict[int, Any] = {}
@@ -73,6 +74,7 @@ class DebuggerLink:
 
     async def deliver(self, event: StopEvent) -> None:
         """Give a stop to GDB; the guest stays stopped until GDB resumes it."""
+        self.g_thread = None  # QEMU points `g` at the CPU that stopped
         self.running = False
         self.holding = True
         self.interrupt_requested = False
@@ -91,6 +93,13 @@ class DebuggerLink:
 
     def cached_registers(self, thread: ThreadId | None) -> bytes | None:
         return self._registers.get(thread.tid if thread else 1)
+
+    def registers_for_gdb(self) -> bytes | None:
+        """The cached block GDB's `g` would get now, if its `Hg` names the thread that stopped."""
+        g = self.g_thread
+        if g is not None and g.tid > 0 and self.current_thread is not None and g.tid != self.current_thread.tid:
+            return None
+        return self.cached_registers(self.current_thread)
 
     def forget_registers(self) -> None:
         self._registers.clear()

@@ -204,6 +204,21 @@ class Engine:
             with client.bounded(self.timeout):
                 running = await self._on_stop(event)
 
+    def _must_stop(self) -> bool:
+        """Whether someone waits for the guest to stop (requests, a hold, GDB's Ctrl-C)."""
+        return bool(self._requests) or self._holding() or (
+            self.debugger is not None and self.debugger.interrupt_requested
+        )
+
+    async def _resume_fast(self, packets: list[bytes]) -> list[bytes]:
+        """Send `packets` and `c` in one write; the guest runs freely after it."""
+        self._free_running = True
+        replies = await self.client.pipeline(packets, resume=b"c")
+        if self._must_stop() or self._dirty:
+            # Asked for while we were writing: the asker could not interrupt yet.
+            await self.client.interrupt()
+        return replies
+
     def _holding(self) -> bool:
         return self._hold or (self.debugger is not None and self.debugger.holding)
 
@@ -345,7 +360,7 @@ class Engine:
             debugger.park(hit)
             await debugger.deliver(event)
             return False
-        if not stepped and not any(p.post for p in probes) and not self._requests and not self._holding():
+        if not stepped and not any(p.post for p in probes) and not self._must_stop():
             if guess is not point or code is None:
                 (code,) = await target.read_many([(pc, MAX_INSN)])
             if await self._simulate(hit, g, code):
@@ -360,8 +375,7 @@ class Engine:
         packets = self.emulator.packets(plan, g, hit.pc) if plan is not None else None
         if packets is None:
             return False
-        self._free_running = True
-        replies = await self.client.pipeline(packets, resume=b"c")
+        replies = await self._resume_fast(packets)
         bad = [(p, r) for p, r in zip(packets, replies, strict=True) if r != b"OK"]
         if bad:
             log.error("simulating the instruction at %#x failed: %r; stepping from now on", hit.pc, bad)
@@ -392,15 +406,8 @@ class Engine:
         post_handlers = [p.post for p in probes if p.post is not None]
         if post_handlers:
             plain_step = isinstance(step_event, StopReply) and not step_event.is_watch
-            if (
-                may_resume
-                and plain_step
-                and not self._requests
-                and not self._holding()
-                and not any(h.needs_memory for h in post_handlers)
-            ):
-                self._free_running = True
-                (g2,) = await client.pipeline([b"g"], resume=b"c")
+            if may_resume and plain_step and not self._must_stop() and not any(h.needs_memory for h in post_handlers):
+                (g2,) = await self._resume_fast([b"g"])
                 resumed = True
             else:
                 g2 = await target.read_g()
@@ -408,8 +415,6 @@ class Engine:
             post = [await self._run(p, p.post, pctx) if p.post is not None else (None, None) for p in probes]
 
         self._publish_hit(hit, post)
-        if self._dirty and resumed:
-            await client.interrupt()
         if not may_resume:
             return step_event
         if not resumed and isinstance(step_event, StopReply) and step_event.is_watch:
@@ -797,7 +802,7 @@ class Engine:
         async def apply() -> list[bytes]:
             link = self.debugger
             if link is not None and payloads == [b"g"]:
-                cached = link.cached_registers(link.current_thread)
+                cached = link.registers_for_gdb()
                 if cached is not None:
                     return [cached]
             if any(p[:1] in (b"G", b"P", b"M", b"X", b"H") for p in payloads) and link is not None:
@@ -869,6 +874,7 @@ class Engine:
                         await link.deliver(event)
                         return
             link.holding, link.running = False, True
+            self._hold = False  # GDB's continue also lets a guest held by --stopped run
 
         await self.call_stopped(apply)
 
@@ -898,12 +904,14 @@ class Engine:
             await self.watch.on_watch_stop(event)
         if isinstance(event, StopReply) and event.thread is None:
             event = StopReply(event.signal, thread, event.core, event.reason, event.watch_address, event.registers)
+        if isinstance(event, StopReply):
+            # GDB reads the registers after every stop; read them now, for GDB and for its next step.
+            link.remember_registers(event.thread, await self.target.read_g())
         return event
 
-    async def debugger_interrupt(self) -> None:
-        """GDB's Ctrl-C: stop the guest and give GDB the stop."""
-        link = self.debugger
-        if link is None or not link.running:
+    async def debugger_interrupt(self, link: DebuggerLink) -> None:
+        """GDB's Ctrl-C: stop the guest and give GDB the stop (even if its resume is still on its way)."""
+        if self.debugger is not link:
             return
         link.interrupt_requested = True
         await self._wakeup()

@@ -205,6 +205,7 @@ class RSPClient:
         if resume is not None:
             frames += encode_packet(resume)
             self.pending_stops.clear()
+            self._interrupting = False
         self._last_sent = frames
         replies: list[bytes] = []
         if self._bounded and timeout is None:
@@ -260,6 +261,7 @@ class RSPClient:
         # A stop that came unasked before this resume describes a stop that is over now.
         self.pending_stops.clear()
         self.running = True
+        self._interrupting = False
         await self._send(frame)
 
     async def wait_stop(self, *, timeout: float | None = math.inf) -> StopEvent:
@@ -272,6 +274,7 @@ class RSPClient:
         """
         if self.pending_stops:
             self.running = False
+            self._interrupting = False
             return self.pending_stops.popleft()
         if timeout == math.inf or (self._bounded and timeout is None):
             return await self._next_stop()

@@ -22,6 +22,7 @@ __all__ = [
     "Terminated",
     "ThreadId",
     "WATCH_KINDS",
+    "encode_stop_reply",
     "parse_stop_reply",
     "parse_thread_id",
 ]
@@ -186,3 +187,25 @@ def _parse_t(payload: bytes) -> StopReply:
             registers[int(name, 16)] = value
         # Other names are ignored, as the manual asks of a debugger.
     return StopReply(signal, thread, core, reason, watch_address, registers)
+
+
+def encode_stop_reply(event: StopEvent) -> bytes:
+    """The wire payload of a stop event (what a stub sends to GDB)."""
+    if isinstance(event, StopReply):
+        parts = [b"T%02x" % event.signal]
+        for regnum, value in sorted(event.registers.items()):
+            parts.append(b"%02x:%s;" % (regnum, value))
+        if event.thread is not None:
+            parts.append(b"thread:" + event.thread.encode() + b";")
+        if event.core is not None:
+            parts.append(b"core:%x;" % event.core)
+        if event.reason in WATCH_KINDS and event.watch_address is not None:
+            parts.append(b"%s:%x;" % (event.reason.encode(), event.watch_address))
+        elif event.reason is not None:
+            parts.append(event.reason.encode() + b":;")
+        return b"".join(parts)
+    if isinstance(event, Exited):
+        return b"W%02x" % event.status + (b";process:%x" % event.pid if event.pid is not None else b"")
+    if isinstance(event, Terminated):
+        return b"X%02x" % event.signal + (b";process:%x" % event.pid if event.pid is not None else b"")
+    return b"O" + event.text.hex().encode()

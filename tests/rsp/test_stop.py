@@ -7,7 +7,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rsp.errors import RemoteProtocolError
-from rsp.stop import ConsoleOutput, Exited, StopReply, Terminated, ThreadId, parse_stop_reply, parse_thread_id
+from rsp.stop import (
+    ConsoleOutput,
+    Exited,
+    StopReply,
+    Terminated,
+    ThreadId,
+    encode_stop_reply,
+    parse_stop_reply,
+    parse_thread_id,
+)
 
 
 @pytest.mark.parametrize(
@@ -42,3 +51,23 @@ def test_garbage_is_a_typed_error(payload):
 def test_thread_ids_round_trip(tid, pid):
     thread = ThreadId(tid, pid)
     assert parse_thread_id(thread.encode()) == thread
+
+
+@given(
+    st.integers(0, 255),
+    st.one_of(st.none(), st.builds(ThreadId, st.integers(1, 64))),
+    st.one_of(st.none(), st.integers(0, 7)),
+    st.one_of(
+        st.tuples(st.none(), st.none()),
+        st.tuples(st.sampled_from(["watch", "rwatch", "awatch"]), st.integers(0, 2**64 - 1)),
+        st.tuples(st.sampled_from(["swbreak", "hwbreak"]), st.none()),
+    ),
+)
+def test_stop_replies_round_trip(signal, thread, core, reason):
+    event = StopReply(signal, thread, core, reason[0], reason[1])
+    assert parse_stop_reply(encode_stop_reply(event)) == event
+
+
+def test_exit_replies_round_trip():
+    for event in (Exited(0), Exited(3, 1), Terminated(9), ConsoleOutput(b"hi\n")):
+        assert parse_stop_reply(encode_stop_reply(event)) == event

@@ -1,0 +1,270 @@
+"""The GDB stub: probed serves GDB over RSP, in front of the one QEMU connection the engine owns.
+
+GDB must not be able to tell, except that the guest runs a little slower:
+- Packets that would break the daemon never reach QEMU: `?` (QEMU would delete every breakpoint), `k`/`vKill`
+  (QEMU would exit: we detach instead and say so in the daemon's log), `D` (QEMU would drop every breakpoint
+  and resume; we drop GDB's only). `Qqemu.PhyMemMode` is global in QEMU: the stub keeps GDB's setting and
+  switches it around GDB's own memory accesses only, so the daemon's reads stay virtual.
+- GDB's breakpoints and watchpoints are GDB's: the engine merges them with the probes', hides the stops
+  only probes wanted, and hands GDB the stops GDB caused. Hardware kinds draw on the shared slot allocator.
+- Everything else is forwarded while GDB holds the guest stopped, and QEMU's answer (including "not
+  supported") goes back unchanged. QEMU's target description reaches GDB as it is.
+
+One GDB at a time: a second connection is told so and closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import trio
+
+from probed.debugger import DebuggerLink
+from probed.errors import ProbedError, SlotsExhausted
+from rsp.commands import (
+    Continue,
+    Detach,
+    HaltReason,
+    InsertBreakpoint,
+    Kill,
+    Malformed,
+    Monitor,
+    Query,
+    ReadMemory,
+    RemoveBreakpoint,
+    SetThread,
+    StartNoAck,
+    Step,
+    VCont,
+    WriteMemory,
+    parse_command,
+)
+from rsp.connection import parse_target
+from rsp.framing import NEED_DATA, BadChecksum, Framer, Interrupt, Nack, Packet, encode_packet
+from rsp.stop import StopEvent, StopReply, encode_stop_reply
+
+__all__ = ["GdbSession", "serve_gdb"]
+
+log = logging.getLogger(__name__)
+
+STUB_FEATURES = b"PacketSize=1000;qXfer:features:read+;vContSupported+;QStartNoAckMode+"
+PHYS_MODE = b"Qqemu.PhyMemMode:"
+
+
+class GdbSession:
+    """One attached GDB."""
+
+    def __init__(self, engine: Any, stream: trio.abc.Stream):
+        self.engine = engine
+        self.stream = stream
+        self.framer = Framer()
+        self.ack = True
+        self.phys = False
+        self.last_stop: StopEvent = StopReply(5)
+        self._send_lock = trio.Lock()
+        self._stops_send, self._stops = trio.open_memory_channel[StopEvent](math.inf)
+        self._packets_send, self._packets = trio.open_memory_channel[bytes](math.inf)
+        self.link = DebuggerLink(self._stops_send.send_nowait)
+        self.closed = False
+        self.waiting_stop = False  # GDB resumed the guest and waits for a stop reply
+
+    async def send(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self.stream.send_all(data)
+
+    async def reply(self, payload: bytes) -> None:
+        await self.send(encode_packet(payload))
+
+    # -- the session ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until GDB detaches or goes away; GDB's breakpoints never outlive the session."""
+        self.last_stop = await self.engine.debugger_attach(self.link)
+        log.info("GDB attached")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_loop, nursery.cancel_scope)
+                await self._handle_loop()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.engine.debugger_detach(self.link)
+                except ProbedError as exc:
+                    log.warning("could not detach GDB cleanly: %s", exc)
+            log.info("GDB detached; its breakpoints are gone and the guest runs on")
+
+    async def _read_loop(self, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    break
+                self.framer.receive_data(data)
+                while (event := self.framer.next_event()) is not NEED_DATA:
+                    if isinstance(event, Packet):
+                        if self.ack:
+                            await self.send(b"+")
+                        self._packets_send.send_nowait(event.payload)
+                    elif isinstance(event, Interrupt) and self.waiting_stop:
+                        await self.engine.debugger_interrupt(self.link)
+                    elif isinstance(event, BadChecksum):
+                        await self.send(b"-")
+                    elif isinstance(event, Nack):
+                        log.debug("GDB asked for a packet again")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        # GDB is gone (or killed): end the session.
+        self._packets_send.close()
+
+    async def _handle_loop(self) -> None:
+        async for payload in self._packets:
+            done = await self.handle(payload)
+            if done:
+                return
+
+    # -- packets --------------------------------------------------------------------------------------
+
+    async def handle(self, payload: bytes) -> bool:
+        """Answer one packet; returns True when the session ends."""
+        cmd = parse_command(payload)
+        engine = self.engine
+        try:
+            if isinstance(cmd, Query) and cmd.name == "qSupported":
+                await self.reply(STUB_FEATURES)
+            elif isinstance(cmd, StartNoAck):
+                await self.reply(b"OK")
+                self.ack = False
+            elif isinstance(cmd, HaltReason):
+                await self.reply(encode_stop_reply(self.last_stop))
+            elif isinstance(cmd, Detach):
+                await self.reply(b"OK")
+                return True
+            elif isinstance(cmd, Kill):
+                log.warning("GDB asked to kill the guest: probed detaches GDB instead; the guest runs on")
+                if payload.startswith(b"vKill"):
+                    await self.reply(b"OK")
+                return True
+            elif isinstance(cmd, InsertBreakpoint | RemoveBreakpoint):
+                await self._breakpoint(cmd)
+            elif isinstance(cmd, Continue | Step | VCont) and not (isinstance(cmd, VCont) and not cmd.actions):
+                await self._resume(cmd)
+            elif isinstance(cmd, Query) and cmd.name == "qAttached":
+                await self.reply(b"1")  # attached to a running machine: GDB detaches on quit
+            elif isinstance(cmd, Query) and cmd.name == "Qqemu.PhyMemMode":
+                self.phys = payload[len(PHYS_MODE) :] == b"1"
+                await self.reply(b"OK")
+            elif isinstance(cmd, Query) and cmd.name == "qqemu.PhyMemMode":
+                await self.reply(b"1" if self.phys else b"0")
+            elif isinstance(cmd, Monitor):
+                await self._monitor(cmd)
+            elif isinstance(cmd, ReadMemory | WriteMemory) and self.phys:
+                replies = await engine.debugger_request([PHYS_MODE + b"1", payload, PHYS_MODE + b"0"])
+                await self.reply(replies[1])
+            elif isinstance(cmd, Malformed):
+                await self.reply(b"E01")
+            elif payload.startswith((b"!", b"vRun", b"vAttach", b"vMustReplyEmpty")):
+                await self.reply(b"")  # not for a machine that is already running
+            else:
+                if isinstance(cmd, SetThread):
+                    self.link.g_thread = cmd.thread if cmd.op == "g" else self.link.g_thread
+                (reply,) = await engine.debugger_request([payload])
+                await self.reply(reply)
+        except SlotsExhausted as exc:
+            log.info("GDB's %r refused: %s", payload[:20], exc)
+            await self.reply(b"E1c")  # ENOSPC: like a machine out of debug registers
+        except ProbedError as exc:
+            log.info("GDB's %r refused: %s", payload[:20], exc)
+            await self.reply(b"E16")
+        return False
+
+    async def _breakpoint(self, cmd: InsertBreakpoint | RemoveBreakpoint) -> None:
+        if isinstance(cmd, InsertBreakpoint):
+            await self.engine.debugger_insert(cmd.type, cmd.address, cmd.kind)
+        else:
+            await self.engine.debugger_remove(cmd.type, cmd.address, cmd.kind)
+        await self.reply(b"OK")
+
+    async def _resume(self, cmd: Continue | Step | VCont) -> None:
+        if isinstance(cmd, VCont):
+            step = cmd.steps
+            thread = cmd.stepped_thread() if step else None
+        else:
+            step = isinstance(cmd, Step)
+            thread = None
+        self.waiting_stop = True
+        try:
+            await self.engine.debugger_resume("s" if step else "c", thread)
+            # Wait for the stop GDB asked for (a Ctrl-C from GDB reaches the engine through the read loop).
+            event = await self._stops.receive()
+        finally:
+            self.waiting_stop = False
+        self.last_stop = event
+        await self.reply(encode_stop_reply(event))
+
+    async def _monitor(self, cmd: Monitor) -> None:
+        client = self.engine.target.client
+        output = await self.engine.call_stopped(lambda: client.monitor(cmd.command))
+        if output:
+            await self.reply(b"O" + output.encode().hex().encode())
+        await self.reply(b"OK")
+
+
+async def serve_gdb(engine: Any, listen: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve GDB at `tcp:HOST:PORT` (loopback unless said otherwise) or `unix:PATH`, one at a time."""
+    kind, address = parse_target(listen)
+    if kind == "unix":
+        listeners = [trio.SocketListener(await _unix_listener(address))]
+    else:
+        host, port = address
+        listeners = await trio.open_tcp_listeners(port, host=host or "127.0.0.1")
+    busy = False
+
+    async def handle(stream: trio.abc.Stream) -> None:
+        nonlocal busy
+        async with stream:
+            if busy:
+                await _refuse(stream)
+                return
+            busy = True
+            try:
+                await GdbSession(engine, stream).run()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                busy = False
+
+    task_status.started(listeners)
+    await trio.serve_listeners(handle, listeners)
+
+
+async def _unix_listener(path: str):
+    import os
+
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    if os.path.exists(path):
+        os.unlink(path)
+    old = os.umask(0o177)
+    try:
+        await sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(4)
+    return sock
+
+
+async def _refuse(stream: trio.abc.Stream) -> None:
+    """Tell a second GDB why it cannot attach: its first packet gets an error reply."""
+    framer = Framer()
+    with trio.move_on_after(5):
+        while True:
+            data = await stream.receive_some(4096)
+            if not data:
+                return
+            framer.receive_data(data)
+            while (event := framer.next_event()) is not NEED_DATA:
+                if isinstance(event, Packet):
+                    await stream.send_all(b"+" + encode_packet(b"E.probed serves one GDB at a time; another is attached"))
+                    return
