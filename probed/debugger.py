@@ -52,6 +52,13 @@ class DebuggerLink:
         self.slots: dict[tuple[str, int, int, str], Slot] = {}
         self.parked: dict[int, Any] = {}
         self._registers: dict[int, bytes] = {}
+        # Memory GDB read at its last stop is read again with the registers at the next one (it asks for
+        # the same things every time: the stack, the code at pc...), and served from here while valid.
+        self.memory: dict[bytes, bytes] = {}
+        self.prefetch: list[bytes] = []
+        self._reads: list[bytes] = []
+        self.code: dict[int, bytes] = {}  # instruction bytes at the stop's pc, when prefetched
+        self.last_pc: int | None = None
 
     # -- what GDB wants ------------------------------------------------------------------------------
 
@@ -103,3 +110,30 @@ class DebuggerLink:
 
     def forget_registers(self) -> None:
         self._registers.clear()
+        self.memory.clear()
+
+    def patch_memory(self, writes: list[tuple[int, bytes]]) -> None:
+        """Keep cached reads true after the engine wrote memory itself."""
+        for payload in list(self.memory):
+            addr_text, _, len_text = payload[1:].partition(b",")
+            start, length = int(addr_text, 16), int(len_text, 16)
+            reply = self.memory[payload]
+            if reply[:1] == b"E" or len(reply) != 2 * length:
+                continue
+            data = bytearray(bytes.fromhex(reply.decode("ascii")))
+            for address, value in writes:
+                for i, b in enumerate(value):
+                    if start <= address + i < start + length:
+                        data[address + i - start] = b
+            self.memory[payload] = data.hex().encode()
+
+    def note_read(self, payload: bytes) -> None:
+        """GDB read memory with `payload` at this stop."""
+        if payload not in self._reads:
+            self._reads.append(payload)
+
+    def rotate_reads(self) -> None:
+        """GDB resumes: what it read at this stop is what to prefetch at the next."""
+        if self._reads:
+            self.prefetch = self._reads[-8:]
+        self._reads = []

@@ -78,6 +78,27 @@ class Emulator:
                 return Plan("mov", insn.size, src=src, dst=dst)
         return None
 
+    def effects(self, plan: Plan, g_payload: bytes, pc: int) -> tuple[bytes, list[tuple[int, bytes]]] | None:
+        """The register block after the instruction, and its memory writes (address, bytes)."""
+        layout, arch = self.layout, self.arch
+        word = arch.word_size
+        writes: list[tuple[int, bytes]] = []
+        g = g_payload
+        if plan.kind == "push":
+            sp = layout.value(g, arch.sp)
+            value = layout.value(g, plan.src)
+            if sp is None or value is None:
+                return None
+            sp = (sp - word) & ((1 << (8 * word)) - 1)
+            writes.append((sp, value.to_bytes(word, "little")))
+            g = layout.patch(g, arch.sp, sp)
+        elif plan.kind == "mov":
+            value = layout.value(g, plan.src)
+            if value is None:
+                return None
+            g = layout.patch(g, plan.dst, value)
+        return layout.patch(g, arch.pc, pc + plan.length), writes
+
     def packets(self, plan: Plan, g_payload: bytes, pc: int) -> list[bytes] | None:
         """The `M`/`P` packets that make the instruction at `pc` done, or None if a value is missing."""
         layout, arch = self.layout, self.arch

@@ -121,6 +121,7 @@ class Engine:
         self._installed: dict[tuple[str, int, int, str], bytes] = {}
         self._slot_of: dict[tuple[str, int, int, str], Any] = {}
         self._dirty = False
+        self._gdb_changes = False
         self._pipeline_step = True
         self._dead: BaseException | None = None
         self._started = time.monotonic()
@@ -194,7 +195,15 @@ class Engine:
                     continue
                 self.state = "running"
                 self._free_running = True
-                await client.resume(b"c")
+                if self._gdb_changes:
+                    # GDB's breakpoint changes and the `c` in one write.
+                    self._gdb_changes = False
+                    for key, exc in await self._reconcile(resume=b"c"):
+                        log.error("GDB's %s at %#x could not be set on the target: %s", key[0], key[1], exc)
+                    if self._must_stop():
+                        await client.interrupt()
+                else:
+                    await client.resume(b"c")
             else:
                 self._free_running = True
             try:
@@ -323,7 +332,8 @@ class Engine:
         code: bytes | None = None
         stepped = False
         if debugger is not None and debugger.has_breakpoints():
-            g = await target.read_g()  # the stop may be GDB's: nothing may move before we know
+            # The stop may be GDB's: nothing may move before we know. Read what GDB will want too.
+            g = await self._read_for_debugger(debugger, thread)
         elif guess is not None and self._pipeline_step and any(p.post for p in guess.active()):
             # Likely the same probe as last time, with a post-handler: read and step in one write.
             (g,) = await client.pipeline([b"g"], resume=target.step_packet(thread))
@@ -495,25 +505,37 @@ class Engine:
         size = length if kind == "watch" else self.arch.breakpoint_kind
         return b"%s%d,%x,%x" % (b"Z" if insert else b"z", ztype, address, size)
 
-    async def _reconcile(self) -> list[tuple[tuple[str, int, int, str], Exception]]:
+    def _wanted(self) -> set[tuple[str, int, int, str]]:
+        want = {key for key, point in self.table.points.items() if point.active()}
+        if self.debugger is not None:
+            want |= self.debugger.keys()
+        return want
+
+    def _pending_changes(self) -> set[tuple[str, int, int, str]]:
+        """Breakpoints and watchpoints to insert or remove to match what is wanted."""
+        return self._wanted() ^ set(self._installed)
+
+    async def _reconcile(self, resume: bytes | None = None) -> list[tuple[tuple[str, int, int, str], Exception]]:
         """Make the target's breakpoints match the enabled hook points, in one write.
+
+        With `resume`, that command follows the changes in the same write (the guest runs after it).
 
         Returns:
             The insertions the target refused, with their errors (those points stay uninstalled).
         """
-        want = {key for key, point in self.table.points.items() if point.active()}
+        want = self._wanted()
         if self._last_point is not None and self.table.points.get(self._last_point.key) is not self._last_point:
             self._last_point = None
-        if self.debugger is not None:
-            want |= self.debugger.keys()
         removals = [key for key in self._installed if key not in want]
         inserts = [key for key in want if key not in self._installed]
         for key in removals:
             self.slots.free(self._slot_of.pop(key, None))
         packets = [self._z_packet(k, insert=False) for k in removals] + [self._z_packet(k, insert=True) for k in inserts]
         failures: list[tuple[tuple[str, int, int, str], Exception]] = []
+        if resume is not None and not packets:
+            await self.client.resume(resume)
         if packets:
-            replies = await self.client.pipeline(packets)
+            replies = await self.client.pipeline(packets, resume=resume)
             for key in removals:
                 del self._installed[key]
             for key, packet, reply in zip(inserts, packets[len(removals) :], replies[len(removals) :], strict=True):
@@ -807,48 +829,36 @@ class Engine:
                     return [cached]
             if any(p[:1] in (b"G", b"P", b"M", b"X", b"H") for p in payloads) and link is not None:
                 link.forget_registers()
+                link.memory.clear()
             return await self.client.pipeline(list(payloads))
 
         return await self.call_stopped(apply)
 
-    async def debugger_insert(self, ztype: int, address: int, kind: int) -> None:
-        """GDB's `Z`: hardware kinds take a slot owned by "gdb".
+    def debugger_insert(self, ztype: int, address: int, kind: int) -> None:
+        """GDB's `Z`. Hardware kinds take a slot owned by "gdb" at once.
+
+        GDB removes its breakpoints at every stop and inserts them again before resuming, so the target
+        sees GDB's set only when the guest next runs (`debugger_resume`): a remove and insert of the same
+        breakpoint cost nothing, and QEMU does not flush its translated code for them.
 
         Raises:
             SlotsExhausted: no debug-register slot free.
-            TargetError, Unsupported: the target refused.
         """
+        link = self.debugger
+        key = gdb_key(ztype, address, kind)
+        if key in link.points:
+            link.points[key] += 1
+            return
+        if ztype != 0 and key not in self._slot_of and key not in link.slots:
+            link.slots[key] = self.slots.allocate("gdb", f"Z{ztype}", f"{key[0]} {address:#x}")
+        link.points[key] = 1
 
-        async def apply() -> None:
-            link = self.debugger
-            key = gdb_key(ztype, address, kind)
-            if key in link.points:
-                link.points[key] += 1
-                return
-            if ztype != 0 and key not in self._installed:
-                link.slots[key] = self.slots.allocate("gdb", f"Z{ztype}", f"{key[0]} {address:#x}")
-            link.points[key] = 1
-            for fkey, exc in await self._reconcile():
-                if fkey == key:
-                    del link.points[key]
-                    self.slots.free(link.slots.pop(key, None))
-                    raise exc
-
-        await self.call_stopped(apply)
-
-    async def debugger_remove(self, ztype: int, address: int, kind: int) -> None:
+    def debugger_remove(self, ztype: int, address: int, kind: int) -> None:
         """GDB's `z` (removing what is not there is not an error, as with QEMU)."""
-
-        async def apply() -> None:
-            link = self.debugger
-            key = gdb_key(ztype, address, kind)
-            if key not in link.points:
-                return
-            del link.points[key]
+        link = self.debugger
+        key = gdb_key(ztype, address, kind)
+        if link.points.pop(key, None) is not None:
             self.slots.free(link.slots.pop(key, None))
-            await self._reconcile()
-
-        await self.call_stopped(apply)
 
     async def debugger_resume(self, action: str, thread: ThreadId | None = None) -> None:
         """GDB resumes the guest: `c` (continue) or `s` (step one instruction of `thread`).
@@ -861,6 +871,8 @@ class Engine:
             link = self.debugger
             if link is None:
                 return
+            link.memory.clear()
+            link.rotate_reads()
             if action == "s":
                 event = await self._debugger_step(link, thread or link.current_thread)
                 await link.deliver(event)
@@ -874,6 +886,7 @@ class Engine:
                         await link.deliver(event)
                         return
             link.holding, link.running = False, True
+            self._gdb_changes = True  # installed with the `c`, in one write
             self._hold = False  # GDB's continue also lets a guest held by --stopped run
 
         await self.call_stopped(apply)
@@ -892,11 +905,25 @@ class Engine:
             pc = self.target.pc_of(g)
             probes = self.table.active_at(pc)
             if probes:
+                await self._reconcile()
                 self.stops += 1
                 hit = await self._pre_phase(thread, pc, g, probes)
                 event = await self._complete_hit(hit, may_resume=False)
+            elif (simulated := await self._simulate_step(link, g, pc)) is not None:
+                # Done without running the guest: no stop, no flush of QEMU's translated code.
+                self.stops += 1
+                link.remember_registers(thread or link.current_thread, simulated)
+                return StopReply(5, thread or link.current_thread)
             else:
-                await self.client.resume(self.target.step_packet(thread))
+                # One instruction runs whatever breakpoints are set, so GDB's breakpoint changes wait for
+                # its next continue (a step-over's remove and re-insert then cancel out, and QEMU keeps
+                # its translated code). Watchpoint changes matter to a step: they go with it.
+                step = self.target.step_packet(thread)
+                if any(k[0] == "watch" for k in self._pending_changes()):
+                    for key, exc in await self._reconcile(resume=step):
+                        log.error("GDB's %s at %#x could not be set on the target: %s", key[0], key[1], exc)
+                else:
+                    await self.client.resume(step)
                 event = await self.client.wait_stop(timeout=None)
         link.forget_registers()
         self.stops += 1
@@ -906,8 +933,51 @@ class Engine:
             event = StopReply(event.signal, thread, event.core, event.reason, event.watch_address, event.registers)
         if isinstance(event, StopReply):
             # GDB reads the registers after every stop; read them now, for GDB and for its next step.
-            link.remember_registers(event.thread, await self.target.read_g())
+            await self._read_for_debugger(link, event.thread)
         return event
+
+    async def _simulate_step(self, link: DebuggerLink, g: bytes, pc: int) -> bytes | None:
+        """GDB's step of a simple instruction (see `probed.emulate`), done with `M`/`P`; the new registers.
+
+        Not while any watchpoint is set: a simulated store would not trigger it.
+        """
+        if any(k[0] == "watch" for k in self._installed) or any(k[0] == "watch" for k in self._wanted()):
+            return None
+        code = link.code.get(pc)
+        if code is None:
+            (code,) = await self.target.read_many([(pc, MAX_INSN)])
+            if isinstance(code, Exception):
+                return None
+        plan = self.emulator.plan(code)
+        effects = self.emulator.effects(plan, g, pc) if plan is not None else None
+        packets = self.emulator.packets(plan, g, pc) if effects is not None else None
+        if packets is None:
+            return None
+        replies = await self.client.pipeline(packets)
+        if any(r != b"OK" for r in replies):
+            log.error("simulating GDB's step at %#x failed (%r); stepping from now on", pc, replies)
+            self.emulator = _NoEmulator()
+            return None
+        new_g, writes = effects
+        link.patch_memory(writes)
+        return new_g
+
+    async def _read_for_debugger(self, link: DebuggerLink, thread: ThreadId | None) -> bytes:
+        """At a stop GDB will see: the registers, what GDB read at its last stop, and the code at the last
+        stop's pc (GDB often stops at the same place again), in one write."""
+        prefetch = list(link.prefetch)
+        guess = link.last_pc
+        code_req = [b"m%x,%x" % (guess, MAX_INSN)] if guess is not None else []
+        replies = await self.client.pipeline([b"g", *prefetch, *code_req])
+        raise_for_reply(b"g", replies[0])
+        link.remember_registers(thread, replies[0])
+        link.memory = dict(zip(prefetch, replies[1 : 1 + len(prefetch)], strict=True))
+        pc = self.target.pc_of(replies[0])
+        link.code = {}
+        if code_req and guess == pc and replies[-1][:1] != b"E" and replies[-1]:
+            link.code[pc] = bytes.fromhex(replies[-1].decode("ascii"))
+        link.last_pc = pc
+        return replies[0]
 
     async def debugger_interrupt(self, link: DebuggerLink) -> None:
         """GDB's Ctrl-C: stop the guest and give GDB the stop (even if its resume is still on its way)."""

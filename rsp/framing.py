@@ -15,6 +15,7 @@ connection above can ask for the packet again.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 __all__ = [
@@ -42,7 +43,7 @@ INTERRUPT = b"\x03"
 
 _ESCAPE = 0x7D  # '}'
 _RLE = 0x2A  # '*'
-_MUST_ESCAPE = frozenset(b"#$}*")
+_NEEDS_ESCAPE = re.compile(rb"[#$}*]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,16 +108,9 @@ def checksum(data: bytes) -> int:
 
 def escape(payload: bytes) -> bytes:
     """Escape `#`, `$`, `}` and `*` with `}` and XOR 0x20, as binary data must be on the wire."""
-    if not any(b in _MUST_ESCAPE for b in payload):
+    if _NEEDS_ESCAPE.search(payload) is None:
         return payload
-    out = bytearray()
-    for b in payload:
-        if b in _MUST_ESCAPE:
-            out.append(_ESCAPE)
-            out.append(b ^ 0x20)
-        else:
-            out.append(b)
-    return bytes(out)
+    return _NEEDS_ESCAPE.sub(lambda m: bytes((_ESCAPE, m.group()[0] ^ 0x20)), payload)
 
 
 def encode_packet(payload: bytes) -> bytes:

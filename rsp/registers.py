@@ -81,6 +81,13 @@ class RegisterLayout:
             return None
         return int.from_bytes(bytes.fromhex(chunk.decode("ascii")), self.byteorder)
 
+    def patch(self, g_payload: bytes, name: str, value: int) -> bytes:
+        """A `g` payload with one register changed (the rest untouched)."""
+        start, end = self._slices[name]
+        size = (end - start) // 2
+        hexed = (value & ((1 << (8 * size)) - 1)).to_bytes(size, self.byteorder).hex().encode()
+        return g_payload[:start] + hexed + g_payload[end:]
+
     def decode_p(self, name: str, p_payload: bytes) -> int | None:
         """A `p` reply for register `name`."""
         if b"x" in p_payload:

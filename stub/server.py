@@ -65,7 +65,6 @@ class GdbSession:
         self.last_stop: StopEvent = StopReply(5)
         self._send_lock = trio.Lock()
         self._stops_send, self._stops = trio.open_memory_channel[StopEvent](math.inf)
-        self._packets_send, self._packets = trio.open_memory_channel[bytes](math.inf)
         self.link = DebuggerLink(self._stops_send.send_nowait)
         self.closed = False
         self.waiting_stop = False  # GDB resumed the guest and waits for a stop reply
@@ -85,8 +84,8 @@ class GdbSession:
         log.info("GDB attached")
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_loop, nursery.cancel_scope)
-                await self._handle_loop()
+                nursery.start_soon(self._forward_stops)
+                await self._read_loop()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
@@ -96,18 +95,20 @@ class GdbSession:
                     log.warning("could not detach GDB cleanly: %s", exc)
             log.info("GDB detached; its breakpoints are gone and the guest runs on")
 
-    async def _read_loop(self, scope: trio.CancelScope) -> None:
+    async def _read_loop(self) -> None:
+        """Read GDB's bytes and answer each packet in turn (resumes return at once: see `_forward_stops`)."""
         try:
             while True:
                 data = await self.stream.receive_some(65536)
                 if not data:
-                    break
+                    return  # GDB is gone (or killed): end the session
                 self.framer.receive_data(data)
                 while (event := self.framer.next_event()) is not NEED_DATA:
                     if isinstance(event, Packet):
                         if self.ack:
                             await self.send(b"+")
-                        self._packets_send.send_nowait(event.payload)
+                        if await self.handle(event.payload):
+                            return
                     elif isinstance(event, Interrupt) and self.waiting_stop:
                         await self.engine.debugger_interrupt(self.link)
                     elif isinstance(event, BadChecksum):
@@ -115,15 +116,14 @@ class GdbSession:
                     elif isinstance(event, Nack):
                         log.debug("GDB asked for a packet again")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        # GDB is gone (or killed): end the session.
-        self._packets_send.close()
+            return
 
-    async def _handle_loop(self) -> None:
-        async for payload in self._packets:
-            done = await self.handle(payload)
-            if done:
-                return
+    async def _forward_stops(self) -> None:
+        """Send GDB the stops it waits for, as the engine delivers them."""
+        async for event in self._stops:
+            self.waiting_stop = False
+            self.last_stop = event
+            await self.reply(encode_stop_reply(event))
 
     # -- packets --------------------------------------------------------------------------------------
 
@@ -160,9 +160,22 @@ class GdbSession:
                 await self.reply(b"1" if self.phys else b"0")
             elif isinstance(cmd, Monitor):
                 await self._monitor(cmd)
+            elif isinstance(cmd, ReadMemory) and not self.phys:
+                self.link.note_read(payload)
+                cached = self.link.memory.get(payload)
+                if cached is None:
+                    (cached,) = await engine.debugger_request([payload])
+                await self.reply(cached)
             elif isinstance(cmd, ReadMemory | WriteMemory) and self.phys:
                 replies = await engine.debugger_request([PHYS_MODE + b"1", payload, PHYS_MODE + b"0"])
                 await self.reply(replies[1])
+            elif payload == b"g" and (cached := self.link.registers_for_gdb()) is not None:
+                await self.reply(cached)  # read by the engine at this stop already
+            elif payload == b"qfThreadInfo":
+                # vCPUs do not come and go under QEMU: the list read at attach is the list.
+                await self.reply(b"m" + b",".join(t.encode() for t in engine.target.threads))
+            elif payload == b"qsThreadInfo":
+                await self.reply(b"l")
             elif isinstance(cmd, Malformed):
                 await self.reply(b"E01")
             elif payload.startswith((b"!", b"vRun", b"vAttach", b"vMustReplyEmpty")):
@@ -182,9 +195,9 @@ class GdbSession:
 
     async def _breakpoint(self, cmd: InsertBreakpoint | RemoveBreakpoint) -> None:
         if isinstance(cmd, InsertBreakpoint):
-            await self.engine.debugger_insert(cmd.type, cmd.address, cmd.kind)
+            self.engine.debugger_insert(cmd.type, cmd.address, cmd.kind)
         else:
-            await self.engine.debugger_remove(cmd.type, cmd.address, cmd.kind)
+            self.engine.debugger_remove(cmd.type, cmd.address, cmd.kind)
         await self.reply(b"OK")
 
     async def _resume(self, cmd: Continue | Step | VCont) -> None:
@@ -194,15 +207,9 @@ class GdbSession:
         else:
             step = isinstance(cmd, Step)
             thread = None
+        # The stop reply comes later, from `_forward_stops`; meanwhile GDB may only send a Ctrl-C.
         self.waiting_stop = True
-        try:
-            await self.engine.debugger_resume("s" if step else "c", thread)
-            # Wait for the stop GDB asked for (a Ctrl-C from GDB reaches the engine through the read loop).
-            event = await self._stops.receive()
-        finally:
-            self.waiting_stop = False
-        self.last_stop = event
-        await self.reply(encode_stop_reply(event))
+        await self.engine.debugger_resume("s" if step else "c", thread)
 
     async def _monitor(self, cmd: Monitor) -> None:
         client = self.engine.target.client
