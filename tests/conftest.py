@@ -37,3 +37,11 @@ def guest_smp():
 def guest(request):
     """Each bundled guest in turn."""
     yield from _guest(request.param)
+
+
+def pytest_configure(config):
+    # tests/linux/ holds the Linux guest builder; make it importable as `linux`.
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
