@@ -184,8 +184,23 @@ def _events(args: argparse.Namespace, client: Client) -> int:
         return EXIT_OK
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line; fetch args may come before or after options (`watch SYM --len 4 a=%ax`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    sub = parser._subparsers._group_actions[0].choices[args.command]  # the subcommand's own parser
+    if not any(a.dest == "fetchargs" for a in sub._actions):
+        return parser.parse_args(argv)
+    # argparse takes positionals only before the first option unless they are parsed intermixed.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = argv[argv.index(args.command) + 1 :]
+    for key, value in vars(sub.parse_intermixed_args(rest)).items():
+        setattr(args, key, value)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     path = args.control or default_control_path()
     try:
         client = Client(path)

@@ -117,12 +117,16 @@ class RSPClient:
         if self._ack_owed:
             frames = b"+" + frames
             self._ack_owed = False
-        async with self._send_lock:
-            try:
-                await self._stream.send_all(frames)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self._closed = True
-                raise ConnectionClosed(f"connection lost while sending: {exc}") from exc
+        # A send is never cut short by cancellation: half a packet, or a `c` that the target never got
+        # while we believe it runs, would leave the two sides disagreeing about the target's state.
+        with trio.CancelScope(shield=True):
+            async with self._send_lock:
+                try:
+                    with trio.fail_after(self._timeout):
+                        await self._stream.send_all(frames)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError) as exc:
+                    self._closed = True
+                    raise ConnectionClosed(f"connection lost while sending: {exc!r}") from exc
 
     # -- receiving -------------------------------------------------------------------------------------
 
@@ -304,16 +308,18 @@ class RSPClient:
         """
         if not self.running or self._interrupting:
             return
-        async with self._send_lock:
-            # Re-check under the lock: the stop may have arrived while we waited for it.
-            if not self.running or self._interrupting or self._closed:
-                return
-            self._interrupting = True
-            try:
-                await self._stream.send_all(INTERRUPT)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self._closed = True
-                raise ConnectionClosed(f"connection lost while interrupting: {exc}") from exc
+        with trio.CancelScope(shield=True):  # as in `_send`: all of it, or nothing
+            async with self._send_lock:
+                # Re-check under the lock: the stop may have arrived while we waited for it.
+                if not self.running or self._interrupting or self._closed:
+                    return
+                self._interrupting = True
+                try:
+                    with trio.fail_after(self._timeout):
+                        await self._stream.send_all(INTERRUPT)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError) as exc:
+                    self._closed = True
+                    raise ConnectionClosed(f"connection lost while interrupting: {exc!r}") from exc
 
     async def halt(self, *, timeout: float | None = None) -> StopEvent:
         """Interrupt a running target and wait until it has stopped."""

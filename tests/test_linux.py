@@ -59,7 +59,9 @@ async def test_watch_jiffies_sees_the_timer(linux):
         with trio.fail_after(120):
             with engine.hub.subscribe(probe.id) as sub:
                 got = [await sub.receive() for _ in range(3)]
-    # The timer interrupt writes jiffies one tick at a time.
+    # The timer code moves jiffies forward (by the ticks that passed: more than one after an idle NOHZ
+    # stretch), and every write is seen: each record's old value is the previous record's new one.
     for rec in got:
-        assert rec["access"] == "write" and rec["new"] == rec["old"] + 1
-    assert got[1]["old"] == got[0]["new"]
+        assert rec["access"] == "write" and rec["new"] > rec["old"]
+        assert rec["where"]  # the writing instruction is in a known kernel function
+    assert got[1]["old"] == got[0]["new"] and got[2]["old"] == got[1]["new"]
