@@ -23,7 +23,10 @@ __all__ = ["FetchField", "FetchProgram", "parse_fetchargs", "parse_fetcharg"]
 STRING_MAX = 256
 PAGE = 4096
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_TYPE = re.compile(r"^(?:(?P<int>[usx])(?P<bits>8|16|32|64)|(?P<other>string|ustring|symbol))(?:\[(?P<n>\d+)\])?$")
+_NUMBER = re.compile(r"0[xX][0-9a-fA-F]+|[0-9]+")
+_SYMBOL = re.compile(r"[A-Za-z_.][A-Za-z0-9_.$]*")
+_SPECIAL = re.compile(r"\$(stack|arg|retval|comm)([0-9]*)")
+_TYPE = re.compile(r"^(?:(?P<int>[usx])(?P<bits>8|16|32|64)|(?P<other>string|ustring|symbol))(?:\[(?P<n>[0-9]+)\])?$")
 
 # -- the syntax tree ----------------------------------------------------------------------------------
 
@@ -73,6 +76,8 @@ Node = Reg | Imm | StackPointer | StackEntry | Arg | Memory | Deref
 
 @dataclass(frozen=True)
 class FieldType:
+    """How a field is read and rendered."""
+
     kind: str  # "u", "s", "x", "string", "ustring", "symbol"
     size: int  # bytes per element (strings: 0)
     count: int | None  # array length, or None
@@ -84,6 +89,8 @@ class FieldType:
 
 @dataclass(frozen=True)
 class FetchField:
+    """One parsed fetch arg: its field name, what to fetch, its type, and the text it came from."""
+
     name: str
     node: Node
     type: FieldType
@@ -105,7 +112,7 @@ class _Parser:
         return self.text[self.pos] if self.pos < self.end else ""
 
     def number(self, what: str) -> int:
-        m = re.compile(r"0[xX][0-9a-fA-F]+|\d+").match(self.text, self.pos, self.end)
+        m = _NUMBER.match(self.text, self.pos, self.end)
         if not m:
             raise self.fail(f"expected {what}")
         self.pos = m.end()
@@ -114,9 +121,11 @@ class _Parser:
     def fetcharg(self) -> Node:
         c = self.peek()
         start = self.pos
+        if not c:
+            raise self.fail("expected a fetch arg")
         if c == "%":
             self.pos += 1
-            m = re.compile(r"[A-Za-z_][A-Za-z0-9_]*").match(self.text, self.pos, self.end)
+            m = _NAME.match(self.text, self.pos, self.end)
             if not m:
                 raise self.fail("expected a register name after %")
             self.pos = m.end()
@@ -128,12 +137,12 @@ class _Parser:
             self.pos += 1
             if self.text.startswith(("0x", "0X"), self.pos) or self.peek().isdigit():
                 return Memory(self.number("an address"))
-            m = re.compile(r"[A-Za-z_.][A-Za-z0-9_.$]*").match(self.text, self.pos, self.end)
+            m = _SYMBOL.match(self.text, self.pos, self.end)
             if not m:
                 raise self.fail("expected an address or a symbol after @")
             self.pos = m.end()
             offset = 0
-            if self.peek() in "+-" and self.peek():
+            if self.peek() and self.peek() in "+-":
                 sign = -1 if self.peek() == "-" else 1
                 self.pos += 1
                 offset = sign * self.number("an offset")
@@ -145,7 +154,7 @@ class _Parser:
                 raise self.fail(str(exc), start + 1) from None
             return Memory(sym.address + offset)
         if c == "$":
-            m = re.compile(r"\$(stack|arg|retval|comm)(\d*)").match(self.text, self.pos, self.end)
+            m = _SPECIAL.match(self.text, self.pos, self.end)
             if not m:
                 raise self.fail("expected $stack, $stackN or $argN")
             self.pos = m.end()
@@ -177,8 +186,6 @@ class _Parser:
             if self.peek() == "-":
                 sign, self.pos = -1, self.pos + 1
             return Imm(sign * self.number("an immediate number"))
-        if not c:
-            raise self.fail("expected a fetch arg")
         raise self.fail(f"unexpected {c!r}: a fetch arg starts with %, @, $, +, - or \\")
 
 
@@ -242,6 +249,14 @@ def parse_fetcharg(text: str, position: int, arch: Any, symbols: Any = None) -> 
 def parse_fetchargs(args: Sequence[str], arch: Any, symbols: Any = None) -> FetchProgram:
     """Parse a handler's fetch args.
 
+    Args:
+        args: `NAME=FETCHARG[:TYPE]` or `FETCHARG[:TYPE]` strings (unnamed ones become `argN`, N its position).
+        arch: register names, word size and calling convention of the target.
+        symbols: resolves `@SYM`; None if no symbol files are loaded.
+
+    Returns:
+        The program; its `fields` are the names in argument order.
+
     Raises:
         FetchSyntaxError: the first arg that does not parse (its text and column), or a repeated name.
     """
@@ -262,10 +277,19 @@ _Read = tuple[int, int]
 _Gen = Generator[_Read, "bytes | Exception", Any]
 
 
-class _Fault(Exception):
-    def __init__(self, address: int, cause: Exception):
-        super().__init__(f"<fault reading {address:#x}: {cause}>")
-        self.address = address
+class _FieldError(Exception):
+    """A field that cannot be fetched on this hit; its value becomes the message, e.g. `<fault reading 0x0: E14>`."""
+
+
+def _fault(address: int, cause: Exception) -> _FieldError:
+    return _FieldError(f"<fault reading {address:#x}: {cause}>")
+
+
+def _register(regs: Mapping[str, int], name: str) -> int:
+    try:
+        return regs[name]
+    except KeyError:
+        raise _FieldError(f"<no register {name}>") from None
 
 
 def _uses_registers(node: Node) -> bool:
@@ -281,7 +305,13 @@ def _uses_memory(node: Node, arch: Any) -> bool:
 
 
 class FetchProgram:
-    """Parsed fetch args, ready to run on hit contexts."""
+    """Parsed fetch args, ready to run on hit contexts.
+
+    Attributes:
+        fields: the field names, in argument order.
+        needs_registers: evaluation calls `ctx.registers()` (a `g` packet per hit).
+        needs_memory: evaluation calls `ctx.read_many` (at least one batch of `m` packets per hit).
+    """
 
     def __init__(self, fields: tuple[FetchField, ...], arch: Any):
         self.fields_spec = fields
@@ -291,9 +321,17 @@ class FetchProgram:
         self.needs_memory = any(_uses_memory(f.node, arch) or f.type.is_string for f in fields)
 
     async def evaluate(self, ctx: Any) -> dict[str, Any]:
-        """Fetch every field; a field whose memory cannot be read gets a `<fault ...>` string.
+        """Fetch every field, reading memory breadth-first (one `read_many` per round of dereferences).
 
-        `ctx` gives `await ctx.registers()`, `await ctx.read_many([(addr, n), ...])` and `ctx.symbolize(addr)`.
+        Args:
+            ctx: the hit: `await ctx.registers()` (a mapping of register name to value),
+                `await ctx.read_many([(address, length), ...])` (bytes or an Exception per request, in order)
+                and `ctx.symbolize(address)` (a "sym+0xoff" string or None).
+
+        Returns:
+            Field name to value, in argument order: an int (`u`/`s`), a "0x.." string (`x`), a string, a
+            symbol name, or a list of those (arrays). A field that cannot be fetched on this hit gets a
+            `<fault reading ADDR: ...>` (or `<no register ...>`) string instead; the other fields are unaffected.
         """
         regs = await ctx.registers() if self.needs_registers else {}
         gens = {f.name: self._field(f, regs, ctx) for f in self.fields_spec}
@@ -315,28 +353,28 @@ class FetchProgram:
             pending[name] = gen.send(reply) if reply is not None else next(gen)
         except StopIteration as stop:
             results[name] = stop.value
-        except _Fault as fault:
-            results[name] = str(fault)
+        except _FieldError as error:
+            results[name] = str(error)
 
     def _read(self, address: int, length: int) -> Generator[_Read, Any, bytes]:
         data = yield (address & ((1 << (8 * self.arch.word_size)) - 1), length)
         if isinstance(data, Exception):
-            raise _Fault(address, data)
+            raise _fault(address, data)
         return data
 
     def _value(self, node: Node, regs: Mapping[str, int]) -> Generator[_Read, Any, int]:
         word = self.arch.word_size
         if isinstance(node, Reg):
-            return regs[node.name]
+            return _register(regs, node.name)
         if isinstance(node, Imm):
             return node.value
         if isinstance(node, StackPointer):
-            return regs[self.arch.sp]
+            return _register(regs, self.arch.sp)
         if isinstance(node, Arg):
             where, loc = self.arch.arg_location(node.index)
             if where == "reg":
-                return regs[loc]
-            return int.from_bytes((yield from self._read(regs[self.arch.sp] + loc, word)), "little")
+                return _register(regs, loc)
+            return int.from_bytes((yield from self._read(_register(regs, self.arch.sp) + loc, word)), "little")
         address = yield from self._address(node, regs)
         return int.from_bytes((yield from self._read(address, word)), "little")
 
@@ -344,7 +382,7 @@ class FetchProgram:
         if isinstance(node, Memory):
             return node.address
         if isinstance(node, StackEntry):
-            return regs[self.arch.sp] + node.index * self.arch.word_size
+            return _register(regs, self.arch.sp) + node.index * self.arch.word_size
         assert isinstance(node, Deref)
         return (yield from self._value(node.inner, regs)) + node.offset
 
@@ -372,7 +410,7 @@ class FetchProgram:
             chunk = min(STRING_MAX - len(out), PAGE - (address % PAGE))
             try:
                 data = yield from self._read(address, chunk)
-            except _Fault:
+            except _FieldError:
                 if out:
                     break
                 raise

@@ -1,21 +1,24 @@
 """Hit filters (`--if EXPR`) over fetched field names; parsed by hand, never evaluated as Python.
 
-    expr   := or
-    or     := and ('||' and)*
-    and    := unary ('&&' unary)*
-    unary  := '!' unary | '(' or ')' | cmp
-    cmp    := operand (('==' | '!=' | '<' | '<=' | '>' | '>=' | '~') operand)?
-    operand:= FIELD | INTEGER | "STRING"
+    expr    := and ('||' and)*
+    and     := unary ('&&' unary)*
+    unary   := '!' unary | '(' expr ')' | compare
+    compare := operand (('==' | '!=' | '<' | '<=' | '>' | '>=' | '~') operand)?
+    operand := FIELD | INTEGER | "STRING"
 
-`~` matches a string against a glob (`filename ~ "/etc/*"`). A field whose fetch failed (a `<fault ...>`
-value) makes every comparison on it false. Hex strings (`x` types) compare as numbers.
+INTEGER is decimal or 0x hex, optionally negative. STRING takes the escapes \\" \\\\ \\n \\t.
+`~` matches a string against a glob (`name ~ "/etc/*"`). A bare field is true when it is non-zero / non-empty.
+
+Values come from a fetch program: ints (`u`/`s` types), "0x..." strings (`x` types, compared as numbers
+against integers), strings, symbol names, lists (arrays: unequal to any scalar). A field whose fetch failed
+(a `<fault ...>` value) or is absent makes every comparison on it false, and a bare test of it false.
 """
 
 from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -25,171 +28,283 @@ from .errors import FilterSyntaxError
 __all__ = ["Filter", "parse_filter"]
 
 _TOKEN = re.compile(
-    r"\s*(?:(?P<op>==|!=|<=|>=|&&|\|\||[<>~!()])|(?P<num>-?0[xX][0-9a-fA-F]+|-?\d+)"
-    r"|(?P<str>\"(?:[^\"\\]|\\.)*\")|(?P<name>[A-Za-z_][A-Za-z0-9_]*))"
+    r"(?P<op>==|!=|<=|>=|&&|\|\||[<>~!()])"
+    r"|(?P<num>-?0[xX][0-9a-fA-F]+|-?\d+)"
+    r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|(?P<str>\")"
 )
-_CMP = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+_ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "t": "\t"}
+_COMPARE: dict[str, Callable[[Any, Any], bool]] = {
+    "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+}
 
 
 @dataclass(frozen=True)
-class _Tok:
-    kind: str
-    text: str
-    col: int
+class _Token:
+    kind: str  # "op", "num", "name", "str", "end"
+    text: str  # for "str": the unescaped value
+    column: int  # 1-based
 
 
-def _tokenize(expr: str) -> list[_Tok]:
-    toks, pos = [], 0
-    while pos < len(expr):
-        if expr[pos:].strip() == "":
+def _read_string(expr: str, start: int) -> tuple[str, int]:
+    """The string literal whose opening quote is at `start`: (its value, the index after the closing quote)."""
+    out = []
+    i = start + 1
+    while i < len(expr):
+        ch = expr[i]
+        if ch == '"':
+            return "".join(out), i + 1
+        if ch == "\\":
+            escaped = expr[i + 1 : i + 2]
+            if escaped not in _ESCAPES:
+                raise FilterSyntaxError(expr, i + 1, 'unknown escape (use \\" \\\\ \\n \\t)')
+            out.append(_ESCAPES[escaped])
+            i += 2
+            continue
+        out.append(ch)
+        i += 1
+    raise FilterSyntaxError(expr, start + 1, "unterminated string")
+
+
+def _tokenize(expr: str) -> list[_Token]:
+    tokens = []
+    pos = 0
+    while True:
+        while pos < len(expr) and expr[pos].isspace():
+            pos += 1
+        if pos == len(expr):
             break
         m = _TOKEN.match(expr, pos)
-        if not m or m.end() == pos:
-            col = len(expr[pos:]) - len(expr[pos:].lstrip()) + pos + 1
-            raise FilterSyntaxError(expr, col, f"unexpected {expr[col - 1]!r}")
-        kind = m.lastgroup
-        start = m.start(kind)
-        toks.append(_Tok(kind, m.group(kind), start + 1))
+        if m is None:
+            raise FilterSyntaxError(expr, pos + 1, f"unexpected {expr[pos]!r}")
+        kind = m.lastgroup or ""
+        if kind == "str":
+            value, pos_after = _read_string(expr, pos)
+            tokens.append(_Token("str", value, pos + 1))
+            pos = pos_after
+            continue
+        tokens.append(_Token(kind, m.group(0), pos + 1))
         pos = m.end()
-    toks.append(_Tok("end", "", len(expr) + 1))
-    return toks
+    tokens.append(_Token("end", "", len(expr) + 1))
+    return tokens
+
+
+# -- the syntax tree ----------------------------------------------------------------------------------
+
+
+class _Unknown(Exception):
+    """A field with no usable value (its fetch failed, or it is absent)."""
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str
+
+    def value(self, values: Mapping[str, Any]) -> Any:
+        value = values.get(self.name)
+        if value is None or (isinstance(value, str) and value.startswith("<fault")):
+            raise _Unknown
+        return value
+
+
+@dataclass(frozen=True)
+class _Literal:
+    literal: int | str
+
+    def value(self, values: Mapping[str, Any]) -> Any:
+        return self.literal
+
+
+def _as_number(value: Any) -> int | None:
+    """An int, or an `x`-type "0x..." string, as a number; None for anything else."""
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, str) and value[:2] in ("0x", "0X"):
+        try:
+            return int(value, 16)
+        except ValueError:
+            return None
+    return None
+
+
+@dataclass(frozen=True)
+class _Compare:
+    op: str
+    left: _Field | _Literal
+    right: _Field | _Literal
+
+    def test(self, values: Mapping[str, Any]) -> bool:
+        try:
+            a, b = self.left.value(values), self.right.value(values)
+        except _Unknown:
+            return False
+        if self.op == "~":
+            return isinstance(a, str) and isinstance(b, str) and fnmatchcase(a, b)
+        if isinstance(a, str) and isinstance(b, str):
+            return _COMPARE[self.op](a, b)
+        # A number against an `x` field ("0x1f") compares numerically; values that are not both numbers
+        # (a string and an int, an array and anything) are unequal and unordered.
+        na, nb = _as_number(a), _as_number(b)
+        if na is None or nb is None:
+            return self.op == "!="
+        return _COMPARE[self.op](na, nb)
+
+
+@dataclass(frozen=True)
+class _Truth:
+    operand: _Field
+
+    def test(self, values: Mapping[str, Any]) -> bool:
+        try:
+            value = self.operand.value(values)
+        except _Unknown:
+            return False
+        number = _as_number(value)
+        return bool(number if number is not None else value)
+
+
+@dataclass(frozen=True)
+class _Not:
+    inner: Any
+
+    def test(self, values: Mapping[str, Any]) -> bool:
+        return not self.inner.test(values)
+
+
+@dataclass(frozen=True)
+class _And:
+    left: Any
+    right: Any
+
+    def test(self, values: Mapping[str, Any]) -> bool:
+        return self.left.test(values) and self.right.test(values)
+
+
+@dataclass(frozen=True)
+class _Or:
+    left: Any
+    right: Any
+
+    def test(self, values: Mapping[str, Any]) -> bool:
+        return self.left.test(values) or self.right.test(values)
+
+
+# -- parsing ------------------------------------------------------------------------------------------
 
 
 class _Parser:
     def __init__(self, expr: str, fields: set[str]):
-        self.expr, self.fields = expr, fields
-        self.toks = _tokenize(expr)
-        self.i = 0
+        self.expr = expr
+        self.fields = fields
+        self.tokens = _tokenize(expr)
+        self.index = 0
 
-    def peek(self) -> _Tok:
-        return self.toks[self.i]
+    def peek(self) -> _Token:
+        return self.tokens[self.index]
 
-    def take(self) -> _Tok:
-        tok = self.toks[self.i]
-        self.i += 1
-        return tok
+    def take(self) -> _Token:
+        token = self.tokens[self.index]
+        self.index += 1
+        return token
 
-    def fail(self, tok: _Tok, reason: str) -> FilterSyntaxError:
-        return FilterSyntaxError(self.expr, tok.col, reason)
+    def fail(self, token: _Token, reason: str) -> FilterSyntaxError:
+        return FilterSyntaxError(self.expr, token.column, reason)
 
-    def parse(self):
-        node = self.or_()
-        if self.peek().kind != "end":
-            raise self.fail(self.peek(), f"unexpected {self.peek().text!r}")
+    def parse(self) -> Any:
+        node = self.or_expr()
+        end = self.peek()
+        if end.kind != "end":
+            raise self.fail(end, f"unexpected {end.text!r} (expected &&, || or the end)")
         return node
 
-    def or_(self):
-        node = self.and_()
-        while self.peek().text == "||":
+    def or_expr(self) -> Any:
+        node = self.and_expr()
+        while self.peek().text == "||" and self.peek().kind == "op":
             self.take()
-            node = ("or", node, self.and_())
+            node = _Or(node, self.and_expr())
         return node
 
-    def and_(self):
+    def and_expr(self) -> Any:
         node = self.unary()
-        while self.peek().text == "&&":
+        while self.peek().text == "&&" and self.peek().kind == "op":
             self.take()
-            node = ("and", node, self.unary())
+            node = _And(node, self.unary())
         return node
 
-    def unary(self):
-        tok = self.peek()
-        if tok.text == "!":
+    def unary(self) -> Any:
+        token = self.peek()
+        if token.kind == "op" and token.text == "!":
             self.take()
-            return ("not", self.unary())
-        if tok.text == "(":
+            return _Not(self.unary())
+        if token.kind == "op" and token.text == "(":
             self.take()
-            node = self.or_()
-            if self.peek().text != ")":
-                raise self.fail(self.peek(), "expected )")
+            node = self.or_expr()
+            close = self.peek()
+            if close.kind != "op" or close.text != ")":
+                raise self.fail(close, "expected )")
             self.take()
             return node
         left = self.operand()
         op = self.peek()
-        if op.text in _CMP or op.text == "~":
+        if op.kind == "op" and (op.text in _COMPARE or op.text == "~"):
             self.take()
             right = self.operand()
-            if op.text == "~" and right[0] != "str":
-                raise self.fail(op, "~ needs a glob string on its right")
-            return ("cmp", op.text, left, right)
-        if left[0] != "field":
-            raise self.fail(op, "expected a comparison")
-        return ("truth", left)
+            if op.text == "~" and not (isinstance(right, _Literal) and isinstance(right.literal, str)):
+                raise self.fail(op, '~ needs a glob string on its right, e.g. name ~ "/etc/*"')
+            return _Compare(op.text, left, right)
+        if not isinstance(left, _Field):
+            raise self.fail(op, "expected a comparison operator after a literal")
+        return _Truth(left)
 
-    def operand(self):
-        tok = self.take()
-        if tok.kind == "num":
-            return ("num", int(tok.text, 0))
-        if tok.kind == "str":
-            return ("str", bytes(tok.text[1:-1], "utf-8").decode("unicode_escape"))
-        if tok.kind == "name":
-            if tok.text not in self.fields:
+    def operand(self) -> _Field | _Literal:
+        token = self.take()
+        if token.kind == "num":
+            return _Literal(int(token.text, 0))
+        if token.kind == "str":
+            return _Literal(token.text)
+        if token.kind == "name":
+            if token.text not in self.fields:
                 known = ", ".join(sorted(self.fields)) or "none"
-                raise self.fail(tok, f"unknown field {tok.text!r} (fields: {known})")
-            return ("field", tok.text)
-        raise self.fail(tok, "expected a field, a number or a string" if tok.kind != "end" else "unexpected end")
+                raise self.fail(token, f"unknown field {token.text!r} (fields: {known})")
+            return _Field(token.text)
+        if token.kind == "end":
+            raise self.fail(token, "unexpected end (expected a field, a number or a string)")
+        raise self.fail(token, f"unexpected {token.text!r} (expected a field, a number or a string)")
 
 
 class Filter:
-    """A parsed filter; `matches(values)` says whether a hit is reported."""
+    """A parsed filter expression."""
 
     def __init__(self, expr: str, tree: Any):
         self.expr = expr
         self._tree = tree
 
     def matches(self, values: Mapping[str, Any]) -> bool:
-        return bool(self._eval(self._tree, values))
+        """Whether a hit with these fetched values passes.
 
-    def _operand(self, node, values):
-        kind, v = node
-        if kind != "field":
-            return v
-        value = values.get(v)
-        if isinstance(value, str):
-            if value.startswith("<fault"):
-                raise _Missing
-            if value.startswith("0x"):
-                try:
-                    return int(value, 16)
-                except ValueError:
-                    return value
-        if value is None:
-            raise _Missing
-        return value
+        Args:
+            values: field name to fetched value, as `FetchProgram.evaluate` returns them.
 
-    def _eval(self, node, values) -> bool:
-        tag = node[0]
-        if tag == "or":
-            return self._eval(node[1], values) or self._eval(node[2], values)
-        if tag == "and":
-            return self._eval(node[1], values) and self._eval(node[2], values)
-        if tag == "not":
-            return not self._eval(node[1], values)
-        try:
-            if tag == "truth":
-                return bool(self._operand(node[1], values))
-            _, op, left, right = node
-            a, b = self._operand(left, values), self._operand(right, values)
-            if op == "~":
-                return isinstance(a, str) and fnmatchcase(a, b)
-            if isinstance(a, str) != isinstance(b, str):
-                return False
-            return _CMP[op](a, b)
-        except _Missing:
-            return False
+        Returns:
+            True to report the hit.
+        """
+        return self._tree.test(values)
 
     def __repr__(self) -> str:
         return f"Filter({self.expr!r})"
 
 
-class _Missing(Exception):
-    pass
-
-
 def parse_filter(expr: str, fields: Iterable[str]) -> Filter:
     """Parse a filter over the given field names.
 
+    Args:
+        expr: the expression, e.g. `dfd == -100 && name ~ "/etc/*"`.
+        fields: the names it may use (a handler's fetch fields).
+
+    Returns:
+        The filter.
+
     Raises:
-        FilterSyntaxError: with the 1-based column.
+        FilterSyntaxError: with the 1-based column of the problem.
     """
     return Filter(expr, _Parser(expr, set(fields)).parse())

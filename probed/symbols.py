@@ -19,6 +19,7 @@ from .errors import BadSpec, NotFound, UnknownSymbol
 __all__ = ["Location", "Symbol", "SymbolFile", "SymbolStore", "parse_file_arg", "parse_number"]
 
 _CODE_LETTERS = frozenset("tTwW")
+_SYMBOLIZE_LOOKBACK = 16  # distinct addresses symbolize looks back over for an enclosing symbol
 _MAP_LINE = re.compile(rb"^([0-9a-fA-F]+)\s+([a-zA-Z?])\s+(\S+)(?:\s+\[(\S+)\])?")
 
 
@@ -55,7 +56,11 @@ def parse_number(text: str) -> int:
 
 
 def parse_file_arg(arg: str) -> tuple[str, int]:
-    """`PATH[@BIAS]` to (path, bias)."""
+    """`PATH[@BIAS]` to (path, bias), e.g. `vmlinux@0x1000000`.
+
+    Raises:
+        BadSpec: the bias is not a number.
+    """
     path, sep, bias = arg.rpartition("@")
     if not sep:
         return arg, 0
@@ -87,12 +92,21 @@ class SymbolFile:
             head = path.open("rb").read(4)
         except OSError as exc:
             raise NotFound(f"symbol file {path} ({exc.strerror})") from None
-        raw = _load_elf(path) if head == b"\x7fELF" else _load_map(path)
+        is_elf = head == b"\x7fELF"
+        try:
+            raw = _load_elf(path) if is_elf else _load_map(path)
+        except Exception as exc:  # pyelftools raises several types on a damaged ELF
+            raise BadSpec(str(path), f"cannot read symbols: {exc}") from None
+        if not raw and is_elf:
+            raise BadSpec(str(path), "the ELF has no symbol table (stripped?)")
         if not raw:
             raise BadSpec(str(path), "no symbols found (expected an ELF, a System.map or a kallsyms dump)")
+        if not is_elf and raw[-1][1] == 0:
+            raise BadSpec(str(path), "every address is 0: dump /proc/kallsyms as root (kernel.kptr_restrict hides them)")
         return cls(name or path.stem.split(".")[0] or path.name, path, raw, bias)
 
     def symbols(self) -> Iterator[Symbol]:
+        """Every symbol of the file at its current bias, by address."""
         for name, addr, size, kind in self._raw:
             yield Symbol(name, addr + self.bias, size, kind, self.name)
 
@@ -123,7 +137,7 @@ def _load_map(path: Path) -> list[tuple[str, int, int, str]]:
             letter = m.group(2).decode()
             if letter in "uUvV":
                 continue
-            entries.append((m.group(3).decode(), int(m.group(1), 16), 0, "code" if letter in _CODE_LETTERS else "data"))
+            entries.append((m.group(3).decode(errors="replace"), int(m.group(1), 16), 0, "code" if letter in _CODE_LETTERS else "data"))
     return _fill_sizes(entries)
 
 
@@ -143,8 +157,12 @@ def _load_elf(path: Path) -> list[tuple[str, int, int, str]]:
             for sym in section.iter_symbols():
                 st_type = sym["st_info"]["type"]
                 shndx = sym["st_shndx"]
-                if not sym.name or shndx == "SHN_UNDEF" or st_type in ("STT_FILE", "STT_SECTION"):
+                if not sym.name or shndx == "SHN_UNDEF" or st_type in ("STT_FILE", "STT_SECTION", "STT_TLS"):
                     continue
+                if shndx == "SHN_ABS" and sym["st_value"] == 0:
+                    continue  # linker-script and assembler constants, not places in the image
+                if sym.name.startswith("$"):
+                    continue  # ARM/RISC-V mapping symbols ($x, $d): mark instruction sets, not functions
                 if st_type == "STT_FUNC":
                     kind = "code"
                 elif st_type == "STT_OBJECT":
@@ -167,23 +185,45 @@ class SymbolStore:
     # -- files --------------------------------------------------------------------------------------
 
     def add_file(self, path: str | Path, bias: int = 0, name: str | None = None) -> SymbolFile:
-        """Load a symbol file (replacing one of the same name)."""
+        """Load a symbol file (replacing one of the same name).
+
+        Args:
+            path: an ELF, a System.map or a kallsyms dump.
+            bias: added to every address (where the image is loaded relative to its link address).
+            name: how specs name the file (`name:sym`); default the file's stem.
+
+        Returns:
+            The loaded file.
+
+        Raises:
+            NotFound, BadSpec: see `SymbolFile.load`.
+        """
         sf = SymbolFile.load(path, bias, name)
         self._files[sf.name] = sf
         self._invalidate()
         return sf
 
     def files(self) -> list[SymbolFile]:
+        """The loaded files, in load order."""
         return list(self._files.values())
 
     def file(self, name: str) -> SymbolFile:
+        """A loaded file by name.
+
+        Raises:
+            NotFound: no file by that name (the message lists the loaded ones).
+        """
         try:
             return self._files[name]
         except KeyError:
             raise NotFound(f"symbol file {name!r} (loaded: {', '.join(self._files) or 'none'})") from None
 
     def set_bias(self, file_name: str, bias: int) -> None:
-        """Relocate a file: its symbols move to link address + bias."""
+        """Relocate a file: its symbols move to link address + bias.
+
+        Raises:
+            NotFound: no file by that name.
+        """
         self.file(file_name).bias = bias
         self._invalidate()
 
@@ -203,7 +243,9 @@ class SymbolStore:
     def _address_index(self) -> list[Symbol]:
         if self._sorted is None:
             syms = [s for sf in self._files.values() for s in sf.symbols()]
-            syms.sort(key=lambda s: (s.address, s.kind != "code", s.name.startswith("__")))
+            # At one address prefer code, then the name with the fewest leading underscores
+            # (`startup_64` over `_text`, `ksys_read` over `__ksys_read`).
+            syms.sort(key=lambda s: (s.address, s.kind != "code", len(s.name) - len(s.name.lstrip("_"))))
             self._sorted = syms
             self._addrs = [s.address for s in syms]
         return self._sorted
@@ -238,21 +280,24 @@ class SymbolStore:
         return difflib.get_close_matches(name, pool, n=n, cutoff=0.6)
 
     def symbolize(self, address: int) -> str | None:
-        """`sym` or `sym+0xoff` for an address inside a known symbol."""
+        """`sym` or `sym+0xoff` for an address inside a known symbol, else None.
+
+        Of several symbols at one address the preferred is a code symbol, then the one with the fewest
+        leading underscores.
+        """
         syms = self._address_index()
-        i = bisect.bisect_right(self._addrs, address) - 1
-        while i >= 0:
-            sym = syms[i]
-            if sym.address <= address and (address < sym.address + max(sym.size, 1)):
-                # Prefer the first of several symbols at the same address.
-                while i > 0 and syms[i - 1].address == sym.address:
-                    i -= 1
-                    sym = syms[i] if syms[i].kind == "code" or sym.kind != "code" else sym
-                off = address - sym.address
-                return sym.name if off == 0 else f"{sym.name}+{off:#x}"
-            if address - sym.address > 1 << 20:
-                return None
-            i -= 1
+        addrs = self._addrs
+        i = bisect.bisect_right(addrs, address) - 1
+        # Walk back over a few earlier addresses too: a function may contain labels that end before `address`.
+        for _ in range(_SYMBOLIZE_LOOKBACK):
+            if i < 0:
+                break
+            first = bisect.bisect_left(addrs, addrs[i], 0, i)
+            for sym in syms[first : i + 1]:
+                if address < sym.address + max(sym.size, 1):
+                    off = address - sym.address
+                    return sym.name if off == 0 else f"{sym.name}+{off:#x}"
+            i = first - 1
         return None
 
     def functions(self, glob: str = "*") -> Iterator[Symbol]:
@@ -264,20 +309,27 @@ class SymbolStore:
     # -- specs --------------------------------------------------------------------------------------
 
     def _parse_spec(self, spec: str) -> tuple[str | None, str | None, int]:
+        """(file or None, symbol or None, offset or absolute address) of a probe spec."""
         text = spec.strip()
         file = None
         if ":" in text:
             file, _, text = text.partition(":")
             self.file(file)
+        if text.lower().startswith("0x"):
+            try:
+                return file, None, int(text, 16)
+            except ValueError:
+                raise BadSpec(spec, f"bad address {text!r} (0x hex)") from None
+        sym, sep, off = text.partition("+")
+        if not sym or sym[0].isdigit():
+            raise BadSpec(spec, "expected sym, sym+off, file:sym+off or 0xADDR")
         try:
-            if text.lower().startswith("0x"):
-                return file, None, parse_number(text)
-            sym, sep, off = text.partition("+")
-            if not sym:
-                raise BadSpec(spec, "expected sym, sym+off, file:sym+off or 0xADDR")
-            return file, sym, parse_number(off) if sep else 0
+            offset = parse_number(off) if sep else 0
         except ValueError:
-            raise BadSpec(spec, "bad offset (decimal or 0x hex)") from None
+            raise BadSpec(spec, f"bad offset {off!r} (decimal or 0x hex)") from None
+        if offset < 0:
+            raise BadSpec(spec, "the offset must not be negative")
+        return file, sym, offset
 
     def resolve(self, spec: str) -> Location:
         """A code location from `sym`, `sym+off`, `file:sym+off` or `0xADDR`.

@@ -41,7 +41,7 @@ from rsp.commands import (
     WriteMemory,
     parse_command,
 )
-from rsp.connection import parse_target
+from rsp.connection import parse_target, send_now
 from rsp.framing import NEED_DATA, BadChecksum, Framer, Interrupt, Nack, Packet, encode_packet
 from rsp.stop import StopEvent, StopReply, encode_stop_reply
 
@@ -70,6 +70,11 @@ class GdbSession:
         self.waiting_stop = False  # GDB resumed the guest and waits for a stop reply
 
     async def send(self, data: bytes) -> None:
+        if not self._send_lock.locked():
+            sent = send_now(self.stream, data)
+            if sent == len(data):
+                return
+            data = data[sent:]
         async with self._send_lock:
             await self.stream.send_all(data)
 
