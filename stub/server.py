@@ -24,20 +24,28 @@ import trio
 from probed.debugger import DebuggerLink
 from probed.errors import ProbedError, SlotsExhausted
 from rsp.commands import (
+    Attached,
     Continue,
     Detach,
+    ExtendedMode,
     HaltReason,
     InsertBreakpoint,
     Kill,
     Malformed,
     Monitor,
+    MustReplyEmpty,
+    QSupported,
     Query,
     ReadMemory,
+    ReadRegisters,
     RemoveBreakpoint,
     SetThread,
     StartNoAck,
     Step,
+    ThreadInfoFirst,
+    ThreadInfoNext,
     VCont,
+    VKill,
     WriteMemory,
     parse_command,
 )
@@ -137,7 +145,7 @@ class GdbSession:
         cmd = parse_command(payload)
         engine = self.engine
         try:
-            if isinstance(cmd, Query) and cmd.name == "qSupported":
+            if isinstance(cmd, QSupported):
                 await self.reply(STUB_FEATURES)
             elif isinstance(cmd, StartNoAck):
                 await self.reply(b"OK")
@@ -149,22 +157,29 @@ class GdbSession:
                 return True
             elif isinstance(cmd, Kill):
                 log.warning("GDB asked to kill the guest: probed detaches GDB instead; the guest runs on")
-                if payload.startswith(b"vKill"):
+                if isinstance(cmd, VKill):
                     await self.reply(b"OK")
                 return True
             elif isinstance(cmd, InsertBreakpoint | RemoveBreakpoint):
                 await self._breakpoint(cmd)
-            elif isinstance(cmd, Continue | Step | VCont) and not (isinstance(cmd, VCont) and not cmd.actions):
+            elif isinstance(cmd, Continue | Step | VCont):
                 await self._resume(cmd)
-            elif isinstance(cmd, Query) and cmd.name == "qAttached":
+            elif isinstance(cmd, Attached):
                 await self.reply(b"1")  # attached to a running machine: GDB detaches on quit
             elif isinstance(cmd, Query) and cmd.name == "Qqemu.PhyMemMode":
-                self.phys = payload[len(PHYS_MODE) :] == b"1"
+                self.phys = cmd.args == b"1"
                 await self.reply(b"OK")
             elif isinstance(cmd, Query) and cmd.name == "qqemu.PhyMemMode":
                 await self.reply(b"1" if self.phys else b"0")
             elif isinstance(cmd, Monitor):
                 await self._monitor(cmd)
+            elif isinstance(cmd, ReadRegisters) and (cached := self.link.registers_for_gdb()) is not None:
+                await self.reply(cached)  # read by the engine at this stop already
+            elif isinstance(cmd, ThreadInfoFirst):
+                # vCPUs do not come and go under QEMU: the list read at attach is the list.
+                await self.reply(b"m" + b",".join(t.encode() for t in engine.target.threads))
+            elif isinstance(cmd, ThreadInfoNext):
+                await self.reply(b"l")
             elif isinstance(cmd, ReadMemory) and not self.phys:
                 self.link.note_read(payload)
                 cached = self.link.memory.get(payload)
@@ -174,20 +189,13 @@ class GdbSession:
             elif isinstance(cmd, ReadMemory | WriteMemory) and self.phys:
                 replies = await engine.debugger_request([PHYS_MODE + b"1", payload, PHYS_MODE + b"0"])
                 await self.reply(replies[1])
-            elif payload == b"g" and (cached := self.link.registers_for_gdb()) is not None:
-                await self.reply(cached)  # read by the engine at this stop already
-            elif payload == b"qfThreadInfo":
-                # vCPUs do not come and go under QEMU: the list read at attach is the list.
-                await self.reply(b"m" + b",".join(t.encode() for t in engine.target.threads))
-            elif payload == b"qsThreadInfo":
-                await self.reply(b"l")
             elif isinstance(cmd, Malformed):
                 await self.reply(b"E01")
-            elif payload.startswith((b"!", b"vRun", b"vAttach", b"vMustReplyEmpty")):
+            elif isinstance(cmd, MustReplyEmpty | ExtendedMode) or payload.startswith((b"vRun", b"vAttach")):
                 await self.reply(b"")  # not for a machine that is already running
             else:
-                if isinstance(cmd, SetThread):
-                    self.link.g_thread = cmd.thread if cmd.op == "g" else self.link.g_thread
+                if isinstance(cmd, SetThread) and cmd.op == "g":
+                    self.link.g_thread = cmd.thread
                 (reply,) = await engine.debugger_request([payload])
                 await self.reply(reply)
         except SlotsExhausted as exc:
@@ -200,9 +208,9 @@ class GdbSession:
 
     async def _breakpoint(self, cmd: InsertBreakpoint | RemoveBreakpoint) -> None:
         if isinstance(cmd, InsertBreakpoint):
-            self.engine.debugger_insert(cmd.type, cmd.address, cmd.kind)
+            self.engine.debugger_insert(int(cmd.type), cmd.address, cmd.kind)
         else:
-            self.engine.debugger_remove(cmd.type, cmd.address, cmd.kind)
+            self.engine.debugger_remove(int(cmd.type), cmd.address, cmd.kind)
         await self.reply(b"OK")
 
     async def _resume(self, cmd: Continue | Step | VCont) -> None:
