@@ -101,23 +101,14 @@ class Emulator:
 
     def packets(self, plan: Plan, g_payload: bytes, pc: int) -> list[bytes] | None:
         """The `M`/`P` packets that make the instruction at `pc` done, or None if a value is missing."""
-        layout, arch = self.layout, self.arch
-        word = arch.word_size
-        out: list[bytes] = []
-        if plan.kind == "push":
-            sp = layout.value(g_payload, arch.sp)
-            value = layout.value(g_payload, plan.src)
-            if sp is None or value is None:
-                return None
-            sp = (sp - word) & ((1 << (8 * word)) - 1)
-            out.append(b"M%x,%x:%s" % (sp, word, value.to_bytes(word, "little").hex().encode()))
-            out.append(self._set(arch.sp, sp))
-        elif plan.kind == "mov":
-            value = layout.value(g_payload, plan.src)
-            if value is None:
-                return None
-            out.append(self._set(plan.dst, value))
-        out.append(self._set(arch.pc, pc + plan.length))
+        effects = self.effects(plan, g_payload, pc)
+        if effects is None:
+            return None
+        new_g, writes = effects
+        out = [b"M%x,%x:%s" % (address, len(data), data.hex().encode()) for address, data in writes]
+        changed = {self.arch.sp, self.arch.pc} if plan.kind == "push" else {plan.dst or "", self.arch.pc}
+        for name in sorted(changed - {""}, key=lambda n: n == self.arch.pc):  # the pc last
+            out.append(self._set(name, self.layout.value(new_g, name)))
         return out
 
     def _set(self, name: str, value: int) -> bytes:

@@ -632,23 +632,7 @@ class Engine:
         post_h = make_handler(post, self.arch, self.symbols)
         cond = self._condition(condition, pre_h, post_h)
 
-        async def apply() -> Probe:
-            await self._check_readable(location.address)
-            probe = Probe(
-                id=self.table.new_id(),
-                name=self._new_name(name, location.symbol and _short(location) or f"{location.address:#x}"),
-                spec=spec,
-                location=location,
-                pre=pre_h,
-                post=post_h,
-                condition=cond,
-                priority=priority,
-                hw=hw,
-            )
-            await self._install_probe(probe)
-            return probe
-
-        return await self.call_stopped(apply)
+        return await self._add(location, spec, name, pre=pre_h, post=post_h, condition=cond, priority=priority, hw=hw)
 
     async def add_watch(
         self,
@@ -669,6 +653,14 @@ class Engine:
         post_h = make_handler(post, self.arch, self.symbols)
         cond = self._condition(condition, pre_h, post_h)
 
+        return await self._add(
+            location, spec, name, kind="watch", pre=pre_h, post=post_h, condition=cond, priority=priority,
+            length=length, access=access,
+        )
+
+    async def _add(self, location: Location, spec: str, name: str | None, **fields: Any) -> Probe:
+        """Create and install a probe while the guest is stopped."""
+
         async def apply() -> Probe:
             await self._check_readable(location.address)
             probe = Probe(
@@ -676,15 +668,10 @@ class Engine:
                 name=self._new_name(name, location.symbol and _short(location) or f"{location.address:#x}"),
                 spec=spec,
                 location=location,
-                kind="watch",
-                pre=pre_h,
-                post=post_h,
-                condition=cond,
-                priority=priority,
-                length=length,
-                access=access,
+                **fields,
             )
-            probe.last_value = await self.watch.current_value(probe)
+            if probe.kind == "watch":
+                probe.last_value = await self.watch.current_value(probe)
             await self._install_probe(probe)
             return probe
 

@@ -44,6 +44,8 @@ INTERRUPT = b"\x03"
 _ESCAPE = 0x7D  # '}'
 _RLE = 0x2A  # '*'
 _NEEDS_ESCAPE = re.compile(rb"[#$}*]")
+MAX_PACKET = 1 << 20
+"""Bytes a packet may span before its `$` is taken for garbage (QEMU's PacketSize is 4 KiB)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +186,11 @@ class Framer:
             first = buf[0]
             if first == 0x24 or first == 0x25:  # '$' or '%'
                 end = buf.find(b"#", 1)
+                if end < 0 and len(buf) > MAX_PACKET:
+                    # A `$` whose `#` never came: skip it as garbage rather than buffer forever.
+                    del buf[0]
+                    self.garbage += 1
+                    continue
                 if end < 0 or len(buf) < end + 3:
                     return NEED_DATA
                 return self._take_packet(end, notification=first == 0x25)

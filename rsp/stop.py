@@ -201,7 +201,7 @@ def encode_stop_reply(event: StopEvent) -> bytes:
             parts.append(b"core:%x;" % event.core)
         if event.reason in WATCH_KINDS and event.watch_address is not None:
             parts.append(b"%s:%x;" % (event.reason.encode(), event.watch_address))
-        elif event.reason is not None:
+        elif event.reason is not None and event.reason not in WATCH_KINDS:
             parts.append(event.reason.encode() + b":;")
         return b"".join(parts)
     if isinstance(event, Exited):

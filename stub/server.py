@@ -287,4 +287,7 @@ async def _refuse(stream: trio.abc.Stream) -> None:
             while (event := framer.next_event()) is not NEED_DATA:
                 if isinstance(event, Packet):
                     await stream.send_all(b"+" + encode_packet(b"E.probed serves one GDB at a time; another is attached"))
+                    # Let GDB read it and hang up itself (closing first would only show it a broken pipe).
+                    while await stream.receive_some(4096):
+                        pass
                     return

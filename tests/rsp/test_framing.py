@@ -7,6 +7,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rsp.framing import (
+    ACK,
+    INTERRUPT,
+    NACK,
     NEED_DATA,
     Ack,
     BadChecksum,
@@ -19,6 +22,7 @@ from rsp.framing import (
     decode_payload,
     encode_notification,
     encode_packet,
+    escape,
 )
 
 TABLE = [
@@ -60,10 +64,37 @@ def test_parse_whole_bytewise_and_with_trailing_data(event, wire):
     assert trailing.buffered == 2
 
 
-@pytest.mark.parametrize(("event", "wire"), [row for row in TABLE if isinstance(row[0], Packet | Notification)])
+@pytest.mark.parametrize(("event", "wire"), TABLE)
 def test_build(event, wire):
-    build = encode_packet if isinstance(event, Packet) else encode_notification
-    assert build(event.payload) == wire
+    if isinstance(event, Packet | Notification):
+        build = encode_packet if isinstance(event, Packet) else encode_notification
+        assert build(event.payload) == wire
+    else:
+        assert {Ack(): ACK, Nack(): NACK, Interrupt(): INTERRUPT}[event] == wire
+
+
+@pytest.mark.parametrize(("char", "escaped"), [(b"#", b"}\x03"), (b"$", b"}\x04"), (b"}", b"}]"), (b"*", b"}\n")])
+def test_each_special_byte_is_escaped(char, escaped):
+    assert escape(b"a" + char + b"b") == b"a" + escaped + b"b"
+    assert decode_payload(escaped) == char
+
+
+def test_a_stream_of_mixed_events():
+    framer = Framer()
+    framer.receive_data(b"+$OK#9a%Stop:T05#" + b"%02x" % checksum(b"Stop:T05") + b"-\x03$#00")
+    assert events(framer) == [Ack(), Packet(b"OK"), Notification(b"Stop:T05"), Nack(), Interrupt(), Packet(b"")]
+    assert framer.garbage == 0
+
+
+@pytest.mark.parametrize("raw", [b"}", b"*a", b"a*\x10"])
+def test_bad_escapes_and_runs_are_bad_packets(raw):
+    with pytest.raises(ValueError):
+        decode_payload(raw)
+    framer = Framer()
+    framer.receive_data(b"$" + raw + b"#%02x" % checksum(raw) + b"$g#67")
+    evs = events(framer)
+    assert isinstance(evs[0], BadChecksum)
+    assert evs[1] == Packet(b"g")
 
 
 def test_run_length_decoding():

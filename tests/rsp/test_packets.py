@@ -313,6 +313,9 @@ def test_qsupported_reply_edge_cases():
         build_qsupported({"a;b": True})
     with pytest.raises(LocalProtocolError):
         build_qsupported({"a": "x;y"})
+    for bad in (b"qSupported:=1", b"qSupported:+", b"qSupported:a}b+", b"qSupported:\xff+"):
+        with pytest.raises(RemoteProtocolError):
+            parse_qsupported_request(bad)
 
 
 @given(st.dictionaries(FEATURE_NAME, st.one_of(st.booleans(), FEATURE_TEXT, st.just(QUERIED)), max_size=8))

@@ -32,7 +32,12 @@ from rsp.stop import (
         (b"T05hwbreak:;", StopReply(5, reason="hwbreak")),
         (b"T0508:78563412;thread:01;", StopReply(5, ThreadId(1), registers={8: b"78563412"})),
         (b"T05unknownthing:1;", StopReply(5)),
+        (b"T05thread:p1.2;core:1;", StopReply(5, ThreadId(2, 1), core=1)),
+        (b"T05thread:01;swbreak:;", StopReply(5, ThreadId(1), reason="swbreak")),
+        (b"T05thread:01;rwatch:1040b0;", StopReply(5, ThreadId(1), reason="rwatch", watch_address=0x1040B0)),
         (b"W00", Exited(0)),
+        (b"W01;process:2", Exited(1, 2)),
+        (b"X09;process:1", Terminated(9, 1)),
         (b"X09;process:1f", Terminated(9, 0x1F)),
         (b"O48656c6c6f", ConsoleOutput(b"Hello")),
     ],
@@ -41,7 +46,9 @@ def test_parse(payload, expected):
     assert parse_stop_reply(payload) == expected
 
 
-@pytest.mark.parametrize("payload", [b"", b"Q", b"Tzz", b"T05thread:zz;", b"Ozz"])
+@pytest.mark.parametrize(
+    "payload", [b"", b"Q", b"OK", b"Tzz", b"T05thread:zz;", b"T05core:x;", b"T05watch:;", b"W", b"X09;process:zz", b"Ozz"]
+)
 def test_garbage_is_a_typed_error(payload):
     with pytest.raises(RemoteProtocolError):
         parse_stop_reply(payload)
@@ -66,6 +73,15 @@ def test_thread_ids_round_trip(tid, pid):
 def test_stop_replies_round_trip(signal, thread, core, reason):
     event = StopReply(signal, thread, core, reason[0], reason[1])
     assert parse_stop_reply(encode_stop_reply(event)) == event
+
+
+def test_encoded_bytes():
+    assert encode_stop_reply(StopReply(5, ThreadId(1), reason="watch", watch_address=0x1040B0)) == (
+        b"T05thread:01;watch:1040b0;"
+    )
+    assert encode_stop_reply(StopReply(5, registers={8: b"78563412"})) == b"T0508:78563412;"
+    assert encode_stop_reply(Terminated(9, 1)) == b"X09;process:1"
+    assert encode_stop_reply(ConsoleOutput(b"Hello")) == b"O48656c6c6f"
 
 
 def test_exit_replies_round_trip():
