@@ -259,7 +259,7 @@ class _Parser:
     def operand(self) -> _Field | _Literal:
         token = self.take()
         if token.kind == "num":
-            return _Literal(int(token.text, 0))
+            return _Literal(_number(token.text))
         if token.kind == "str":
             return _Literal(token.text)
         if token.kind == "name":
@@ -308,3 +308,11 @@ def parse_filter(expr: str, fields: Iterable[str]) -> Filter:
         FilterSyntaxError: with the 1-based column of the problem.
     """
     return Filter(expr, _Parser(expr, set(fields)).parse())
+
+
+def _number(text: str) -> int:
+    """A decimal literal (leading zeros stay decimal, not octal) or a 0x hex one."""
+    negative = text.startswith("-")
+    digits = text[1:] if negative else text
+    value = int(digits, 16) if digits.lower().startswith("0x") else int(digits, 10)
+    return -value if negative else value
