@@ -11,12 +11,11 @@ import logging
 from collections.abc import Sequence
 
 from rsp.arch import Arch, arch_for
-from rsp.registers import RegisterLayout
-from rsp.tdesc import TargetDescription, includes_of, parse_target_description
-
 from rsp.connection import MAX_MEMORY_READ, RSPClient, raise_for_reply
 from rsp.errors import RemoteError, RSPError
-from rsp.stop import StopReply, ThreadId, parse_thread_id
+from rsp.registers import RegisterLayout
+from rsp.stop import StopReply, ThreadId, parse_stop_reply, parse_thread_id
+from rsp.tdesc import TargetDescription, includes_of, parse_target_description
 
 from .errors import TargetError
 from .symbols import SymbolStore
@@ -60,8 +59,6 @@ class Target:
         stop = await self.client.request(b"?")
         self.client.pending_stops.clear()  # the T02 QEMU sends when we connect to a running guest
         await self.refresh_threads()
-        from rsp.stop import parse_stop_reply
-
         event = parse_stop_reply(stop)
         return event if isinstance(event, StopReply) else None
 
