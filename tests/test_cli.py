@@ -157,3 +157,17 @@ def test_sigterm_leaves_the_guest_running_without_breakpoints(daemon, guest_i386
         await client.aclose()
 
     trio.run(check)
+
+
+def test_the_daemon_says_when_its_target_dies(tmp_path):
+    from probed.qemu import QemuGuest
+
+    guest = QemuGuest("i386").start()
+    try:
+        daemon = Daemon(guest, tmp_path)
+    finally:
+        guest.close()  # QEMU goes away under the running daemon
+    assert daemon.proc.wait(timeout=60) == 1
+    assert "the target went away" in daemon.proc.stderr.read()
+    daemon.proc.stderr.close()
+    assert not daemon.control.exists()
