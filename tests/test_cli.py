@@ -171,3 +171,16 @@ def test_the_daemon_says_when_its_target_dies(tmp_path):
     assert "the target went away" in daemon.proc.stderr.read()
     daemon.proc.stderr.close()
     assert not daemon.control.exists()
+
+
+def test_symbols_relocation_moves_probes(daemon):
+    daemon.ctl("add", "-n", "p", "probe_target+1")
+    before = json.loads(daemon.ctl("list", "--json").stdout)[0]["address"]
+    files = json.loads(daemon.ctl("symbols", "--json").stdout)
+    assert [(f["name"], f["bias"]) for f in files] == [("guest", "0x0")]
+    moved = json.loads(daemon.ctl("symbols", "guest@0x1000", "--json").stdout)
+    assert [p["address"] for p in moved["moved"]] == [hex(int(before, 16) + 0x1000)]
+    daemon.ctl("symbols", "guest@0")
+    assert json.loads(daemon.ctl("list", "--json").stdout)[0]["address"] == before
+    status = json.loads(daemon.ctl("status", "--json").stdout)
+    assert (status["arch"], status["state"], status["probes"]) == ("i386", "stopped", 1)
