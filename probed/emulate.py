@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-__all__ = ["Emulator", "Plan"]
+__all__ = ["Emulator", "NoEmulator", "Plan"]
 
 MAX_INSN = 16
 
@@ -122,3 +122,13 @@ def _disassembler(mode: int):
     md = capstone.Cs(capstone.CS_ARCH_X86, mode)
     md.detail = True
     return md
+
+
+class NoEmulator:
+    """Stands in before attaching, or after a simulation failed: always step."""
+
+    def plan(self, code: bytes) -> None:
+        return None
+
+    def packets(self, *args: Any) -> None:
+        return None

@@ -32,8 +32,9 @@ from rsp.errors import ConnectionClosed, RSPError, TargetTimeout
 from rsp.stop import Exited, StopEvent, StopReply, Terminated, ThreadId
 
 from .context import HitContext
-from .debugger import DebuggerLink, gdb_key
-from .emulate import MAX_INSN, Emulator
+from .debugger import DebuggerLink
+from .emulate import MAX_INSN, Emulator, NoEmulator
+from .engine_debugger import DebuggerSide
 from .errors import BadSpec, ProbedError, TargetError, Unsupported
 from .events import EventHub
 from .handlers import Handler, make_handler
@@ -73,7 +74,7 @@ class _Request:
         self.error: BaseException | None = None
 
 
-class Engine:
+class Engine(DebuggerSide):
     """Probes on a QEMU guest, driven over one RSP connection.
 
     Args:
@@ -108,7 +109,7 @@ class Engine:
         self.timeout = timeout
         self.target: Target | None = None
         self.watch = WatchHelper(self)
-        self.emulator: Any = _NoEmulator()
+        self.emulator: Any = NoEmulator()
         self._last_point: HookPoint | None = None
         self.state = "detached"
         self.stops = 0
@@ -389,7 +390,7 @@ class Engine:
         bad = [(p, r) for p, r in zip(packets, replies, strict=True) if r != b"OK"]
         if bad:
             log.error("simulating the instruction at %#x failed: %r; stepping from now on", hit.pc, bad)
-            self.emulator = _NoEmulator()
+            self.emulator = NoEmulator()
         self._publish_hit(hit, [(None, None)] * len(hit.probes))
         return True
 
@@ -768,211 +769,6 @@ class Engine:
 
         return await self.call_stopped(apply)
 
-    # -- the debugger (GDB through the stub) -----------------------------------------------------------
-
-    async def debugger_attach(self, link: DebuggerLink) -> StopReply:
-        """Attach a debugger: the guest stops and stays stopped for it. Returns the stop to report.
-
-        Raises:
-            Unsupported: a debugger is attached already.
-        """
-
-        async def apply() -> StopReply:
-            if self.debugger is not None:
-                raise Unsupported("a debugger is attached already; probed serves one GDB at a time")
-            self.debugger = link
-            link.holding, link.running = True, False
-            link.current_thread = self.current_thread or (self.target.threads[0] if self.target.threads else None)
-            return StopReply(5, link.current_thread)
-
-        return await self.call_stopped(apply)
-
-    async def debugger_detach(self, link: DebuggerLink) -> None:
-        """Forget the debugger: its breakpoints and slots go, parked hits complete, the guest runs on."""
-
-        async def apply() -> None:
-            if self.debugger is not link:
-                return
-            for hit in list(link.parked.values()):
-                await self._complete_hit(hit, may_resume=False)
-            link.parked.clear()
-            for slot in link.slots.values():
-                self.slots.free(slot)
-            link.slots.clear()
-            link.points.clear()
-            self.debugger = None
-            await self._reconcile()
-
-        await self.call_stopped(apply)
-
-    async def debugger_request(self, payloads: Sequence[bytes]) -> list[bytes]:
-        """Forward packets to the target while the debugger holds it (in one write); the replies."""
-
-        async def apply() -> list[bytes]:
-            link = self.debugger
-            if link is not None and payloads == [b"g"]:
-                cached = link.registers_for_gdb()
-                if cached is not None:
-                    return [cached]
-            if any(p[:1] in (b"G", b"P", b"M", b"X", b"H") for p in payloads) and link is not None:
-                link.forget_registers()
-                link.memory.clear()
-            return await self.client.pipeline(list(payloads))
-
-        return await self.call_stopped(apply)
-
-    def debugger_insert(self, ztype: int, address: int, kind: int) -> None:
-        """GDB's `Z`. Hardware kinds take a slot owned by "gdb" at once.
-
-        GDB removes its breakpoints at every stop and inserts them again before resuming, so the target
-        sees GDB's set only when the guest next runs (`debugger_resume`): a remove and insert of the same
-        breakpoint cost nothing, and QEMU does not flush its translated code for them.
-
-        Raises:
-            SlotsExhausted: no debug-register slot free.
-        """
-        link = self.debugger
-        key = gdb_key(ztype, address, kind)
-        if key in link.points:
-            link.points[key] += 1
-            return
-        if ztype != 0 and key not in self._slot_of and key not in link.slots:
-            link.slots[key] = self.slots.allocate("gdb", f"Z{ztype}", f"{key[0]} {address:#x}")
-        link.points[key] = 1
-
-    def debugger_remove(self, ztype: int, address: int, kind: int) -> None:
-        """GDB's `z` (removing what is not there is not an error, as with QEMU)."""
-        link = self.debugger
-        key = gdb_key(ztype, address, kind)
-        if link.points.pop(key, None) is not None:
-            self.slots.free(link.slots.pop(key, None))
-
-    async def debugger_resume(self, action: str, thread: ThreadId | None = None) -> None:
-        """GDB resumes the guest: `c` (continue) or `s` (step one instruction of `thread`).
-
-        A probe hit parked where GDB stopped completes first (its instruction is stepped, post-handlers
-        run); a step from a probe's address fires that probe once. GDB gets the stop it asked for.
-        """
-
-        async def apply() -> None:
-            link = self.debugger
-            if link is None:
-                return
-            link.memory.clear()
-            link.rotate_reads()
-            if action == "s":
-                event = await self._debugger_step(link, thread or link.current_thread)
-                await link.deliver(event)
-                return
-            for hit in list(link.parked.values()):
-                event = await self._complete_hit(hit, may_resume=False)
-                del link.parked[hit.thread.tid if hit.thread else 1]
-                if isinstance(event, StopReply) and event.is_watch:
-                    await self.watch.on_watch_stop(event)
-                    if link.wants_watch(event):
-                        await link.deliver(event)
-                        return
-            link.holding, link.running = False, True
-            self._gdb_changes = True  # installed with the `c`, in one write
-            self._hold = False  # GDB's continue also lets a guest held by --stopped run
-
-        await self.call_stopped(apply)
-
-    async def _debugger_step(self, link: DebuggerLink, thread: ThreadId | None) -> StopEvent:
-        tid = thread.tid if thread else 1
-        hit = link.parked.pop(tid, None)
-        if hit is not None:
-            event = await self._complete_hit(hit, may_resume=False)
-        else:
-            g = link.cached_registers(thread)
-            if g is None:
-                if thread is not None and len(self.target.threads) > 1:
-                    await self.client.request(b"Hg" + thread.encode())
-                g = await self.target.read_g()
-            pc = self.target.pc_of(g)
-            probes = self.table.active_at(pc)
-            if probes:
-                await self._reconcile()
-                self.stops += 1
-                hit = await self._pre_phase(thread, pc, g, probes)
-                event = await self._complete_hit(hit, may_resume=False)
-            elif (simulated := await self._simulate_step(link, g, pc)) is not None:
-                # Done without running the guest: no stop, no flush of QEMU's translated code.
-                self.stops += 1
-                link.remember_registers(thread or link.current_thread, simulated)
-                return StopReply(5, thread or link.current_thread)
-            else:
-                # One instruction runs whatever breakpoints are set, so GDB's breakpoint changes wait for
-                # its next continue (a step-over's remove and re-insert then cancel out, and QEMU keeps
-                # its translated code). Watchpoint changes matter to a step: they go with it.
-                step = self.target.step_packet(thread)
-                if any(k[0] == "watch" for k in self._pending_changes()):
-                    for key, exc in await self._reconcile(resume=step):
-                        log.error("GDB's %s at %#x could not be set on the target: %s", key[0], key[1], exc)
-                else:
-                    await self.client.resume(step)
-                event = await self.client.wait_stop(timeout=None)
-        link.forget_registers()
-        self.stops += 1
-        if isinstance(event, StopReply) and event.is_watch:
-            await self.watch.on_watch_stop(event)
-        if isinstance(event, StopReply) and event.thread is None:
-            event = StopReply(event.signal, thread, event.core, event.reason, event.watch_address, event.registers)
-        if isinstance(event, StopReply):
-            # GDB reads the registers after every stop; read them now, for GDB and for its next step.
-            await self._read_for_debugger(link, event.thread)
-        return event
-
-    async def _simulate_step(self, link: DebuggerLink, g: bytes, pc: int) -> bytes | None:
-        """GDB's step of a simple instruction (see `probed.emulate`), done with `M`/`P`; the new registers.
-
-        Not while any watchpoint is set: a simulated store would not trigger it.
-        """
-        if any(k[0] == "watch" for k in self._installed) or any(k[0] == "watch" for k in self._wanted()):
-            return None
-        code = link.code.get(pc)
-        if code is None:
-            (code,) = await self.target.read_many([(pc, MAX_INSN)])
-            if isinstance(code, Exception):
-                return None
-        plan = self.emulator.plan(code)
-        effects = self.emulator.effects(plan, g, pc) if plan is not None else None
-        packets = self.emulator.packets(plan, g, pc) if effects is not None else None
-        if packets is None:
-            return None
-        replies = await self.client.pipeline(packets)
-        if any(r != b"OK" for r in replies):
-            log.error("simulating GDB's step at %#x failed (%r); stepping from now on", pc, replies)
-            self.emulator = _NoEmulator()
-            return None
-        new_g, writes = effects
-        link.patch_memory(writes)
-        return new_g
-
-    async def _read_for_debugger(self, link: DebuggerLink, thread: ThreadId | None) -> bytes:
-        """At a stop GDB will see: the registers, what GDB read at its last stop, and the code at the last
-        stop's pc (GDB often stops at the same place again), in one write."""
-        prefetch = list(link.prefetch)
-        guess = link.last_pc
-        code_req = [b"m%x,%x" % (guess, MAX_INSN)] if guess is not None else []
-        replies = await self.client.pipeline([b"g", *prefetch, *code_req])
-        raise_for_reply(b"g", replies[0])
-        link.remember_registers(thread, replies[0])
-        link.memory = dict(zip(prefetch, replies[1 : 1 + len(prefetch)], strict=True))
-        pc = self.target.pc_of(replies[0])
-        link.code = {}
-        if code_req and guess == pc and replies[-1][:1] != b"E" and replies[-1]:
-            link.code[pc] = bytes.fromhex(replies[-1].decode("ascii"))
-        link.last_pc = pc
-        return replies[0]
-
-    async def debugger_interrupt(self, link: DebuggerLink) -> None:
-        """GDB's Ctrl-C: stop the guest and give GDB the stop (even if its resume is still on its way)."""
-        if self.debugger is not link:
-            return
-        link.interrupt_requested = True
-        await self._wakeup()
-
     def probes(self) -> list[Probe]:
         return list(self.table)
 
@@ -1023,16 +819,6 @@ class Engine:
             raise TargetError("the engine is not attached to a target yet")
         if self._dead is not None:
             raise TargetError("the engine has stopped")
-
-
-class _NoEmulator:
-    """Stands in before attaching, or after a simulation failed: always step."""
-
-    def plan(self, code: bytes) -> None:
-        return None
-
-    def packets(self, *args: Any) -> None:
-        return None
 
 
 def _slot_use(probe: Probe) -> str:

@@ -61,14 +61,16 @@ def build_guest(arch: str) -> Path:
     if elf.exists() and all(s.stat().st_mtime <= elf.stat().st_mtime for s in sources):
         return elf
     out.mkdir(parents=True, exist_ok=True)
-    objs = []
-    for src in sources[:3]:
-        obj = out / (src.stem + ".o")
-        _run(["gcc", *cflags, *_CFLAGS, f'-DGUEST_ARCH="{arch}"', "-c", str(src), "-o", str(obj)])
-        objs.append(str(obj))
-    tmp = out / "guest.elf.tmp"
-    _run(["ld", *ldflags, "-nostdlib", "-static", "-T", str(sources[3]), "-o", str(tmp), *objs])
-    tmp.replace(elf)
+    # Several test processes may build at once: each builds in its own directory, the last rename wins.
+    with tempfile.TemporaryDirectory(prefix="build-", dir=out) as build:
+        objs = []
+        for src in sources[:3]:
+            obj = Path(build) / (src.stem + ".o")
+            _run(["gcc", *cflags, *_CFLAGS, f'-DGUEST_ARCH="{arch}"', "-c", str(src), "-o", str(obj)])
+            objs.append(str(obj))
+        linked = Path(build) / "guest.elf"
+        _run(["ld", *ldflags, "-nostdlib", "-static", "-T", str(sources[3]), "-o", str(linked), *objs])
+        linked.replace(elf)
     return elf
 
 
@@ -148,6 +150,7 @@ class QemuGuest:
 
     @property
     def pid(self) -> int:
+        """QEMU's process id (-1 before `start()`)."""
         return self.proc.pid if self.proc else -1
 
     def start(self) -> QemuGuest:
@@ -179,10 +182,11 @@ class QemuGuest:
         if self.initrd:
             args += ["-initrd", str(self.initrd)]
         args += self.extra_args
-        self.proc = subprocess.Popen(
-            args, pass_fds=(listener.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=open(self.workdir / "qemu.stderr", "wb"), preexec_fn=_die_with_parent,
-        )
+        with open(self.workdir / "qemu.stderr", "wb") as stderr:
+            self.proc = subprocess.Popen(
+                args, pass_fds=(listener.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=stderr, preexec_fn=_die_with_parent,
+            )
         # QEMU has its own copy of the socket now.
         listener.close()
         self._listener = None
@@ -209,18 +213,21 @@ class QemuGuest:
         return sock
 
     def stderr(self) -> str:
+        """What QEMU wrote to its stderr so far (stripped)."""
         try:
             return (self.workdir / "qemu.stderr").read_text(errors="replace").strip()
         except OSError:
             return ""
 
     def serial_output(self) -> str:
+        """What the guest wrote to COM1 so far."""
         try:
             return self.serial_log.read_text(errors="replace")
         except OSError:
             return ""
 
     def alive(self) -> bool:
+        """Whether QEMU is running."""
         return self.proc is not None and self.proc.poll() is None
 
     def close(self) -> None:

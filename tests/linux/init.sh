@@ -1,0 +1,31 @@
+#!/bin/busybox sh
+# /init of the probed test initramfs (PID 1, root). Markers the host waits for, in order:
+#   console (ttyS0): "PROBED INIT", "PROBED KERNEL <uname -r>", "WORKLOAD START"
+#   ttyS1:           gzip of /proc/kallsyms, then a line "PROBED KALLSYMS END"
+# Kernel argument probed.kallsyms=skip leaves out the dump (the host has it cached for this very kernel).
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+echo "PROBED INIT"
+echo "PROBED KERNEL $(uname -r)"
+case " $(cat /proc/cmdline) " in
+*" probed.kallsyms=skip "*) ;;
+*)
+    # Addresses in /proc/kallsyms read as zero unless kptr_restrict is 0 (we are root, so 0 is enough).
+    echo 0 > /proc/sys/kernel/kptr_restrict
+    # raw: no newline translation, the gzip stream must arrive byte for byte.
+    stty -F /dev/ttyS1 raw -echo
+    gzip -c /proc/kallsyms > /dev/ttyS1
+    echo "PROBED KALLSYMS END" > /dev/ttyS1
+    ;;
+esac
+echo "WORKLOAD START"
+# Deterministic file and process work for probes to see, at a modest pace.
+while true; do
+    cat /etc/hostname > /dev/null
+    echo x > /tmp/f
+    ls / > /dev/null
+    /bin/true
+    usleep 20000
+done
