@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from linux.conftest_linux import linux_guest  # noqa: F401, E402  (the session's Linux guest)
 
 from probed.qemu import QemuGuest
 

@@ -7,7 +7,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
 import trio
 from test_cli import Daemon
 
@@ -46,25 +45,18 @@ def test_probectl_examples_on_the_test_guest(guest_i386, tmp_path):
         assert daemon.stop() == 0
 
 
-def test_probectl_examples_on_linux(tmp_path):
-    from linux.guest import LinuxGuest, LinuxUnavailable, fetch_linux
+def test_probectl_examples_on_linux(linux_guest, tmp_path):
+    class Kernel:  # what Daemon needs: the target and the symbol file
+        target = linux_guest.target
+        elf = linux_guest.kallsyms
 
+    daemon = Daemon(Kernel, tmp_path)
     try:
-        files = fetch_linux()
-    except LinuxUnavailable as exc:
-        pytest.skip(f"no Linux kernel here: {exc}")
-    guest = LinuxGuest(files, tmp_path).start()
-    try:
-        guest.elf = guest.kallsyms  # the daemon's --symbols
-        daemon = Daemon(guest, tmp_path)
-        try:
-            for doc, args in probectl_lines("linux"):
-                out = daemon.ctl(*args, check=None)
-                assert out.returncode == 0, f"{doc}: probectl {' '.join(args)}: {out.stderr}"
-        finally:
-            assert daemon.stop() == 0
+        for doc, args in probectl_lines("linux"):
+            out = daemon.ctl(*args, check=None)
+            assert out.returncode == 0, f"{doc}: probectl {' '.join(args)}: {out.stderr}"
     finally:
-        guest.close()
+        assert daemon.stop() == 0
 
 
 def test_python_examples(guest_i386):

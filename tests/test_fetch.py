@@ -266,7 +266,7 @@ async def test_string_of_a_register_reads_at_its_value():
 @pytest.mark.parametrize(
     ("arg", "column", "reason"),
     [
-        ("a=+4(%esp:s32", 10, "expected )"),
+        ("a=+4(%rsp:s32", 10, "expected )"),
         ("a=%nope", 4, "unknown register %nope"),
         ("a=%", 4, "expected a register name"),
         ("a=+4(%sp):u33", 11, "unknown type 'u33'"),

@@ -10,23 +10,8 @@ from probed.api import attach
 pytestmark = pytest.mark.linux
 
 
-@pytest.fixture(scope="module")
-def linux(tmp_path_factory):
-    from linux.guest import LinuxGuest, LinuxUnavailable, fetch_linux
-
-    try:
-        files = fetch_linux()
-    except LinuxUnavailable as exc:
-        pytest.skip(f"no Linux kernel here: {exc}")
-    guest = LinuxGuest(files, tmp_path_factory.mktemp("linux")).start()
-    try:
-        yield guest
-    finally:
-        guest.close()
-
-
-async def test_kallsyms_dump_is_complete(linux):
-    async with attach(linux.target, symbols=[str(linux.kallsyms)]) as engine:
+async def test_kallsyms_dump_is_complete(linux_guest):
+    async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
         assert engine.arch.name == "x86_64"
         assert sum(len(f) for f in engine.symbols.files()) > 50_000
         openat2 = engine.symbols.lookup("do_sys_openat2")
@@ -35,8 +20,8 @@ async def test_kallsyms_dump_is_complete(linux):
         assert [h["name"] for h in engine.hooks("do_sys_openat2")] == ["do_sys_openat2"]
 
 
-async def test_open_probe_reads_filenames_from_user_memory(linux):
-    async with attach(linux.target, symbols=[str(linux.kallsyms)]) as engine:
+async def test_open_probe_reads_filenames_from_user_memory(linux_guest):
+    async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
         probe = await engine.add_probe(
             "do_sys_openat2", name="opens", pre=["dfd=%di:s32", "filename=+0(%si):ustring"],
             post=["ip=%ip:symbol"], condition='filename ~ "/etc/host*"',
@@ -53,8 +38,8 @@ async def test_open_probe_reads_filenames_from_user_memory(linux):
     assert probe.filtered >= 0 and probe.hits >= 3
 
 
-async def test_watch_jiffies_sees_the_timer(linux):
-    async with attach(linux.target, symbols=[str(linux.kallsyms)]) as engine:
+async def test_watch_jiffies_sees_the_timer(linux_guest):
+    async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
         probe = await engine.add_watch("jiffies", length=8)
         with trio.fail_after(120):
             with engine.hub.subscribe(probe.id) as sub:

@@ -1,165 +1,178 @@
-"""A real Linux guest for tests: Debian 12's x86_64 kernel and a busybox initramfs, fetched and cached.
+"""A real Linux guest for tests: Debian 12's x86_64 kernel and a busybox initramfs under QEMU, cached.
 
-The kernel and busybox come from Debian's packages (`apt-get download`), unpacked into `.cache/linux/`. The
-initramfs's /init dumps /proc/kallsyms (gzipped) to the second serial port, then loops forever doing file
-and process work, so tests can probe `do_sys_openat2` and see "/etc/hostname" go by.
+`fetch_linux()` downloads and builds what is needed once into `.cache/linux/`; `LinuxGuest(...).start()` boots
+it (nokaslr, so addresses are link addresses) and returns once the guest runs its workload, with the kernel's
+/proc/kallsyms on the host. The dump is cached next to the kernel and reused while the kernel file is the same.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
+import hashlib
 import os
-import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from probed.qemu import CACHE, QemuGuest
 
+from .download import DebianPackages, PackagesUnavailable, fetch_packages
+from .initramfs import HOSTNAME, build_initramfs
+from .kallsyms import decode_dump
+from .kernel_image import KernelImageError, write_exports_map
+
+__all__ = ["LINUX_CACHE", "HOSTNAME", "LinuxUnavailable", "LinuxBootError", "LinuxFiles", "LinuxGuest", "fetch_linux"]
+
 LINUX_CACHE = CACHE / "linux"
-HOSTNAME = "probed-guest"
+APPEND = "console=ttyS0 nokaslr quiet panic=-1"
+CONSOLE_INIT = "PROBED INIT"
+CONSOLE_KERNEL = "PROBED KERNEL "
+CONSOLE_READY = "WORKLOAD START"
+_POLL_S = 0.05
 
-INIT = """#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-echo 0 > /proc/sys/kernel/kptr_restrict
-stty -F /dev/ttyS1 raw -echo
-gzip -c /proc/kallsyms > /dev/ttyS1
-echo KALLSYMS DONE
-echo WORKLOAD START
-while true; do
-    cat /etc/hostname > /dev/null
-    echo x > /tmp/f
-    ls / > /dev/null
-    /bin/true
-    usleep 20000
-done
-"""
+LinuxUnavailable = PackagesUnavailable
 
 
-class LinuxUnavailable(RuntimeError):
-    """The kernel or busybox package cannot be had here."""
+class LinuxBootError(RuntimeError):
+    """The guest died or did not reach its workload in time; the message ends with its console's last lines."""
 
 
 @dataclass(frozen=True)
 class LinuxFiles:
+    """The cached inputs of a boot.
+
+    Attributes:
+        vmlinuz: the kernel (bzImage).
+        system_map: the kernel's exported symbols in System.map format (the package's own System.map is a
+            placeholder; see kernel_image.py).
+        initramfs: the busybox initramfs (newc cpio).
+        version: the kernel release (`uname -r`), e.g. "6.1.0-56-amd64".
+        packages: what was downloaded (Debian version, .deb sizes).
+    """
+
     vmlinuz: Path
     system_map: Path
     initramfs: Path
     version: str
+    packages: DebianPackages
 
 
-def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, **kw)
-
-
-def _kernel_package() -> str:
-    out = _run(["apt-cache", "depends", "linux-image-amd64"])
-    if out.returncode != 0 or "Depends:" not in out.stdout:
-        if os.geteuid() == 0:
-            _run(["apt-get", "update", "-qq"])
-            out = _run(["apt-cache", "depends", "linux-image-amd64"])
-    for line in out.stdout.splitlines():
-        line = line.strip()
-        if line.startswith("Depends: linux-image-"):
-            return line.split()[1]
-    raise LinuxUnavailable("apt-cache knows no linux-image-amd64 (no Debian package lists here)")
-
-
-def fetch_linux() -> LinuxFiles:
-    """The kernel, its System.map and the initramfs, downloaded and built once.
+def fetch_linux(cache: Path = LINUX_CACHE) -> LinuxFiles:
+    """The kernel, its exported-symbol map and the initramfs, downloaded and built on first use.
 
     Raises:
-        LinuxUnavailable: the packages cannot be downloaded.
+        LinuxUnavailable: the packages cannot be downloaded or the kernel image cannot be read.
     """
-    LINUX_CACHE.mkdir(parents=True, exist_ok=True)
-    stamp = LINUX_CACHE / "version"
-    if not stamp.exists():
-        package = _kernel_package()
-        work = LINUX_CACHE / "download"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        out = _run(["apt-get", "download", package, "busybox-static"], cwd=work)
-        debs = sorted(work.glob("*.deb"))
-        if out.returncode != 0 or len(debs) != 2:
-            raise LinuxUnavailable(f"apt-get download {package} busybox-static failed: {out.stderr.strip()[-300:]}")
-        kernel_deb = next(d for d in debs if d.name.startswith("linux-image"))
-        busybox_deb = next(d for d in debs if d.name.startswith("busybox"))
-        tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(kernel_deb)], stdout=subprocess.PIPE)
-        subprocess.run(["tar", "-x", "-C", str(LINUX_CACHE), "./boot"], stdin=tar.stdout, check=True)
-        tar.wait()
-        subprocess.run(["dpkg-deb", "-x", str(busybox_deb), str(LINUX_CACHE / "busybox")], check=True)
-        shutil.rmtree(work)
-        stamp.write_text(package.removeprefix("linux-image-"))
-    version = stamp.read_text().strip()
-    initramfs = LINUX_CACHE / "initramfs.cpio"
-    if not initramfs.exists():
-        build_initramfs(LINUX_CACHE / "busybox" / "bin" / "busybox", initramfs)
-    return LinuxFiles(
-        LINUX_CACHE / "boot" / f"vmlinuz-{version}", LINUX_CACHE / "boot" / f"System.map-{version}", initramfs, version
-    )
+    cache.mkdir(parents=True, exist_ok=True)
+    packages = fetch_packages(cache)
+    vmlinuz = packages.vmlinuz(cache)
+    try:
+        system_map = write_exports_map(vmlinuz, cache / f"exports-{packages.kernel_release}.map")
+    except KernelImageError as exc:
+        raise LinuxUnavailable(f"cannot read {vmlinuz}: {exc}") from exc
+    initramfs = build_initramfs(packages.busybox(cache), cache)
+    return LinuxFiles(vmlinuz, system_map, initramfs, packages.kernel_release, packages)
 
 
-def build_initramfs(busybox: Path, out: Path) -> None:
-    """A newc cpio archive with busybox, /init and /etc/hostname."""
-    entries: list[tuple[str, int, bytes]] = []
-    for d in ("bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "usr", "usr/bin", "usr/sbin"):
-        entries.append((d, 0o040755, b""))
-    entries.append(("bin/busybox", 0o100755, busybox.read_bytes()))
-    entries.append(("init", 0o100755, INIT.encode()))
-    entries.append(("etc/hostname", 0o100644, HOSTNAME.encode() + b"\n"))
-    buf = io.BytesIO()
-    for ino, (name, mode, data) in enumerate(entries + [("TRAILER!!!", 0, b"")], start=1):
-        encoded = name.encode() + b"\0"
-        fields = [ino, mode, 0, 0, 1 if mode & 0o100000 else 2, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
-        buf.write(b"070701" + b"".join(b"%08x" % f for f in fields) + encoded)
-        buf.write(b"\0" * (-buf.tell() % 4))
-        buf.write(data)
-        buf.write(b"\0" * (-buf.tell() % 4))
-    tmp = out.with_suffix(".tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(out)
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class LinuxGuest:
-    """A booted Linux guest: its gdbstub target, and the kallsyms dump it wrote."""
+    """A booted Linux guest: its gdbstub target and its /proc/kallsyms.
 
-    def __init__(self, files: LinuxFiles, workdir: Path):
+    Args:
+        files: from fetch_linux().
+        workdir: where the raw serial capture of the dump goes.
+        fresh_kallsyms: dump /proc/kallsyms even if a dump of this very kernel file is cached.
+        memory: guest RAM.
+
+    Attributes:
+        kallsyms: the dump, in /proc/kallsyms format (a cache file; valid after start()).
+        kallsyms_reused: the dump came from the cache rather than from this boot.
+        kernel_version: `uname -r` as the guest printed it (after start()).
+        boot_seconds: from starting QEMU to the workload running.
+    """
+
+    def __init__(self, files: LinuxFiles, workdir: Path, *, fresh_kallsyms: bool = False, memory: str = "512M"):
         self.files = files
-        self.kallsyms = workdir / "kallsyms"
-        self._raw = workdir / "kallsyms.gz"
+        self.kallsyms = files.vmlinuz.parent.parent / f"kallsyms-{files.version}.txt"
+        self._kallsyms_kernel = self.kallsyms.with_suffix(".kernel")  # sha256 of the vmlinuz it came from
+        self._kernel_sha = _sha256(files.vmlinuz)
+        self.kallsyms_reused = not fresh_kallsyms and self._cached_dump_matches()
+        self._capture = Path(workdir) / "ttyS1.bin"
+        append = APPEND + (" probed.kallsyms=skip" if self.kallsyms_reused else "")
         self.qemu = QemuGuest(
-            "x86_64", kernel=files.vmlinuz, initrd=files.initramfs, memory="512M", stopped=False,
-            append="console=ttyS0 nokaslr panic=-1 rdinit=/init",
-            extra_args=["-serial", f"file:{self._raw}"],
+            "x86_64", kernel=files.vmlinuz, initrd=files.initramfs, append=append, memory=memory, stopped=False,
+            extra_args=["-serial", f"file:{self._capture}"],
         )
+        self.kernel_version = ""
         self.boot_seconds = 0.0
 
     @property
     def target(self) -> str:
+        """What `probed --target` and `attach()` take: "unix:PATH"."""
         return self.qemu.target
 
     @property
     def console_log(self) -> Path:
         return self.qemu.serial_log
 
-    def start(self, deadline_s: float = 180) -> LinuxGuest:
-        t0 = time.monotonic()
-        self.qemu.start()
-        # Poll the console for the guest's markers under a deadline (what the guest prints is the signal).
-        while "WORKLOAD START" not in self.qemu.serial_output():
-            if not self.qemu.alive():
-                raise RuntimeError(f"QEMU exited while booting Linux: {self.qemu.stderr()}")
-            if time.monotonic() - t0 > deadline_s:
-                raise TimeoutError("Linux did not reach its workload in time:\n" + self.qemu.serial_output()[-2000:])
-            time.sleep(0.2)
-        self.boot_seconds = time.monotonic() - t0
-        self.kallsyms.write_bytes(gzip.decompress(self._raw.read_bytes()))
+    @property
+    def system_map(self) -> Path:
+        return self.files.system_map
+
+    def _cached_dump_matches(self) -> bool:
+        try:
+            return self.kallsyms.exists() and self._kallsyms_kernel.read_text().strip() == self._kernel_sha
+        except OSError:
+            return False
+
+    def start(self, deadline_s: float = 120) -> LinuxGuest:
+        """Boot, and return once the workload runs and the kallsyms dump is on the host.
+
+        Raises:
+            LinuxBootError: QEMU exited, or the deadline passed first.
+            KallsymsDumpError: the dump arrived damaged.
+            QemuError: QEMU is missing.
+        """
+        started = time.monotonic()
+        try:
+            self.qemu.start()
+            console, dump = self._wait_until_ready(started + deadline_s)
+        except BaseException:
+            self.close()
+            raise
+        self.boot_seconds = time.monotonic() - started
+        self.kernel_version = console.split(CONSOLE_KERNEL, 1)[1].split()[0]
+        if dump:
+            tmp = self.kallsyms.with_suffix(f".{os.getpid()}.tmp")  # other sessions may share the cache
+            tmp.write_text(dump)
+            tmp.replace(self.kallsyms)
+            self._kallsyms_kernel.write_text(self._kernel_sha + "\n")
         return self
 
+    def _wait_until_ready(self, deadline: float) -> tuple[str, str]:
+        """The console text and the decoded dump ("" when reused) once both markers are there."""
+        dump = "" if self.kallsyms_reused else None
+        # Poll what the guest writes (both serial files) under a deadline: the markers are the only signal.
+        while True:
+            console = self.qemu.serial_output()
+            if dump is None and self._capture.exists():
+                dump = decode_dump(self._capture.read_bytes())
+            if dump is not None and CONSOLE_READY in console:
+                return console, dump
+            if not self.qemu.alive():
+                raise LinuxBootError(f"QEMU exited while Linux booted: {self.qemu.stderr()}\n{console[-2000:]}")
+            if time.monotonic() > deadline:
+                raise LinuxBootError(f"Linux did not reach its workload in time:\n{console[-2000:]}")
+            time.sleep(_POLL_S)
+
     def close(self) -> None:
+        """Kill QEMU (idempotent)."""
         self.qemu.close()
+
+    def __enter__(self) -> LinuxGuest:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

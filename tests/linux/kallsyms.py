@@ -45,11 +45,16 @@ def decode_dump(capture: bytes) -> str | None:
 def read_symbols(path: Path) -> dict[str, int]:
     """Name -> address from a file in /proc/kallsyms (or System.map) format.
 
-    Names that occur more than once (static functions in several files) keep their first address; module
-    symbols ("name [module]") keep their bare name.
+    Names that occur more than once (static functions and variables in several files) keep the global
+    definition if there is one (the one an EXPORT_SYMBOL or a System.map "T"/"D" means), else the first;
+    module symbols ("name [module]") keep their bare name.
     """
     symbols: dict[str, int] = {}
+    global_names: set[str] = set()
     for line in path.read_text().splitlines():
-        address, _kind, name = line.split()[:3]
-        symbols.setdefault(name, int(address, 16))
+        address, kind, name = line.split()[:3]
+        if name not in symbols or (kind.isupper() and name not in global_names):
+            symbols[name] = int(address, 16)
+        if kind.isupper():
+            global_names.add(name)
     return symbols

@@ -1,0 +1,27 @@
+"""The `linux_guest` fixture: one booted Debian kernel per test session (booting costs seconds).
+
+Wire it in tests/conftest.py with `from linux.conftest_linux import linux_guest  # noqa: F401` (tests/ is on
+sys.path there, so tests/linux/ imports as `linux`).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .guest import LinuxGuest, LinuxUnavailable, fetch_linux
+
+
+@pytest.fixture(scope="session")
+def linux_guest(tmp_path_factory):
+    """A running Linux guest (nokaslr) doing its workload: `.target`, `.kallsyms`, `.system_map`,
+    `.console_log`, `.kernel_version`. Skips if the Debian packages cannot be had; QEMU is killed at teardown.
+    """
+    try:
+        files = fetch_linux()
+    except LinuxUnavailable as exc:
+        pytest.skip(f"no Debian kernel for the Linux guest: {exc}")
+    guest = LinuxGuest(files, tmp_path_factory.mktemp("linux-guest")).start()
+    try:
+        yield guest
+    finally:
+        guest.close()
