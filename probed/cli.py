@@ -26,17 +26,40 @@ fetch args (kprobe_events syntax): NAME=FETCHARG[:TYPE], e.g. 'dfd=%di:s32' 'nam
 
 
 class DaemonError(Exception):
+    """The daemon answered a request with a JSON-RPC error.
+
+    Attributes:
+        error: the error object: `code`, `message` and maybe `data` (e.g. `suggestions`).
+    """
+
     def __init__(self, error: dict[str, Any]):
         self.error = error
         super().__init__(error.get("message", "error"))
 
+    def explain(self) -> str:
+        """The message for stderr, with the daemon's suggestions when its message does not name them."""
+        text = f"probectl: {self.error.get('message', 'error')}"
+        data = self.error.get("data")
+        suggestions = data.get("suggestions") if isinstance(data, dict) else None
+        if suggestions and not all(str(s) in text for s in suggestions):
+            text += "\nprobectl: did you mean: " + ", ".join(map(str, suggestions))
+        return text
+
 
 class NoDaemon(Exception):
-    pass
+    """Nothing listens at the control socket (or it went away mid-conversation)."""
 
 
 class Client:
-    """A blocking JSON-RPC client over the control socket."""
+    """A blocking JSON-RPC client over the control socket.
+
+    Args:
+        path: the daemon's control socket.
+
+    Raises:
+        NoDaemon: the socket is missing or refuses connections.
+        OSError: the socket exists but cannot be used (e.g. it belongs to another user).
+    """
 
     def __init__(self, path: Path):
         self.path = path
@@ -44,23 +67,44 @@ class Client:
         try:
             self.sock.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
+            self.sock.close()
             raise NoDaemon(f"probectl: no daemon at {path} (is probed running?)") from exc
+        except OSError:
+            self.sock.close()
+            raise
         self.file = self.sock.makefile("rb")
         self._id = 0
 
+    def close(self) -> None:
+        """Close the connection."""
+        self.file.close()
+        self.sock.close()
+
     def send(self, method: str, params: dict[str, Any] | None = None) -> int:
+        """Send one request without waiting; returns its id."""
         self._id += 1
         msg = {"jsonrpc": "2.0", "id": self._id, "method": method, "params": params or {}}
         self.sock.sendall(json.dumps(msg).encode() + b"\n")
         return self._id
 
     def read(self) -> dict[str, Any]:
+        """The next message from the daemon (a response or an `event` notification).
+
+        Raises:
+            NoDaemon: the daemon closed the connection.
+        """
         line = self.file.readline()
         if not line:
             raise NoDaemon(f"probectl: the daemon at {self.path} closed the connection")
         return json.loads(line)
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        """Send a request and wait for its result.
+
+        Raises:
+            DaemonError: the daemon answered with an error.
+            NoDaemon: the daemon closed the connection.
+        """
         self.send(method, params)
         reply = self.read()
         if "error" in reply:
@@ -69,6 +113,7 @@ class Client:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """probectl's argument parser; `commands` maps each verb to its subparser."""
     ap = argparse.ArgumentParser(
         prog="probectl", description="Control a running probed daemon.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -122,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     symbols.add_argument("file", nargs="?", metavar="FILE@BIAS")
     symbols.add_argument("--json", action="store_true")
     sub.add_parser("resume", help="let a guest held by probed --stopped run")
+    ap.commands = sub.choices  # parse_args needs the verb's own parser for intermixed fetch args
     return ap
 
 
@@ -130,6 +176,11 @@ def _handler_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, client: Client) -> int:
+    """Carry out one parsed command over `client`; returns the exit code.
+
+    Raises:
+        DaemonError, NoDaemon: see `Client.call`.
+    """
     cmd = args.command
     version = client.call("version")
     if version.get("api") != API_VERSION:
@@ -188,7 +239,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parse the command line; fetch args may come before or after options (`watch SYM --len 4 a=%ax`)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    sub = parser._subparsers._group_actions[0].choices[args.command]  # the subcommand's own parser
+    sub = parser.commands[args.command]
     if not any(a.dest == "fetchargs" for a in sub._actions):
         return parser.parse_args(argv)
     # argparse takes positionals only before the first option unless they are parsed intermixed.
@@ -200,21 +251,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """probectl's entry point; returns the exit code (see EPILOG)."""
     args = parse_args(argv)
     path = args.control or default_control_path()
     try:
         client = Client(path)
+    except NoDaemon as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_NO_DAEMON
+    except OSError as exc:
+        print(f"probectl: cannot use the control socket {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_DAEMON_ERROR
+    try:
         return run(args, client)
     except NoDaemon as exc:
         print(exc, file=sys.stderr)
         return EXIT_NO_DAEMON
     except DaemonError as exc:
-        print(f"probectl: {exc.error.get('message')}", file=sys.stderr)
+        print(exc.explain(), file=sys.stderr)
         return EXIT_DAEMON_ERROR
     except KeyboardInterrupt:
         return EXIT_OK
     except BrokenPipeError:
-        return EXIT_OK
+        return EXIT_OK  # stdout closed early (`probectl events -f | head`)
+    finally:
+        client.close()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,11 @@
 The socket is owner-only (mode 0600, in a 0700 directory). One method per verb; `version` first tells a
 client which API it talks to. `events` streams: one `{"method": "event", "params": RECORD}` notification per
 hit record, then (unless following) a final response with the count.
+
+Errors the engine raises (`ProbedError`) become JSON-RPC errors with the error's own `code`, message and
+`data()`; a request that is not JSON-RPC gets the standard codes of the JSON-RPC 2.0 spec ("-32700 Parse
+error", "-32600 Invalid Request", "-32601 Method not found", "-32602 Invalid params", "-32603 Internal
+error"). No request, however bad, ends the server or the connection.
 """
 
 from __future__ import annotations
@@ -19,28 +24,63 @@ from typing import Any
 import trio
 
 from . import __version__
-from .errors import BadSpec, NotFound, ProbedError
+from .errors import ProbedError
 from .events import encode_record
 from .symbols import parse_file_arg
 
-__all__ = ["API_VERSION", "ControlServer", "default_control_path", "serve_control"]
+__all__ = [
+    "API_VERSION",
+    "ControlServer",
+    "SocketInUse",
+    "default_control_path",
+    "prepare_socket_path",
+    "serve_control",
+]
 
 log = logging.getLogger(__name__)
 
 API_VERSION = 1
 PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR = -32700, -32600, -32601, -32602, -32603
 MAX_LINE = 1 << 20
+EVENTS_BUFFER = 4096  # records a streaming client may fall behind before it misses some
+
+
+class SocketInUse(ProbedError):
+    """Another daemon already listens on the control socket."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        super().__init__(f"another daemon listens on {path}; stop it or use --control")
+
+    def data(self) -> dict[str, Any]:
+        return {**super().data(), "path": str(self.path)}
+
+
+class InvalidParams(Exception):
+    """A request's params do not fit its method (JSON-RPC -32602)."""
 
 
 def default_control_path() -> Path:
-    """`$XDG_RUNTIME_DIR/probed/control.sock`, else `/tmp/probed-$UID/control.sock`."""
+    """Where the control socket lives unless `--control` says otherwise.
+
+    Returns:
+        `$XDG_RUNTIME_DIR/probed/control.sock`, else `/tmp/probed-$UID/control.sock`.
+    """
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     base = Path(runtime) / "probed" if runtime else Path(f"/tmp/probed-{os.getuid()}")
     return base / "control.sock"
 
 
 def prepare_socket_path(path: Path) -> None:
-    """Make the owner-only directory; refuse a live daemon's socket; remove a stale one."""
+    """Make the socket's owner-only directory; refuse a live daemon's socket; remove a stale one.
+
+    Args:
+        path: where the control socket is to be bound.
+
+    Raises:
+        SocketInUse: something accepts connections there.
+        OSError: the directory cannot be made, or the path is not usable.
+    """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if path.exists() or path.is_socket():
         probe = stdsocket.socket(stdsocket.AF_UNIX)
@@ -49,15 +89,19 @@ def prepare_socket_path(path: Path) -> None:
         except OSError as exc:
             if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
                 raise
-            path.unlink(missing_ok=True)  # stale: nobody listens
+            path.unlink(missing_ok=True)  # stale: left by a daemon that died, nobody listens
         else:
-            raise ProbedError(f"another daemon listens on {path}; stop it or use --control")
+            raise SocketInUse(path)
         finally:
             probe.close()
 
 
 class ControlServer:
-    """Dispatches JSON-RPC requests to an engine."""
+    """Dispatches JSON-RPC requests to an engine, one method per `probectl` verb.
+
+    Args:
+        engine: a `probed.engine.Engine` (or anything with its methods).
+    """
 
     def __init__(self, engine: Any):
         self.engine = engine
@@ -76,32 +120,33 @@ class ControlServer:
             "resume": self.resume,
         }
 
-    # -- methods ------------------------------------------------------------------------------------
+    # -- methods: each takes the request's params and returns its result --------------------------------
 
     async def version(self, params: dict[str, Any]) -> dict[str, Any]:
         return {"api": API_VERSION, "version": __version__}
 
     async def add(self, params: dict[str, Any]) -> dict[str, Any]:
         probe = await self.engine.add_probe(
-            _required(params, "spec"),
-            name=params.get("name"),
-            pre=params.get("pre") or None,
-            post=params.get("post"),
-            condition=params.get("condition"),
-            priority=int(params.get("priority") or 0),
+            _text(params, "spec", required=True),
+            name=_text(params, "name"),
+            pre=_fetchargs(params, "pre") or None,
+            post=_fetchargs(params, "post"),
+            condition=_text(params, "condition"),
+            priority=_integer(params, "priority", 0),
             hw=bool(params.get("hw")),
         )
         return probe.info()
 
     async def watch(self, params: dict[str, Any]) -> dict[str, Any]:
         probe = await self.engine.add_watch(
-            _required(params, "spec"),
-            length=params.get("length"),
-            access=params.get("access") or "w",
-            name=params.get("name"),
-            pre=params.get("pre") or None,
-            post=params.get("post"),
-            condition=params.get("condition"),
+            _text(params, "spec", required=True),
+            length=_integer(params, "length", None),
+            access=_text(params, "access") or "w",
+            name=_text(params, "name"),
+            pre=_fetchargs(params, "pre") or None,
+            post=_fetchargs(params, "post"),
+            condition=_text(params, "condition"),
+            priority=_integer(params, "priority", 0),
         )
         return probe.info()
 
@@ -112,12 +157,14 @@ class ControlServer:
         return {"removed": 1}
 
     async def enable(self, params: dict[str, Any]) -> dict[str, Any]:
-        await self.engine.enable_probe(_ref(params))
-        return self.engine.find_probe(_ref(params)).info()
+        ref = _ref(params)
+        await self.engine.enable_probe(ref)
+        return self.engine.find_probe(ref).info()
 
     async def disable(self, params: dict[str, Any]) -> dict[str, Any]:
-        await self.engine.disable_probe(_ref(params))
-        return self.engine.find_probe(_ref(params)).info()
+        ref = _ref(params)
+        await self.engine.disable_probe(ref)
+        return self.engine.find_probe(ref).info()
 
     async def list(self, params: dict[str, Any]) -> list[dict[str, Any]]:
         return [p.info() for p in self.engine.probes()]
@@ -129,11 +176,13 @@ class ControlServer:
         return self.engine.status()
 
     async def hooks(self, params: dict[str, Any]) -> list[dict[str, Any]]:
-        return self.engine.hooks(params.get("glob") or "*")
+        return self.engine.hooks(_text(params, "glob") or "*")
 
     async def symbols(self, params: dict[str, Any]) -> Any:
-        if params.get("file"):
-            name, bias = parse_file_arg(params["file"])
+        """Without params, the loaded files; with `{"file": "NAME@BIAS"}`, relocate that file."""
+        file_arg = _text(params, "file")
+        if file_arg:
+            name, bias = parse_file_arg(file_arg)
             moved = await self.engine.set_bias(name, bias)
             return {"file": name, "bias": bias, "moved": [p.info() for p in moved]}
         return [
@@ -147,8 +196,12 @@ class ControlServer:
 
     # -- connections --------------------------------------------------------------------------------
 
-    async def handle(self, stream: trio.SocketStream) -> None:
-        """Serve one client until it closes; a bad line gets an error response, never a crash."""
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """Serve one client until it closes; a bad line gets an error response, never a crash.
+
+        Args:
+            stream: the client's connection; closed on return.
+        """
         reader = _LineReader(stream)
         try:
             async with stream:
@@ -157,17 +210,17 @@ class ControlServer:
                     if line is None:
                         return
                     if line.strip():
-                        await self._one(stream, line)
+                        await self._one(stream, reader, line)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
+            return  # the client went away mid-reply; nothing to tell it
 
-    async def _one(self, stream: trio.SocketStream, line: bytes) -> None:
+    async def _one(self, stream: trio.abc.Stream, reader: _LineReader, line: bytes) -> None:
         try:
             request = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             await _send(stream, _error(None, PARSE_ERROR, f"parse error: {exc}"))
             return
-        if not isinstance(request, dict) or request.get("jsonrpc") != "2.0" or "method" not in request:
+        if not isinstance(request, dict) or request.get("jsonrpc") != "2.0" or not isinstance(request.get("method"), str):
             await _send(stream, _error(None, INVALID_REQUEST, "not a JSON-RPC 2.0 request"))
             return
         rid, method, params = request.get("id"), request["method"], request.get("params") or {}
@@ -175,7 +228,7 @@ class ControlServer:
             await _send(stream, _error(rid, INVALID_PARAMS, "params must be an object"))
             return
         if method == "events":
-            await self._events(stream, rid, params)
+            await self._events(stream, reader, rid, params)
             return
         fn = self.methods.get(method)
         if fn is None:
@@ -186,77 +239,151 @@ class ControlServer:
         except ProbedError as exc:
             await _send(stream, _error(rid, exc.code, str(exc), exc.data()))
             return
-        except (TypeError, ValueError, KeyError) as exc:
+        except InvalidParams as exc:
             await _send(stream, _error(rid, INVALID_PARAMS, f"bad params for {method}: {exc}"))
             return
-        except Exception as exc:  # keep serving: one bad request must not kill the daemon
+        except Exception as exc:  # keep serving: one failed request must not kill the daemon
             log.exception("control method %s failed", method)
             await _send(stream, _error(rid, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
             return
         await _send(stream, {"jsonrpc": "2.0", "id": rid, "result": result})
 
-    async def _events(self, stream: trio.SocketStream, rid: Any, params: dict[str, Any]) -> None:
-        probe_id = None
+    async def _events(self, stream: trio.abc.Stream, reader: _LineReader, rid: Any, params: dict[str, Any]) -> None:
+        """Stream the ring buffer's records, then new ones while following or until `count` are sent."""
         try:
+            count = _integer(params, "count", None)
+            if count is not None and count < 0:
+                raise InvalidParams("count must not be negative")
+            probe_id = None
             if params.get("probe") is not None:
-                probe_id = self.engine.find_probe(params["probe"]).id
-        except NotFound as exc:
+                probe_id = self.engine.find_probe(_ref(params, "probe")).id
+        except ProbedError as exc:
             await _send(stream, _error(rid, exc.code, str(exc), exc.data()))
             return
-        count = params.get("count")
+        except InvalidParams as exc:
+            await _send(stream, _error(rid, INVALID_PARAMS, f"bad params for events: {exc}"))
+            return
         follow = bool(params.get("follow"))
-        sent = 0
         hub = self.engine.hub
-        with hub.subscribe(probe_id, maxsize=int(params.get("buffer") or 4096)) as sub:
-            recent = hub.recent(probe_id)
-            seen: dict[int, int] = {}
-            for record in recent:
-                if count is not None and sent >= count:
-                    break
+        # Subscribe before reading the ring so no record falls between the two; the overlap is skipped by
+        # each probe's `seq`, which only grows.
+        with hub.subscribe(probe_id, maxsize=EVENTS_BUFFER) as sub:
+            backlog = hub.recent(probe_id)
+            if count is not None:
+                backlog = backlog[:count]
+            last_seq: dict[int, int] = {}
+            for record in backlog:
                 await _send_event(stream, record)
-                seen[record["probe"]] = max(seen.get(record["probe"], 0), record["seq"])
+                last_seq[record["probe"]] = max(last_seq.get(record["probe"], 0), record["seq"])
+            sent = len(backlog)
+            remaining = None if count is None else count - sent
+            if (follow and remaining is None) or (remaining is not None and remaining > 0):
+                more = await _stream_until_eof(stream, reader, sub, last_seq, remaining)
+                if more is None:
+                    return  # the client closed: nobody to answer
+                sent += more
+            missed = sub.missed
+        await _send(stream, {"jsonrpc": "2.0", "id": rid, "result": {"count": sent, "missed": missed}})
+
+
+async def _stream_until_eof(
+    stream: trio.abc.Stream, reader: _LineReader, sub: Any, last_seq: dict[int, int], limit: int | None
+) -> int | None:
+    """Send new records until `limit` are sent or the subscription ends; None if the client closed first.
+
+    A following client may wait for hours between hits; watching for its end of file lets its subscription
+    go as soon as it leaves rather than at the next hit.
+    """
+    sent = 0
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+
+            async def cancel_on_eof() -> None:
+                await reader.wait_eof()
+                scope.cancel()
+
+            nursery.start_soon(cancel_on_eof)
+            async for record in sub:
+                if record["seq"] <= last_seq.get(record["probe"], 0):
+                    continue  # already sent from the ring buffer
+                await _send_event(stream, record)
                 sent += 1
-            if follow or (count is not None and sent < count):
-                async for record in sub:
-                    if count is not None and sent >= count:
-                        break
-                    if record["seq"] <= seen.get(record["probe"], 0):
-                        continue  # already sent from the ring buffer
-                    await _send_event(stream, record)
-                    sent += 1
-                    if count is not None and sent >= count:
-                        break
-        await _send(stream, {"jsonrpc": "2.0", "id": rid, "result": {"count": sent, "missed": sub.missed}})
+                if limit is not None and sent >= limit:
+                    break
+            nursery.cancel_scope.cancel()
+    return None if scope.cancelled_caught else sent
 
 
 class _LineReader:
-    def __init__(self, stream: trio.SocketStream):
+    """Newline-delimited requests off a stream, with a bound on a line's length."""
+
+    def __init__(self, stream: trio.abc.Stream):
         self._stream = stream
         self._buf = bytearray()
+        self._eof = False
 
     async def readline(self) -> bytes | None:
+        """The next line without its newline; the unterminated rest at EOF; None at EOF."""
         while True:
             nl = self._buf.find(b"\n")
             if nl >= 0:
                 line = bytes(self._buf[:nl])
                 del self._buf[: nl + 1]
                 return line
-            if len(self._buf) > MAX_LINE:
-                raise trio.BrokenResourceError("request line too long")
-            data = await self._stream.receive_some(65536)
-            if not data:
-                return bytes(self._buf) if self._buf else None
-            self._buf += data
+            if self._eof or not await self._fill():
+                line, self._buf = bytes(self._buf), bytearray()
+                return line or None
+
+    async def wait_eof(self) -> None:
+        """Return when the peer closes; what it sends meanwhile is kept for `readline`."""
+        while not self._eof and await self._fill():
+            pass
+
+    async def _fill(self) -> bool:
+        if len(self._buf) > MAX_LINE:
+            raise trio.BrokenResourceError(f"request line longer than {MAX_LINE} bytes")
+        data = await self._stream.receive_some(65536)
+        if not data:
+            self._eof = True
+            return False
+        self._buf += data
+        return True
 
 
-def _required(params: dict[str, Any], key: str) -> Any:
-    if key not in params or params[key] in (None, ""):
-        raise BadSpec(str(params.get(key)), f"missing parameter {key!r}")
-    return params[key]
+def _text(params: dict[str, Any], key: str, *, required: bool = False) -> str | None:
+    value = params.get(key)
+    if value is None or value == "":
+        if required:
+            raise InvalidParams(f"missing {key!r}")
+        return None
+    if not isinstance(value, str):
+        raise InvalidParams(f"{key!r} must be a string, not {value!r}")
+    return value
 
 
-def _ref(params: dict[str, Any]) -> int | str:
-    ref = _required(params, "ref")
+def _integer(params: dict[str, Any], key: str, default: int | None) -> int | None:
+    value = params.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParams(f"{key!r} must be an integer, not {value!r}")
+    return value
+
+
+def _fetchargs(params: dict[str, Any], key: str) -> list[str] | None:
+    value = params.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidParams(f"{key!r} must be a list of fetch args (strings), not {value!r}")
+    return value
+
+
+def _ref(params: dict[str, Any], key: str = "ref") -> int | str:
+    """A probe's id or name; a string of digits is an id."""
+    ref = params.get(key)
+    if isinstance(ref, bool) or not isinstance(ref, int | str) or ref == "":
+        raise InvalidParams(f"{key!r} must be a probe id or name, not {ref!r}")
     return int(ref) if isinstance(ref, str) and ref.isdigit() else ref
 
 
@@ -267,11 +394,11 @@ def _error(rid: Any, code: int, message: str, data: Any = None) -> dict[str, Any
     return {"jsonrpc": "2.0", "id": rid, "error": err}
 
 
-async def _send(stream: trio.SocketStream, obj: dict[str, Any]) -> None:
+async def _send(stream: trio.abc.Stream, obj: dict[str, Any]) -> None:
     await stream.send_all(json.dumps(obj, default=repr).encode() + b"\n")
 
 
-async def _send_event(stream: trio.SocketStream, record: dict[str, Any]) -> None:
+async def _send_event(stream: trio.abc.Stream, record: dict[str, Any]) -> None:
     line = '{"jsonrpc": "2.0", "method": "event", "params": ' + encode_record(record) + "}\n"
     await stream.send_all(line.encode())
 
@@ -279,24 +406,30 @@ async def _send_event(stream: trio.SocketStream, record: dict[str, Any]) -> None
 async def serve_control(engine: Any, path: str | os.PathLike, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve the control socket at `path` (owner-only) until cancelled; removes the socket file at exit.
 
+    Args:
+        engine: what the requests act on (see `ControlServer`).
+        path: the socket's path; its directory is made owner-only if it does not exist.
+        task_status: `started(path)` once the socket listens.
+
     Raises:
-        ProbedError: another daemon already listens there.
+        SocketInUse: another daemon already listens there.
     """
     path = Path(path)
     prepare_socket_path(path)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    # The umask closes the window between bind() creating the file and chmod() narrowing it.
     old = os.umask(0o177)
     try:
         await sock.bind(str(path))
     finally:
         os.umask(old)
-    os.chmod(path, 0o600)
-    sock.listen(16)
-    server = ControlServer(engine)
     try:
+        os.chmod(path, 0o600)
+        sock.listen(16)
+        server = ControlServer(engine)
         async with trio.open_nursery() as nursery:
-            listener = trio.SocketListener(sock)
-            await nursery.start(trio.serve_listeners, server.handle, [listener])
+            await nursery.start(trio.serve_listeners, server.handle, [trio.SocketListener(sock)])
             task_status.started(path)
     finally:
+        sock.close()
         path.unlink(missing_ok=True)

@@ -17,13 +17,14 @@ import trio
 from . import __version__
 from .control import default_control_path, prepare_socket_path, serve_control
 from .engine import Engine
-from .errors import ProbedError
+from .errors import ProbedError, Unsupported
 from .events import encode_record
 
 log = logging.getLogger("probed")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """probed's argument parser."""
     ap = argparse.ArgumentParser(prog="probed", description="Probe daemon for QEMU guests over the GDB remote protocol.")
     ap.add_argument("--target", required=True, help="QEMU's gdbstub: tcp:HOST:PORT or unix:PATH")
     ap.add_argument("--symbols", action="append", default=[], metavar="FILE[@BIAS]",
@@ -55,7 +56,25 @@ async def write_events(engine: Engine, path: Path, *, task_status=trio.TASK_STAT
             log.warning("the events file missed %d records (writer too slow)", sub.missed)
 
 
+def _gdb_server():
+    """The stub's `serve_gdb`, or None where the stub is not built in."""
+    try:
+        from stub.server import serve_gdb
+    except ImportError:
+        return None
+    return serve_gdb
+
+
 async def run(args: argparse.Namespace) -> None:
+    """Run the engine, the control socket, the events file and the GDB server until SIGINT or SIGTERM.
+
+    Raises:
+        ProbedError: the target cannot be attached, or it went away, or the control socket is taken.
+        OSError: the control socket or events file cannot be made.
+    """
+    serve_gdb = _gdb_server() if args.gdb_listen else None
+    if args.gdb_listen and serve_gdb is None:
+        raise Unsupported("--gdb-listen: not implemented yet")
     engine = Engine(args.target, symbol_files=args.symbols, stopped=args.stopped, hw_slots=args.hw_slots,
                     buffer=args.buffer)
     control = args.control or default_control_path()
@@ -66,9 +85,7 @@ async def run(args: argparse.Namespace) -> None:
             if args.events:
                 await nursery.start(write_events, engine, args.events)
             await nursery.start(serve_control, engine, control)
-            if args.gdb_listen:
-                from stub.server import serve_gdb
-
+            if serve_gdb is not None:
                 await nursery.start(serve_gdb, engine, args.gdb_listen)
                 log.info("serving GDB on %s", args.gdb_listen)
             log.info("ready: control socket %s", control)
@@ -79,15 +96,16 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """probed's entry point: 0 after a clean stop, 1 with a one-line error on stderr otherwise."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="probed: %(message)s", stream=sys.stderr)
     try:
         trio.run(run, args)
-    except ProbedError as exc:
+    except (ProbedError, OSError) as exc:
         print(f"probed: {exc}", file=sys.stderr)
         return 1
     except BaseExceptionGroup as group:
-        errors = [e for e in _leaves(group) if isinstance(e, ProbedError)]
+        errors = [e for e in _leaves(group) if isinstance(e, ProbedError | OSError)]
         if errors:
             print(f"probed: {errors[0]}", file=sys.stderr)
             return 1

@@ -44,10 +44,17 @@ def format_record(rec: dict[str, Any]) -> str:
 
 
 def print_events_line(rec: dict[str, Any]) -> None:
+    """Print one hit record the way people read it (see `format_record`)."""
     print(format_record(rec))
 
 
 def print_table(command: str, result: Any) -> None:
+    """Print a control method's result as rich tables.
+
+    Args:
+        command: the probectl verb whose result this is (`list`, `hooks`, `symbols`, `stats`, `status`).
+        result: that method's result as the daemon sent it.
+    """
     if command == "list":
         _rows(LIST_COLUMNS, result, "no probes")
     elif command == "hooks":
@@ -59,8 +66,9 @@ def print_table(command: str, result: Any) -> None:
         else:
             _rows(("name", "path", "bias", "symbols"), result, "no symbol files")
     elif command == "stats":
-        slots = result.pop("slots", [])
-        _pairs(result)
+        counters = dict(result)
+        slots = counters.pop("slots", [])
+        _pairs(counters)
         _rows(("slot", "owner", "label", "what"), slots, "no hardware slots", title="debug-register slots")
     else:
         _pairs(result)

@@ -184,3 +184,26 @@ def test_symbols_relocation_moves_probes(daemon):
     assert json.loads(daemon.ctl("list", "--json").stdout)[0]["address"] == before
     status = json.loads(daemon.ctl("status", "--json").stdout)
     assert (status["arch"], status["state"], status["probes"]) == ("i386", "stopped", 1)
+
+
+def test_events_follow_streams_until_interrupted(daemon):
+    daemon.ctl("add", "-n", "t", "probe_target", "a=+4(%sp):s32", "b=+8(%sp):s32")
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "probed.cli", "--control", str(daemon.control), "events", "--follow", "--json",
+         "--probe", "t"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        daemon.ctl("resume")
+        records = [json.loads(follower.stdout.readline()) for _ in range(3)]
+        assert [(r["seq"], r["pre"]) for r in records] == [(n, {"a": n, "b": 3 * n + 1}) for n in (1, 2, 3)]
+        follower.send_signal(signal.SIGINT)  # how a person ends `probectl events -f`
+        assert follower.wait(timeout=30) == 0
+        assert follower.stderr.read() == ""
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+        follower.stdout.close()
+        follower.stderr.close()
+    assert daemon.ctl("status", "--json").returncode == 0  # the daemon outlives its followers
