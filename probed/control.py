@@ -211,8 +211,11 @@ class ControlServer:
                         return
                     if line.strip():
                         await self._one(stream, reader, line)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return  # the client went away mid-reply; nothing to tell it
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away mid-reply; nothing to tell it
+        except* Exception:
+            # One connection's trouble must never take the daemon (and its probes) down.
+            log.exception("control connection failed")
 
     async def _one(self, stream: trio.abc.Stream, reader: _LineReader, line: bytes) -> None:
         try:
@@ -299,7 +302,10 @@ async def _stream_until_eof(
         async with trio.open_nursery() as nursery:
 
             async def cancel_on_eof() -> None:
-                await reader.wait_eof()
+                try:
+                    await reader.wait_eof()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # reset rather than closed: gone all the same
                 scope.cancel()
 
             nursery.start_soon(cancel_on_eof)

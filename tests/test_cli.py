@@ -207,3 +207,19 @@ def test_events_follow_streams_until_interrupted(daemon):
         follower.stdout.close()
         follower.stderr.close()
     assert daemon.ctl("status", "--json").returncode == 0  # the daemon outlives its followers
+
+
+def test_a_follower_that_vanishes_does_not_hurt_the_daemon(daemon):
+    daemon.ctl("add", "-n", "p", "probe_target", "a=$arg1:u32")
+    daemon.ctl("resume")
+    for how in (signal.SIGTERM, signal.SIGKILL):
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "probed.cli", "--control", str(daemon.control), "events", "--follow", "--json"],
+            stdout=subprocess.PIPE, text=True,
+        )
+        assert json.loads(follower.stdout.readline())["name"] == "p"  # it streams...
+        follower.send_signal(how)  # ...and goes away mid-stream
+        follower.wait(timeout=30)
+        follower.stdout.close()
+    assert json.loads(daemon.ctl("list", "--json").stdout)[0]["state"] == "enabled"
+    assert daemon.stop() == 0
