@@ -220,10 +220,13 @@ class Engine(DebuggerSide):
             self.debugger is not None and self.debugger.interrupt_requested
         )
 
-    async def _resume_fast(self, packets: list[bytes]) -> list[bytes]:
-        """Send `packets` and `c` in one write; the guest runs freely after it."""
+    async def _resume_fast(self, packets: list[bytes], *, defer: bool = False) -> list[bytes]:
+        """Send `packets` and `c` in one write; the guest runs freely after it.
+
+        With `defer`, their (`OK`) replies are checked when the next stop is read, not waited for now.
+        """
         self._free_running = True
-        replies = await self.client.pipeline(packets, resume=b"c")
+        replies = await self.client.pipeline(packets, resume=b"c", defer=defer)
         if self._must_stop() or self._dirty:
             # Asked for while we were writing: the asker could not interrupt yet.
             await self.client.interrupt()
@@ -305,6 +308,10 @@ class Engine(DebuggerSide):
         """Handle one stop; returns True when the guest was already resumed."""
         if isinstance(event, Exited | Terminated):
             raise TargetError(f"the guest is gone ({event})")
+        if self.client.deferred_errors:
+            bad, self.client.deferred_errors = self.client.deferred_errors, []
+            log.error("simulating an instruction failed: %r; single-stepping from now on", bad)
+            self.emulator = NoEmulator()
         if not isinstance(event, StopReply):
             return False
         self.stops += 1
@@ -386,11 +393,7 @@ class Engine(DebuggerSide):
         packets = self.emulator.packets(plan, g, hit.pc) if plan is not None else None
         if packets is None:
             return False
-        replies = await self._resume_fast(packets)
-        bad = [(p, r) for p, r in zip(packets, replies, strict=True) if r != b"OK"]
-        if bad:
-            log.error("simulating the instruction at %#x failed: %r; stepping from now on", hit.pc, bad)
-            self.emulator = NoEmulator()
+        await self._resume_fast(packets, defer=True)  # checked at the next stop (`_on_stop`)
         self._publish_hit(hit, [(None, None)] * len(hit.probes))
         return True
 

@@ -123,6 +123,8 @@ class RSPClient:
         self.console: list[bytes] = []
         self.retransmits = 0
         self._bounded = 0
+        self.deferred: deque[bytes] = deque()  # requests whose replies `wait_stop` will take
+        self.deferred_errors: list[tuple[bytes, bytes]] = []
 
     @classmethod
     async def connect(cls, target: str, *, timeout: float = 10.0) -> RSPClient:
@@ -222,12 +224,19 @@ class RSPClient:
         return (await self.pipeline([payload], timeout=timeout))[0]
 
     async def pipeline(
-        self, payloads: Sequence[bytes], resume: bytes | None = None, *, timeout: float | None = None
+        self,
+        payloads: Sequence[bytes],
+        resume: bytes | None = None,
+        *,
+        timeout: float | None = None,
+        defer: bool = False,
     ) -> list[bytes]:
         """Send several requests (and optionally one resume command last) in a single write.
 
         The stub answers in order, so one round trip serves them all. With `resume`, the guest is running
         when this returns and the stop reply is collected by `wait_stop`.
+        With `defer` (and `resume`), the replies are not awaited: `wait_stop` takes them on its way to the
+        stop reply (they come first), and any that is not `OK` lands in `deferred_errors`.
 
         Returns:
             The reply payloads, one per request, in order.
@@ -241,6 +250,11 @@ class RSPClient:
             self._interrupting = False
         self._last_sent = frames
         replies: list[bytes] = []
+        if defer and resume is not None:
+            await self._send(frames)
+            self.running = True
+            self.deferred.extend(payloads)
+            return replies
         if self._bounded and timeout is None:
             await self._exchange(frames, payloads, resume, replies)
             return replies
@@ -323,7 +337,11 @@ class RSPClient:
                 self.console.append(event.text)
                 continue
             if event is None:
-                # A stray reply (say, to a request that timed out): not ours to wait for.
+                if self.deferred:
+                    request = self.deferred.popleft()
+                    if payload != b"OK":
+                        self.deferred_errors.append((request, payload))
+                # Else a stray reply (say, to a request that timed out): not ours to wait for.
                 continue
             self.running = False
             self._interrupting = False
