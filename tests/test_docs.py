@@ -35,14 +35,19 @@ def test_the_docs_have_examples():
     assert len(probectl_lines("guest")) >= 8 and len(probectl_lines("linux")) >= 5 and blocks("python")
 
 
-def test_probectl_examples_on_the_test_guest(guest_i386, tmp_path):
-    daemon = Daemon(guest_i386, tmp_path)
+def run_examples(guest, tmp_path, tag: str) -> None:
+    """Each `probectl` line of the docs' blocks tagged `tag`, against a daemon on `guest`: all exit 0."""
+    daemon = Daemon(guest, tmp_path)
     try:
-        for doc, args in probectl_lines("guest"):
+        for doc, args in probectl_lines(tag):
             out = daemon.ctl(*args, check=None)
             assert out.returncode == 0, f"{doc}: probectl {' '.join(args)}: {out.stderr}"
     finally:
         assert daemon.stop() == 0
+
+
+def test_probectl_examples_on_the_test_guest(guest_i386, tmp_path):
+    run_examples(guest_i386, tmp_path, "guest")
 
 
 def test_probectl_examples_on_linux(linux_guest, tmp_path):
@@ -50,13 +55,7 @@ def test_probectl_examples_on_linux(linux_guest, tmp_path):
         target = linux_guest.target
         elf = linux_guest.kallsyms
 
-    daemon = Daemon(Kernel, tmp_path)
-    try:
-        for doc, args in probectl_lines("linux"):
-            out = daemon.ctl(*args, check=None)
-            assert out.returncode == 0, f"{doc}: probectl {' '.join(args)}: {out.stderr}"
-    finally:
-        assert daemon.stop() == 0
+    run_examples(Kernel, tmp_path, "linux")
 
 
 def test_python_examples(guest_i386):
