@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import trio
 
-from .errors import ConnectionClosed, RemoteError, TargetTimeout, UnsupportedPacket
+from .errors import ConnectionClosed, RemoteError, TargetTimeout
 from .framing import (
     INTERRUPT,
     NACK,
@@ -34,6 +34,7 @@ from .framing import (
     Packet,
     encode_packet,
 )
+from .packets import raise_for_error
 from .stop import ConsoleOutput, StopEvent, is_stop_payload, parse_stop_reply
 
 __all__ = ["RSPClient", "open_stream", "parse_target", "send_now"]
@@ -148,16 +149,22 @@ class RSPClient:
             if sent == len(frames):
                 return
             frames = frames[sent:]
-        # A send is never cut short by cancellation: half a packet, or a `c` that the target never got
-        # while we believe it runs, would leave the two sides disagreeing about the target's state.
         with trio.CancelScope(shield=True):
             async with self._send_lock:
-                try:
-                    with trio.fail_after(self._timeout):
-                        await self._stream.send_all(frames)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError) as exc:
-                    self._closed = True
-                    raise ConnectionClosed(f"connection lost while sending: {exc!r}") from exc
+                await self._write_all(frames)
+
+    async def _write_all(self, data: bytes) -> None:
+        """Send all of `data`; the caller holds the send lock inside a shielded scope.
+
+        A send is never cut short by cancellation: half a packet, or a `c` that the target never got
+        while we believe it runs, would leave the two sides disagreeing about the target's state.
+        """
+        try:
+            with trio.fail_after(self._timeout):
+                await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError) as exc:
+            self._closed = True
+            raise ConnectionClosed(f"connection lost while sending: {exc!r}") from exc
 
     # -- receiving -------------------------------------------------------------------------------------
 
@@ -361,12 +368,7 @@ class RSPClient:
                 if not self.running or self._interrupting or self._closed:
                     return
                 self._interrupting = True
-                try:
-                    with trio.fail_after(self._timeout):
-                        await self._stream.send_all(INTERRUPT)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError) as exc:
-                    self._closed = True
-                    raise ConnectionClosed(f"connection lost while interrupting: {exc!r}") from exc
+                await self._write_all(INTERRUPT)
 
     async def halt(self, *, timeout: float | None = None) -> StopEvent:
         """Interrupt a running target and wait until it has stopped."""
@@ -427,23 +429,10 @@ class RSPClient:
 
 
 def raise_for_reply(request: bytes, reply: bytes) -> None:
-    """Raise the typed error an error or empty reply stands for.
-
-    An `E` reply is an error when it is `E` and two hex digits, or `E.text`. (A hex data reply of one
-    byte cannot start with `E`: hex digits are lower case in QEMU's replies.)
+    """Raise the typed error an error or empty reply stands for (the rule of `rsp.packets`).
 
     Raises:
         UnsupportedPacket: the empty reply.
-        RemoteError: an error reply.
+        RemoteError: an error reply (`E NN` as the whole reply, or `E.text`).
     """
-    if not reply:
-        raise UnsupportedPacket(request)
-    if reply[:1] == b"E":
-        if len(reply) == 3:
-            try:
-                raise RemoteError(int(reply[1:3], 16), None, request)
-            except ValueError:
-                pass
-        if reply[1:2] == b".":
-            raise RemoteError(None, reply[2:].decode(errors="replace"), request)
-
+    raise_for_error(reply, request)
