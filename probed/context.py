@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from rsp.errors import RSPError
+from .fetch import STRING_MAX, read_c_string
 
 if TYPE_CHECKING:
     from .probes import Probe
@@ -13,8 +13,6 @@ if TYPE_CHECKING:
 
 __all__ = ["HitContext", "RegisterView"]
 
-STRING_MAX = 256
-PAGE = 4096
 
 
 class RegisterView(Mapping[str, int]):
@@ -106,24 +104,26 @@ class HitContext:
         return int.from_bytes(await self.read(address, size), "little")
 
     async def read_string(self, address: int, limit: int = STRING_MAX) -> str:
-        """Read a NUL-terminated string (at most `limit` bytes), decoded as UTF-8 with replacement."""
-        out = bytearray()
-        addr = address
-        while len(out) < limit:
-            chunk = min(limit - len(out), PAGE - (addr % PAGE))
+        """Read a NUL-terminated string (at most `limit` bytes), decoded as UTF-8 with replacement.
+
+        Raises:
+            RemoteError: the first byte cannot be read.
+        """
+
+        def read(addr: int, length: int):
+            data = yield (addr, length)
+            if isinstance(data, Exception):
+                raise data
+            return data
+
+        reader = read_c_string(read, address, limit, Exception)
+        request = next(reader)
+        while True:
+            (data,) = await self.read_many([request])
             try:
-                data = await self.read(addr, chunk)
-            except RSPError:
-                if out:
-                    break
-                raise
-            nul = data.find(b"\0")
-            if nul >= 0:
-                out += data[:nul]
-                break
-            out += data
-            addr += chunk
-        return out.decode("utf-8", errors="replace")
+                request = reader.send(data)
+            except StopIteration as done:
+                return done.value
 
     def symbolize(self, address: int) -> str | None:
         """`sym+0xoff` for an address in the loaded symbols, else None."""

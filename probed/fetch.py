@@ -12,7 +12,7 @@ target), so independent dereferences cost one round trip and a double dereferenc
 from __future__ import annotations
 
 import re
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -277,6 +277,33 @@ _Read = tuple[int, int]
 _Gen = Generator[_Read, "bytes | Exception", Any]
 
 
+def read_c_string(
+    read: Callable[[int, int], Generator[_Read, Any, bytes]], address: int, limit: int, fault: type[Exception]
+) -> Generator[_Read, Any, str]:
+    """A NUL-terminated string (at most `limit` bytes, UTF-8 with replacement), read through `read`.
+
+    The first read stops at the page boundary, so a string at the end of a mapped page is not lost to an
+    unmapped next page. A `fault` on a later read ends the string there; on the first, it is raised.
+    Sans-IO: `read` is a generator that yields `(address, length)` and gets the bytes back.
+    """
+    out = bytearray()
+    while len(out) < limit:
+        chunk = min(limit - len(out), PAGE - (address % PAGE))
+        try:
+            data = yield from read(address, chunk)
+        except fault:
+            if out:
+                break
+            raise
+        nul = data.find(b"\0")
+        if nul >= 0:
+            out += data[:nul]
+            break
+        out += data
+        address += chunk
+    return out.decode("utf-8", errors="replace")
+
+
 class _FieldError(Exception):
     """A field that cannot be fetched on this hit; its value becomes the message, e.g. `<fault reading 0x0: E14>`."""
 
@@ -405,22 +432,7 @@ class FetchProgram:
         return rendered if t.count is not None else rendered[0]
 
     def _string(self, address: int) -> Generator[_Read, Any, str]:
-        out = bytearray()
-        while len(out) < STRING_MAX:
-            chunk = min(STRING_MAX - len(out), PAGE - (address % PAGE))
-            try:
-                data = yield from self._read(address, chunk)
-            except _FieldError:
-                if out:
-                    break
-                raise
-            nul = data.find(b"\0")
-            if nul >= 0:
-                out += data[:nul]
-                break
-            out += data
-            address += chunk
-        return out.decode("utf-8", errors="replace")
+        return (yield from read_c_string(self._read, address, STRING_MAX, _FieldError))
 
     def _render(self, value: int, t: FieldType, ctx: Any) -> Any:
         bits = 8 * t.size
