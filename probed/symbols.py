@@ -180,6 +180,7 @@ class SymbolStore:
         self._files: dict[str, SymbolFile] = {}
         self._by_name: dict[str, list[Symbol]] | None = None
         self._sorted: list[Symbol] | None = None
+        self._names_at: dict[int, str | None] = {}
         self._addrs: list[int] = []
 
     # -- files --------------------------------------------------------------------------------------
@@ -230,6 +231,7 @@ class SymbolStore:
     def _invalidate(self) -> None:
         self._by_name = None
         self._sorted = None
+        self._names_at.clear()
 
     def _index(self) -> dict[str, list[Symbol]]:
         if self._by_name is None:
@@ -283,8 +285,18 @@ class SymbolStore:
         """`sym` or `sym+0xoff` for an address inside a known symbol, else None.
 
         Of several symbols at one address the preferred is a code symbol, then the one with the fewest
-        leading underscores.
+        leading underscores. Answers are remembered (a probe's pc is asked for at every hit).
         """
+        try:
+            return self._names_at[address]
+        except KeyError:
+            pass
+        if len(self._names_at) > 65536:
+            self._names_at.clear()
+        name = self._names_at[address] = self._symbolize(address)
+        return name
+
+    def _symbolize(self, address: int) -> str | None:
         syms = self._address_index()
         addrs = self._addrs
         i = bisect.bisect_right(addrs, address) - 1
