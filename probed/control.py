@@ -239,11 +239,8 @@ class ControlServer:
             return
         try:
             result = await fn(params)
-        except ProbedError as exc:
-            await _send(stream, _error(rid, exc.code, str(exc), exc.data()))
-            return
-        except InvalidParams as exc:
-            await _send(stream, _error(rid, INVALID_PARAMS, f"bad params for {method}: {exc}"))
+        except (ProbedError, InvalidParams) as exc:
+            await _send(stream, _refusal(rid, method, exc))
             return
         except Exception as exc:  # keep serving: one failed request must not kill the daemon
             log.exception("control method %s failed", method)
@@ -260,11 +257,8 @@ class ControlServer:
             probe_id = None
             if params.get("probe") is not None:
                 probe_id = self.engine.find_probe(_ref(params, "probe")).id
-        except ProbedError as exc:
-            await _send(stream, _error(rid, exc.code, str(exc), exc.data()))
-            return
-        except InvalidParams as exc:
-            await _send(stream, _error(rid, INVALID_PARAMS, f"bad params for events: {exc}"))
+        except (ProbedError, InvalidParams) as exc:
+            await _send(stream, _refusal(rid, "events", exc))
             return
         follow = bool(params.get("follow"))
         hub = self.engine.hub
@@ -391,6 +385,13 @@ def _ref(params: dict[str, Any], key: str = "ref") -> int | str:
     if isinstance(ref, bool) or not isinstance(ref, int | str) or ref == "":
         raise InvalidParams(f"{key!r} must be a probe id or name, not {ref!r}")
     return int(ref) if isinstance(ref, str) and ref.isdigit() else ref
+
+
+def _refusal(rid: Any, method: str, exc: ProbedError | InvalidParams) -> dict[str, Any]:
+    """The error response for a request the engine refused or whose params are wrong."""
+    if isinstance(exc, ProbedError):
+        return _error(rid, exc.code, str(exc), exc.data())
+    return _error(rid, INVALID_PARAMS, f"bad params for {method}: {exc}")
 
 
 def _error(rid: Any, code: int, message: str, data: Any = None) -> dict[str, Any]:
