@@ -15,7 +15,7 @@ from rsp.stop import StopEvent, StopReply, ThreadId
 
 from .slots import Slot
 
-__all__ = ["DebuggerLink", "gdb_key"]
+__all__ = ["DebuggerLink", "MemorySnapshot", "gdb_key"]
 
 BREAK_KINDS = {0: "break", 1: "hbreak"}
 WATCH_ACCESS = {2: "w", 3: "r", 4: "rw"}
@@ -54,10 +54,9 @@ class DebuggerLink:
         self._registers: dict[int, bytes] = {}
         # Memory GDB read at its last stop is read again with the registers at the next one (it asks for
         # the same things every time: the stack, the code at pc...), and served from here while valid.
-        self.memory: dict[bytes, bytes] = {}
-        self.prefetch: list[bytes] = []
-        self._reads: list[bytes] = []
-        self.code: dict[int, bytes] = {}  # instruction bytes at the stop's pc, when prefetched
+        self.memory = MemorySnapshot()
+        self.prefetch: list[tuple[int, int]] = []
+        self._reads: list[tuple[int, int]] = []
         self.last_pc: int | None = None
 
     # -- what GDB wants ------------------------------------------------------------------------------
@@ -114,26 +113,68 @@ class DebuggerLink:
 
     def patch_memory(self, writes: list[tuple[int, bytes]]) -> None:
         """Keep cached reads true after the engine wrote memory itself."""
-        for payload in list(self.memory):
-            addr_text, _, len_text = payload[1:].partition(b",")
-            start, length = int(addr_text, 16), int(len_text, 16)
-            reply = self.memory[payload]
-            if reply[:1] == b"E" or len(reply) != 2 * length:
-                continue
-            data = bytearray(bytes.fromhex(reply.decode("ascii")))
-            for address, value in writes:
-                for i, b in enumerate(value):
-                    if start <= address + i < start + length:
-                        data[address + i - start] = b
-            self.memory[payload] = data.hex().encode()
+        self.memory.patch(writes)
 
-    def note_read(self, payload: bytes) -> None:
-        """GDB read memory with `payload` at this stop."""
-        if payload not in self._reads:
-            self._reads.append(payload)
+    def note_read(self, address: int, length: int) -> None:
+        """GDB read `length` bytes at `address` at this stop."""
+        if (address, length) not in self._reads:
+            self._reads.append((address, length))
 
     def rotate_reads(self) -> None:
         """GDB resumes: what it read at this stop is what to prefetch at the next."""
         if self._reads:
             self.prefetch = self._reads[-8:]
         self._reads = []
+
+
+class MemorySnapshot:
+    """Guest memory read while the guest stays stopped, to answer reads again without the target.
+
+    Valid until the guest runs: the engine clears it whenever the guest executes for real (a simulated
+    instruction patches it instead). Holds whole ranges that were read, and the error replies of reads
+    that failed (QEMU's `E14` for unmapped memory), as GDB should get them again.
+    """
+
+    def __init__(self) -> None:
+        self._ranges: list[tuple[int, bytearray]] = []
+        self._errors: dict[tuple[int, int], bytes] = {}
+
+    def clear(self) -> None:
+        self._ranges.clear()
+        self._errors.clear()
+
+    def __bool__(self) -> bool:
+        return bool(self._ranges or self._errors)
+
+    def put(self, address: int, length: int, reply: bytes) -> None:
+        """Remember the reply to `m address,length`."""
+        if len(reply) == 2 * length and reply[:1] != b"E":
+            try:
+                self._ranges.append((address, bytearray(bytes.fromhex(reply.decode("ascii")))))
+            except ValueError:
+                pass
+        elif reply[:1] == b"E":
+            self._errors[(address, length)] = reply
+
+    def get(self, address: int, length: int) -> bytes | None:
+        """The reply `m address,length` would get now, if this snapshot holds it."""
+        end = address + length
+        for start, data in reversed(self._ranges):
+            if start <= address and end <= start + len(data):
+                return data[address - start : end - start].hex().encode()
+        return self._errors.get((address, length))
+
+    def code_at(self, address: int, most: int) -> bytes | None:
+        """Up to `most` bytes from `address`, as many as one held range has (None if none starts there)."""
+        for start, data in reversed(self._ranges):
+            if start <= address < start + len(data):
+                return bytes(data[address - start : address - start + most])
+        return None
+
+    def patch(self, writes: list[tuple[int, bytes]]) -> None:
+        """Apply writes the engine made to the guest itself."""
+        for address, value in writes:
+            for start, data in self._ranges:
+                lo, hi = max(start, address), min(start + len(data), address + len(value))
+                if lo < hi:
+                    data[lo - start : hi - start] = value[lo - address : hi - address]

@@ -32,6 +32,7 @@ from rsp.errors import ConnectionClosed, RSPError, TargetTimeout
 from rsp.stop import Exited, StopEvent, StopReply, Terminated, ThreadId
 
 from .context import HitContext
+from .cpumode import CodeMode
 from .debugger import DebuggerLink
 from .emulate import MAX_INSN, Emulator, NoEmulator
 from .engine_debugger import DebuggerSide
@@ -110,10 +111,12 @@ class Engine(DebuggerSide):
         self.target: Target | None = None
         self.watch = WatchHelper(self)
         self.emulator: Any = NoEmulator()
+        self.code_mode: CodeMode | None = None
         self._last_point: HookPoint | None = None
         self.state = "detached"
         self.stops = 0
         self.hits = 0
+        self.simulated = 0  # instructions simulated instead of single-stepped (probes' and GDB's)
         self.records = 0
         self._hold = stopped
         self._requests: deque[_Request] = deque()
@@ -163,6 +166,7 @@ class Engine(DebuggerSide):
             except RSPError as exc:
                 raise TargetError(f"cannot attach to {self.target_address}: {exc}") from exc
             self.emulator = Emulator(self.arch, self.target.layout)
+            self.code_mode = CodeMode(self.target)
             self.state = "stopped"
             log.info("attached to %s (%s, %d cpu)", self.target_address, self.arch.name, len(self.target.threads))
             task_status.started()
@@ -308,10 +312,7 @@ class Engine(DebuggerSide):
         """Handle one stop; returns True when the guest was already resumed."""
         if isinstance(event, Exited | Terminated):
             raise TargetError(f"the guest is gone ({event})")
-        if self.client.deferred_errors:
-            bad, self.client.deferred_errors = self.client.deferred_errors, []
-            log.error("simulating an instruction failed: %r; single-stepping from now on", bad)
-            self.emulator = NoEmulator()
+        self._check_deferred()
         if not isinstance(event, StopReply):
             return False
         self.stops += 1
@@ -330,6 +331,13 @@ class Engine(DebuggerSide):
                 await debugger.deliver(event)
             return resumed
         return await self._on_break_stop(event)
+
+    def _check_deferred(self) -> None:
+        """Simulated instructions are written behind; if the target refused one, stop simulating."""
+        if self.client.deferred_errors:
+            bad, self.client.deferred_errors = self.client.deferred_errors, []
+            log.error("simulating an instruction failed: %r; single-stepping from now on", bad)
+            self.emulator = NoEmulator()
 
     async def _on_break_stop(self, event: StopReply) -> bool:
         target = self.target
@@ -387,13 +395,14 @@ class Engine(DebuggerSide):
 
     async def _simulate(self, hit: _Hit, g: bytes, code: bytes | Exception) -> bool:
         """Get past the breakpoint by simulating the instruction and continue, in one write."""
-        if isinstance(code, Exception):
+        if isinstance(code, Exception) or not await self.code_mode.is_native(g):
             return False
         plan = self.emulator.plan(code)
         packets = self.emulator.packets(plan, g, hit.pc) if plan is not None else None
         if packets is None:
             return False
         await self._resume_fast(packets, defer=True)  # checked at the next stop (`_on_stop`)
+        self.simulated += 1
         self._publish_hit(hit, [(None, None)] * len(hit.probes))
         return True
 
@@ -782,6 +791,7 @@ class Engine(DebuggerSide):
         return {
             "stops": self.stops,
             "hits": self.hits,
+            "simulated": self.simulated,
             "records": self.records,
             "missed": sum(p.missed for p in self.table),
             "faults": sum(p.faults for p in self.table),

@@ -14,13 +14,17 @@ from rsp.connection import raise_for_reply
 from rsp.stop import StopEvent, StopReply, ThreadId
 
 from .debugger import DebuggerLink, gdb_key
-from .emulate import MAX_INSN, NoEmulator
+from .emulate import MAX_INSN
 from .errors import Unsupported
 
 if TYPE_CHECKING:
     pass
 
 __all__ = ["DebuggerSide"]
+
+PAGE = 4096  # reads of code stay in one page: the next may not be mapped
+CODE_WINDOW = 64  # code read after a pc, for simulated steps and GDB's own reads of it
+CODE_BEHIND = 16
 
 log = logging.getLogger("probed.engine")
 
@@ -116,12 +120,13 @@ class DebuggerSide:
             link = self.debugger
             if link is None:
                 return
-            link.memory.clear()
             link.rotate_reads()
             if action == "s":
+                # (A simulated step keeps GDB's cached reads, patched; a real one drops them.)
                 event = await self._debugger_step(link, thread or link.current_thread)
                 await link.deliver(event)
                 return
+            link.memory.clear()
             for hit in list(link.parked.values()):
                 event = await self._complete_hit(hit, may_resume=False)
                 del link.parked[hit.thread.tid if hit.thread else 1]
@@ -138,6 +143,7 @@ class DebuggerSide:
 
     async def _debugger_step(self, link: DebuggerLink, thread: ThreadId | None) -> StopEvent:
         tid = thread.tid if thread else 1
+        self._check_deferred()
         hit = link.parked.pop(tid, None)
         if hit is not None:
             event = await self._complete_hit(hit, may_resume=False)
@@ -188,40 +194,44 @@ class DebuggerSide:
         """
         if any(k[0] == "watch" for k in self._installed) or any(k[0] == "watch" for k in self._wanted()):
             return None
-        code = link.code.get(pc)
+        if not await self.code_mode.is_native(g):
+            return None
+        code = link.memory.code_at(pc, MAX_INSN)
         if code is None:
-            (code,) = await self.target.read_many([(pc, MAX_INSN)])
+            # A little more than one instruction: GDB's next step is likely to start in it.
+            length = max(MAX_INSN, min(CODE_WINDOW, PAGE - pc % PAGE))
+            (code,) = await self.target.read_many([(pc, length)])
             if isinstance(code, Exception):
                 return None
+            link.memory.put(pc, length, code.hex().encode())
         plan = self.emulator.plan(code)
         effects = self.emulator.effects(plan, g, pc) if plan is not None else None
         packets = self.emulator.packets(plan, g, pc) if effects is not None else None
         if packets is None:
             return None
-        replies = await self.client.pipeline(packets)
-        if any(r != b"OK" for r in replies):
-            log.error("simulating GDB's step at %#x failed (%r); stepping from now on", pc, replies)
-            self.emulator = NoEmulator()
-            return None
+        # Write-behind: QEMU applies these before anything we send later; a refusal shows up in
+        # `deferred_errors` at the next reply, and the emulator is then switched off (`_check_deferred`).
+        await self.client.post(packets)
+        self.simulated += 1
         new_g, writes = effects
         link.patch_memory(writes)
         return new_g
 
     async def _read_for_debugger(self, link: DebuggerLink, thread: ThreadId | None) -> bytes:
-        """At a stop GDB will see: the registers, what GDB read at its last stop, and the code at the last
-        stop's pc (GDB often stops at the same place again), in one write."""
-        prefetch = list(link.prefetch)
-        guess = link.last_pc
-        code_req = [b"m%x,%x" % (guess, MAX_INSN)] if guess is not None else []
-        replies = await self.client.pipeline([b"g", *prefetch, *code_req])
+        """At a stop GDB will see, in one write: the registers, what GDB read at its last stop, and the
+        code around the last stop's pc (GDB often stops at the same place again, or steps on nearby)."""
+        reads = list(link.prefetch)
+        if link.last_pc is not None:
+            pc = link.last_pc
+            start = max(pc - CODE_BEHIND, pc - pc % PAGE)
+            reads.append((start, min(pc + CODE_WINDOW, pc - pc % PAGE + PAGE) - start))
+        replies = await self.client.pipeline([b"g", *(b"m%x,%x" % r for r in reads)])
         raise_for_reply(b"g", replies[0])
         link.remember_registers(thread, replies[0])
-        link.memory = dict(zip(prefetch, replies[1 : 1 + len(prefetch)], strict=True))
-        pc = self.target.pc_of(replies[0])
-        link.code = {}
-        if code_req and guess == pc and replies[-1][:1] != b"E" and replies[-1]:
-            link.code[pc] = bytes.fromhex(replies[-1].decode("ascii"))
-        link.last_pc = pc
+        link.memory.clear()
+        for (address, length), reply in zip(reads, replies[1:], strict=True):
+            link.memory.put(address, length, reply)
+        link.last_pc = self.target.pc_of(replies[0])
         return replies[0]
 
     async def debugger_interrupt(self, link: DebuggerLink) -> None:

@@ -204,6 +204,9 @@ class RSPClient:
         expects_stop = request == b"?"
         while True:
             payload = await self._receive_packet()
+            if self.deferred and not is_stop_payload(payload):
+                self._take_deferred(payload)
+                continue
             if not expects_stop and payload[:1] in b"STWXO" and is_stop_payload(payload):
                 event = parse_stop_reply(payload)
                 if isinstance(event, ConsoleOutput):
@@ -269,6 +272,20 @@ class RSPClient:
             await self._exchange(frames, payloads, resume, replies)
             return replies
         raise TargetTimeout(f"no reply to {payloads[len(replies)][:40]!r} within the time allowed")
+
+    async def post(self, payloads: Sequence[bytes]) -> None:
+        """Send requests whose replies must be `OK`, without waiting for them (write-behind).
+
+        The stub answers in order, so the replies are taken on the way to the next reply or stop reply
+        read, and any that is not `OK` lands in `deferred_errors`. Requests sent later still see the
+        effect of these (the stub handles them first).
+        """
+        if self.running:
+            raise RuntimeError("cannot send requests while the target runs")
+        frames = b"".join(encode_packet(p) for p in payloads)
+        self._last_sent = frames
+        await self._send(frames)
+        self.deferred.extend(payloads)
 
     async def _exchange(
         self, frames: bytes, payloads: Sequence[bytes], resume: bytes | None, replies: list[bytes]
@@ -345,14 +362,17 @@ class RSPClient:
                 continue
             if event is None:
                 if self.deferred:
-                    request = self.deferred.popleft()
-                    if payload != b"OK":
-                        self.deferred_errors.append((request, payload))
+                    self._take_deferred(payload)
                 # Else a stray reply (say, to a request that timed out): not ours to wait for.
                 continue
             self.running = False
             self._interrupting = False
             return event
+
+    def _take_deferred(self, payload: bytes) -> None:
+        request = self.deferred.popleft()
+        if payload != b"OK":
+            self.deferred_errors.append((request, payload))
 
     async def interrupt(self) -> None:
         """Ask a running target to stop (0x03). The stop arrives through `wait_stop`.

@@ -70,6 +70,7 @@ class RegisterLayout:
         # Hex-character spans of each register in the g payload, for the fast path.
         self._spans = {r.name: (2 * r.offset, 2 * (r.offset + r.size)) for r in self.g_registers}
         self._schemas: dict[int, tuple[cs.Construct, tuple[RegisterInfo, ...]]] = {}
+        self._numbered = tuple((r.regnum, 2 * r.offset, 2 * (r.offset + r.size)) for r in self.g_registers)
         self._schema(self.g_size)
 
     @property
@@ -150,6 +151,21 @@ class RegisterLayout:
             return binascii.hexlify(schema.build(data))
         except cs.ConstructError as exc:
             raise RegisterEncodeError(f"cannot encode the register block: {exc}") from None
+
+    def expedited(self, g_payload: bytes) -> dict[int, bytes]:
+        """A full `g` reply as a stop reply's expedited registers (`n:value;` by register number).
+
+        A stub that sends them spares the debugger its `g` after the stop. Registers sent as `xx` are left
+        out, and a block of another length gives none (the debugger then reads `g` itself).
+        """
+        if len(g_payload) != 2 * self.g_size:
+            return {}
+        out = {}
+        for regnum, start, end in self._numbered:
+            chunk = g_payload[start:end]
+            if _UNAVAILABLE not in chunk:
+                out[regnum] = chunk
+        return out
 
     def value(self, g_payload: bytes, name: str) -> int | None:
         """One register from a `g` reply, without decoding the rest (the hot path).

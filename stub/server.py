@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 
 STUB_FEATURES = b"PacketSize=1000;qXfer:features:read+;vContSupported+;QStartNoAckMode+"
 PHYS_MODE = b"Qqemu.PhyMemMode:"
+HOT_SECONDS = 0.001
 
 
 class GdbSession:
@@ -72,10 +74,15 @@ class GdbSession:
         self.phys = False
         self.last_stop: StopEvent = StopReply(5)
         self._send_lock = trio.Lock()
-        self._stops_send, self._stops = trio.open_memory_channel[StopEvent](math.inf)
-        self.link = DebuggerLink(self._stops_send.send_nowait)
+        # Stop replies are written at once from the engine's task; what the socket does not take goes out
+        # from `_send_backlog`.
+        self._backlog_send, self._backlog = trio.open_memory_channel[bytes](math.inf)
+        self._backlogged = 0
+        self.link = DebuggerLink(self._send_stop)
         self.closed = False
         self.waiting_stop = False  # GDB resumed the guest and waits for a stop reply
+        self._kicked = trio.Event()
+        self._hot_until = 0.0
 
     async def send(self, data: bytes) -> None:
         if not self._send_lock.locked():
@@ -97,7 +104,8 @@ class GdbSession:
         log.info("GDB attached")
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._forward_stops)
+                nursery.start_soon(self._send_backlog)
+                nursery.start_soon(self._keep_hot)
                 await self._read_loop()
                 nursery.cancel_scope.cancel()
         finally:
@@ -108,8 +116,19 @@ class GdbSession:
                     log.warning("could not detach GDB cleanly: %s", exc)
             log.info("GDB detached; its breakpoints are gone and the guest runs on")
 
+    async def _keep_hot(self) -> None:
+        while True:
+            await self._kicked.wait()
+            self._kicked = trio.Event()
+            while trio.current_time() < self._hot_until:
+                await trio.lowlevel.checkpoint()
+
+    def _kick(self) -> None:
+        self._hot_until = trio.current_time() + HOT_SECONDS
+        self._kicked.set()
+
     async def _read_loop(self) -> None:
-        """Read GDB's bytes and answer each packet in turn (resumes return at once: see `_forward_stops`)."""
+        """Read GDB's bytes and answer each packet in turn (a resume returns at once: the stop reply is sent by `_send_stop`)."""
         try:
             while True:
                 data = await self.stream.receive_some(65536)
@@ -118,6 +137,7 @@ class GdbSession:
                 self.framer.receive_data(data)
                 while (event := self.framer.next_event()) is not NEED_DATA:
                     if isinstance(event, Packet):
+                        self._kick()
                         if self.ack:
                             await self.send(b"+")
                         if await self.handle(event.payload):
@@ -131,12 +151,33 @@ class GdbSession:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
 
-    async def _forward_stops(self) -> None:
-        """Send GDB the stops it waits for, as the engine delivers them."""
-        async for event in self._stops:
-            self.waiting_stop = False
-            self.last_stop = event
-            await self.reply(encode_stop_reply(event))
+    def _send_stop(self, event: StopEvent) -> None:
+        """Give GDB a stop it waits for (called by the engine; must not block)."""
+        self.waiting_stop = False
+        self.last_stop = event
+        data = encode_packet(encode_stop_reply(self._expedite(event)))
+        if not self._backlogged and not self._send_lock.locked():
+            try:
+                data = data[send_now(self.stream, data) :]
+            except OSError:
+                return  # GDB is gone: the read loop sees it and ends the session
+        if data:
+            self._backlogged += 1
+            self._backlog_send.send_nowait(data)
+
+    async def _send_backlog(self) -> None:
+        async for data in self._backlog:
+            await self.send(data)
+            self._backlogged -= 1
+
+    def _expedite(self, event: StopEvent) -> StopEvent:
+        """The stop with every register the engine read at it: GDB then needs no `g` before it goes on."""
+        if not isinstance(event, StopReply) or event.registers:
+            return event
+        g = self.link.cached_registers(event.thread)
+        if g is None:
+            return event
+        return replace(event, registers=self.engine.target.layout.expedited(g))
 
     # -- packets --------------------------------------------------------------------------------------
 
@@ -181,10 +222,12 @@ class GdbSession:
             elif isinstance(cmd, ThreadInfoNext):
                 await self.reply(b"l")
             elif isinstance(cmd, ReadMemory) and not self.phys:
-                self.link.note_read(payload)
-                cached = self.link.memory.get(payload)
+                self.link.note_read(cmd.address, cmd.length)
+                cached = self.link.memory.get(cmd.address, cmd.length)
                 if cached is None:
                     (cached,) = await engine.debugger_request([payload])
+                    if self.link.holding:  # (the guest stays as it is until GDB resumes it)
+                        self.link.memory.put(cmd.address, cmd.length, cached)
                 await self.reply(cached)
             elif isinstance(cmd, ReadMemory | WriteMemory) and self.phys:
                 replies = await engine.debugger_request([PHYS_MODE + b"1", payload, PHYS_MODE + b"0"])
@@ -204,6 +247,12 @@ class GdbSession:
         except ProbedError as exc:
             log.info("GDB's %r refused: %s", payload[:20], exc)
             await self.reply(b"E16")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise
+        except Exception:
+            # A bug of ours: GDB gets an error reply and the session goes on; the log has the details.
+            log.exception("GDB's %r failed inside probed", payload[:40])
+            await self.reply(b"E.probed failed on this packet; see the daemon's log")
         return False
 
     async def _breakpoint(self, cmd: InsertBreakpoint | RemoveBreakpoint) -> None:
@@ -220,7 +269,7 @@ class GdbSession:
         else:
             step = isinstance(cmd, Step)
             thread = None
-        # The stop reply comes later, from `_forward_stops`; meanwhile GDB may only send a Ctrl-C.
+        # The stop reply comes later, from `_send_stop`; meanwhile GDB may only send a Ctrl-C.
         self.waiting_stop = True
         await self.engine.debugger_resume("s" if step else "c", thread)
 
