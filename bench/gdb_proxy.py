@@ -1,13 +1,13 @@
 """GDB through probed's stub against GDB straight to QEMU, side by side on one guest.
 
 Two jobs, each timed inside GDB (Python `time.perf_counter` around the loop):
-- 2000 `stepi`;
+- 2000 `stepi` from `cpu0_main` on (the guest's code: the same instructions every run);
 - a `continue` loop to a breakpoint on `elsewhere` (one guest turn each), 500 times.
 Each run has a fresh guest (one at a time); direct and stub runs alternate over a few rounds, and
 which goes first alternates too. Printed: each round's rates and ratios stub/direct, and the
 median ratios (target >= 0.8).
 
-    python bench/gdb_proxy.py [--steps N] [--continues N] [--rounds N]
+    python bench/gdb_proxy.py [--steps N] [--continues N] [--rounds N] [--transport unix|tcp]
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from probed.qemu import QemuGuest  # noqa: E402
 SCRIPT = """
 import gdb, time
 gdb.execute("set pagination off")
+# Step the guest's own code, not the firmware's (which waits on timers, and so is not the same twice).
+gdb.execute("tbreak cpu0_main", to_string=True)
+gdb.execute("continue", to_string=True)
 t0 = time.perf_counter()
 for _ in range({steps}):
     gdb.execute("stepi", to_string=True)
@@ -62,24 +65,29 @@ def run_gdb(elf: Path, where: str, steps: int, continues: int) -> tuple[float, f
     raise RuntimeError(f"gdb failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
 
 
-def run_direct(steps: int, continues: int) -> tuple[float, float, int]:
-    with QemuGuest("i386", stopped=True) as guest:
+def run_direct(steps: int, continues: int, transport: str) -> tuple[float, float, int]:
+    with QemuGuest("i386", stopped=True, gdb=transport) as guest:
         return run_gdb(guest.elf, guest.target.split(":", 1)[1], steps, continues)
 
 
-def run_stub(steps: int, continues: int) -> tuple[float, float, int]:
-    with QemuGuest("i386", stopped=True) as guest, tempfile.TemporaryDirectory() as tmp:
-        sock = Path(tmp) / "gdb.sock"
+def run_stub(steps: int, continues: int, transport: str) -> tuple[float, float, int]:
+    # GDB reaches the stub the way it reaches QEMU in the direct runs: same transport.
+    with QemuGuest("i386", stopped=True, gdb=transport) as guest, tempfile.TemporaryDirectory() as tmp:
+        listen = f"unix:{Path(tmp) / 'gdb.sock'}" if transport == "unix" else "tcp:127.0.0.1:0"
         daemon = subprocess.Popen(
             [sys.executable, "-m", "probed.daemon", "--target", guest.target, "--symbols", str(guest.elf),
-             "--control", str(Path(tmp) / "ctl.sock"), "--stopped", "--gdb-listen", f"unix:{sock}"],
+             "--control", str(Path(tmp) / "ctl.sock"), "--stopped", "--gdb-listen", listen],
             stderr=subprocess.PIPE, text=True,
         )
         try:
+            where = None
             for line in daemon.stderr:
+                if "serving GDB on " in line:
+                    where = line.rsplit("serving GDB on ", 1)[1].strip().split(":", 1)[1]
                 if "ready" in line:
                     break
-            return run_gdb(guest.elf, str(sock), steps, continues)
+            assert where, "probed did not say where it serves GDB"
+            return run_gdb(guest.elf, where, steps, continues)
         finally:
             daemon.terminate()
             daemon.wait(timeout=30)
@@ -90,6 +98,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--continues", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=3, help="runs of each, alternating (the median ratio counts)")
+    ap.add_argument("--transport", choices=["unix", "tcp"], default="unix", help="how GDB reaches QEMU and the stub")
     args = ap.parse_args()
     # A fresh guest for every run, and one guest at a time: a guest left running would take a core.
     runs = {"direct to QEMU": run_direct, "through probed's stub": run_stub}
@@ -97,7 +106,7 @@ def main() -> None:
     for n in range(args.rounds):
         # Alternate who goes first, so a drift in the machine's speed favours neither.
         order = list(runs) if n % 2 == 0 else list(reversed(runs))
-        rows = {name: runs[name](args.steps, args.continues) for name in order}
+        rows = {name: runs[name](args.steps, args.continues, args.transport) for name in order}
         print(f"round {n + 1}")
         for name, (steps_s, cont_s, turns) in rows.items():
             print(f"  {name:<24} stepi {args.steps / steps_s:6.0f}/s   "

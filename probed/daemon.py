@@ -86,13 +86,21 @@ async def run(args: argparse.Namespace) -> None:
                 await nursery.start(write_events, engine, args.events)
             await nursery.start(serve_control, engine, control)
             if serve_gdb is not None:
-                await nursery.start(serve_gdb, engine, args.gdb_listen)
-                log.info("serving GDB on %s", args.gdb_listen)
+                listeners = await nursery.start(serve_gdb, engine, args.gdb_listen)
+                log.info("serving GDB on %s", ", ".join(_where(lst) for lst in listeners))
             log.info("ready: control socket %s", control)
             async for signum in signals:
                 log.info("%s: removing breakpoints, resuming the guest, detaching", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
+
+
+def _where(listener) -> str:
+    """`tcp:HOST:PORT` (the port bound, also when 0 was asked for) or `unix:PATH` of a listener."""
+    name = listener.socket.getsockname()
+    if isinstance(name, tuple):
+        return f"tcp:{name[0]}:{name[1]}"
+    return f"unix:{name}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,6 +71,7 @@ class RegisterLayout:
         self._spans = {r.name: (2 * r.offset, 2 * (r.offset + r.size)) for r in self.g_registers}
         self._schemas: dict[int, tuple[cs.Construct, tuple[RegisterInfo, ...]]] = {}
         self._numbered = tuple((r.regnum, 2 * r.offset, 2 * (r.offset + r.size)) for r in self.g_registers)
+        self._tagged = tuple((b"%02x:" % n, start, end) for n, start, end in self._numbered)
         self._schema(self.g_size)
 
     @property
@@ -166,6 +167,12 @@ class RegisterLayout:
             if _UNAVAILABLE not in chunk:
                 out[regnum] = chunk
         return out
+
+    def expedited_text(self, g_payload: bytes) -> bytes:
+        """`expedited` as it goes into a stop reply (`nn:value;` for each register), built in one pass."""
+        if len(g_payload) != 2 * self.g_size or _UNAVAILABLE in g_payload:
+            return b"".join(b"%02x:%s;" % kv for kv in sorted(self.expedited(g_payload).items()))
+        return b"".join([tag + g_payload[start:end] + b";" for tag, start, end in self._tagged])
 
     def value(self, g_payload: bytes, name: str) -> int | None:
         """One register from a `g` reply, without decoding the rest (the hot path).
