@@ -1,49 +1,137 @@
-"""Getting past a breakpoint without a single-step, for the few instructions that start most functions.
+"""Executing simple x86 instructions without the CPU: a probe hit or a GDB step with no single-step.
 
 Why: under TCG, QEMU flushes every translated block when single-stepping is switched on and again when
-it is switched off (`cpu_single_step`), so a hit that steps makes the guest retranslate its hot code.
-kprobes itself simulates simple instructions instead of stepping them; probed does the same for probes
-with no post-handler ("the fastest correct way"): it writes the instruction's effect (registers with `P`,
-memory with `M`) and continues, in one write with the `c`.
+it is switched off (`cpu_single_step`), so every step makes the guest retranslate its hot code, and a
+step costs two round trips (the step, then reading what it did). kprobes itself simulates instructions
+instead of stepping them where it can; probed does the same: it works out the instruction's effect from
+the registers (and memory it reads), and writes it with `M` (memory first) and `P` (registers, pc last).
 
-Handled: the `nop` family (including `endbr32/64` and the 5-byte `nopl` of ftrace), `push REG`, and
-`mov REG, REG` between full-width registers. Anything else is single-stepped as before.
+Handled, in code of the target's own width (see `probed.cpumode`), none of which changes the flags:
+- `nop` forms (with `endbr32/64` and ftrace's 5-byte `nopl`);
+- `mov` between registers, from an immediate, a load (`mov reg, [mem]`, `movzx`), a store
+  (`mov [mem], reg/imm`), and `lea`;
+- the stack: `push reg/imm`, `pop reg`, `leave`, `call` (relative or register), `ret` (and `ret imm16`);
+- `jmp` (relative or register) and the conditional jumps (`jcc`), decided from EFLAGS.
+Registers written must be full width (on x86_64 also 32-bit ones, which clear the upper half, as the CPU
+does). Not handled (stepped instead): anything that computes flags, string and `lock`ed instructions,
+`fs:`/`gs:` and address-size overrides, control, segment and system registers.
+
+Memory is touched only in kernel mode (CPL 0), the privilege checks the debugger's accesses skip do not
+matter there: a load must read (else the CPU would fault: step it), and a store must fall in the stack's
+current page or the one above, which the kernel's own stack keeps mapped and writable (a store
+anywhere else might hit a copy-on-write or read-only page that the CPU would fault on).
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-__all__ = ["Emulator", "NoEmulator", "Plan"]
+__all__ = ["Emulator", "NoEmulator", "Outcome", "Plan"]
 
 MAX_INSN = 16
+PAGE = 4096
+
+Reader = Callable[[int, int], Awaitable[bytes | None]]
+"""`read(address, length)`: guest memory, or None when it cannot be read."""
+
+_FULL32 = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
+_FULL64 = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi") + tuple(f"r{n}" for n in range(8, 16))
+_JCC = {
+    "jo": lambda f: f["of"], "jno": lambda f: not f["of"],
+    "jb": lambda f: f["cf"], "jae": lambda f: not f["cf"],
+    "je": lambda f: f["zf"], "jne": lambda f: not f["zf"],
+    "jbe": lambda f: f["cf"] or f["zf"], "ja": lambda f: not (f["cf"] or f["zf"]),
+    "js": lambda f: f["sf"], "jns": lambda f: not f["sf"],
+    "jp": lambda f: f["pf"], "jnp": lambda f: not f["pf"],
+    "jl": lambda f: f["sf"] != f["of"], "jge": lambda f: f["sf"] == f["of"],
+    "jle": lambda f: f["zf"] or f["sf"] != f["of"], "jg": lambda f: not f["zf"] and f["sf"] == f["of"],
+}
+
+
+@dataclass(frozen=True)
+class Mem:
+    """A memory operand: base + index * scale + disp (`base` "rip" counts from the next instruction)."""
+
+    base: str | None
+    index: str | None
+    scale: int
+    disp: int
+    size: int
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How to simulate one instruction: its kind, length and registers."""
+    """How to simulate one decoded instruction.
 
-    kind: str  # "nop", "push", "mov"
+    `dst`/`src` are register names (capstone's), `Mem` operands or int immediates, as `kind` needs.
+    """
+
+    kind: str  # nop mov movzx lea push pop leave call ret jmp jcc
     length: int
-    src: str | None = None
-    dst: str | None = None
+    dst: Any = None
+    src: Any = None
+    size: int = 0  # bytes moved (loads, stores, movzx sources)
+    cond: str | None = None
+
+
+@dataclass
+class Outcome:
+    """A simulated instruction: the register block after it, its memory writes, and the packets."""
+
+    registers: bytes
+    writes: list[tuple[int, bytes]]
+    packets: list[bytes]
 
 
 class Emulator:
-    """Plans and packets for simulated instructions, for one target (arch + register layout)."""
+    """Plans and effects of simulated instructions, for one x86 target (arch + register layout)."""
 
     def __init__(self, arch: Any, layout: Any):
         self.arch = arch
         self.layout = layout
-        self._names = set(layout.registers)
-        self._full = {"i386": 4, "x86_64": 8}.get(arch.name)
+        self.word = {"i386": 4, "x86_64": 8}.get(arch.name, 0)
+        self.mask = (1 << (8 * self.word)) - 1
+        names = set(layout.registers)
+        full = _FULL32 if self.word == 4 else _FULL64
+        # Every general register name capstone may print -> (register in the layout, shift, bits).
+        self._regs: dict[str, tuple[str, int, int]] = {}
+        if self.word and all(n in names for n in full):
+            self._map_registers(full)
+        self._writable = {n for n, (_, shift, bits) in self._regs.items() if shift == 0 and bits >= 32}
         self._plan = lru_cache(maxsize=4096)(self._decode)
+
+    def _map_registers(self, full: tuple[str, ...]) -> None:
+        bits = 8 * self.word
+        legacy = ("a", "c", "d", "b")
+        for name in full:
+            self._regs[name] = (name, 0, bits)
+        for i, letter in enumerate(legacy):
+            wide = full[i]
+            if bits == 64:
+                self._regs[f"e{letter}x"] = (wide, 0, 32)
+            self._regs[f"{letter}x"] = (wide, 0, 16)
+            self._regs[f"{letter}l"] = (wide, 0, 8)
+            self._regs[f"{letter}h"] = (wide, 8, 8)
+        for i, short in enumerate(("sp", "bp", "si", "di")):
+            wide = full[4 + i]
+            if bits == 64:
+                self._regs[f"e{short}"] = (wide, 0, 32)
+                self._regs[f"{short}l"] = (wide, 0, 8)
+            self._regs[short] = (wide, 0, 16)
+        if bits == 64:
+            for n in range(8, 16):
+                self._regs[f"r{n}d"] = (f"r{n}", 0, 32)
+                self._regs[f"r{n}w"] = (f"r{n}", 0, 16)
+                self._regs[f"r{n}b"] = (f"r{n}", 0, 8)
 
     @property
     def supported(self) -> bool:
-        return self._full is not None
+        return bool(self._regs)
+
+    # -- decoding ------------------------------------------------------------------------------------
 
     def plan(self, code: bytes) -> Plan | None:
         """The simulation plan for the instruction at the start of `code`, or None (step it)."""
@@ -54,65 +142,223 @@ class Emulator:
     def _decode(self, code: bytes) -> Plan | None:
         import capstone
 
-        mode = capstone.CS_MODE_64 if self.arch.name == "x86_64" else capstone.CS_MODE_32
-        md = _disassembler(mode)
-        insns = list(md.disasm(code, 0, count=1))
-        if not insns:
+        md = _disassembler(capstone.CS_MODE_64 if self.word == 8 else capstone.CS_MODE_32)
+        insn = next(md.disasm(code, 0, count=1), None)
+        if insn is None:
             return None
-        insn = insns[0]
-        mnem = insn.mnemonic
+        mnem, n = insn.mnemonic, insn.size
         if mnem in ("nop", "endbr64", "endbr32"):
-            return Plan("nop", insn.size)
-        ops = insn.operands
-        if mnem == "push" and len(ops) == 1 and ops[0].type == capstone.x86.X86_OP_REG:
-            reg = insn.reg_name(ops[0].reg)
-            if reg in self._names and ops[0].size == self._full:
-                return Plan("push", insn.size, src=reg)
-        if (
-            mnem == "mov"
-            and len(ops) == 2
-            and all(op.type == capstone.x86.X86_OP_REG and op.size == self._full for op in ops)
-        ):
-            dst, src = insn.reg_name(ops[0].reg), insn.reg_name(ops[1].reg)
-            if dst in self._names and src in self._names:
-                return Plan("mov", insn.size, src=src, dst=dst)
+            return Plan("nop", n)
+        lock_rep, segment, _opsize, addrsize = insn.prefix
+        if lock_rep or addrsize or segment in (0x64, 0x65):
+            return None
+        ops = [self._operand(insn, op) for op in insn.operands]
+        if any(op is None for op in ops):
+            return None
+        word = self.word
+        if mnem == "mov" or mnem == "movabs":
+            dst, src = ops
+            if isinstance(dst, str) and dst in self._writable:
+                if isinstance(src, Mem):
+                    return Plan("mov", n, dst, src, size=src.size) if src.size == self._bits(dst) // 8 else None
+                return Plan("mov", n, dst, src) if isinstance(src, int) or self._bits(src) == self._bits(dst) else None
+            if isinstance(dst, Mem) and (isinstance(src, int) or (isinstance(src, str) and self._bits(src) // 8 == dst.size)):
+                return Plan("store", n, dst, src, size=dst.size)
+            return None
+        if mnem == "movzx":
+            dst, src = ops
+            if isinstance(dst, str) and dst in self._writable:
+                size = src.size if isinstance(src, Mem) else self._bits(src) // 8
+                return Plan("movzx", n, dst, src, size=size)
+            return None
+        if mnem == "lea":
+            dst, src = ops
+            if isinstance(dst, str) and dst in self._writable and isinstance(src, Mem):
+                return Plan("lea", n, dst, src)
+            return None
+        if mnem == "push" and len(ops) == 1 and insn.operands[0].size == word and not isinstance(ops[0], Mem):
+            return Plan("push", n, src=ops[0])
+        if mnem == "pop" and len(ops) == 1 and isinstance(ops[0], str) and self._bits(ops[0]) == 8 * word:
+            return Plan("pop", n, dst=ops[0])
+        if mnem == "leave" and not ops:
+            return Plan("leave", n)
+        if mnem == "ret":
+            if not ops:
+                return Plan("ret", n, src=0)
+            return Plan("ret", n, src=insn.operands[0].imm & 0xFFFF)
+        if mnem in ("call", "jmp") and len(ops) == 1 and not isinstance(ops[0], Mem):
+            if isinstance(ops[0], str) and self._bits(ops[0]) != 8 * word:
+                return None
+            return Plan(mnem, n, src=ops[0])
+        if mnem in _JCC and len(ops) == 1 and isinstance(ops[0], int):
+            return Plan("jcc", n, src=ops[0], cond=mnem)
         return None
 
-    def effects(self, plan: Plan, g_payload: bytes, pc: int) -> tuple[bytes, list[tuple[int, bytes]]] | None:
-        """The register block after the instruction, and its memory writes (address, bytes)."""
-        layout, arch = self.layout, self.arch
-        word = arch.word_size
-        writes: list[tuple[int, bytes]] = []
-        g = g_payload
-        if plan.kind == "push":
-            sp = layout.value(g, arch.sp)
-            value = layout.value(g, plan.src)
-            if sp is None or value is None:
+    def _operand(self, insn: Any, op: Any) -> str | Mem | int | None:
+        import capstone.x86 as x86
+
+        if op.type == x86.X86_OP_REG:
+            name = insn.reg_name(op.reg)
+            return name if name in self._regs else None
+        if op.type == x86.X86_OP_IMM:
+            return op.imm
+        if op.type == x86.X86_OP_MEM:
+            mem = op.mem
+            if mem.segment not in (0, x86.X86_REG_INVALID) and insn.reg_name(mem.segment) in ("fs", "gs"):
                 return None
-            sp = (sp - word) & ((1 << (8 * word)) - 1)
-            writes.append((sp, value.to_bytes(word, "little")))
-            g = layout.patch(g, arch.sp, sp)
-        elif plan.kind == "mov":
-            value = layout.value(g, plan.src)
+            base = insn.reg_name(mem.base) if mem.base else None
+            index = insn.reg_name(mem.index) if mem.index else None
+            if base not in (None, "rip") and base not in self._regs:
+                return None
+            if index is not None and index not in self._regs:
+                return None
+            if base == "rip":
+                base = "rip"
+            return Mem(base, index, mem.scale, mem.disp, op.size)
+        return None
+
+    def _bits(self, name: str) -> int:
+        return self._regs[name][2]
+
+    # -- effects -------------------------------------------------------------------------------------
+
+    def _get(self, g: bytes, name: str) -> int | None:
+        wide, shift, bits = self._regs[name]
+        value = self.layout.value(g, wide)
+        return None if value is None else (value >> shift) & ((1 << bits) - 1)
+
+    def _put(self, g: bytes, name: str, value: int, touched: set[str]) -> bytes:
+        wide, _shift, bits = self._regs[name]
+        touched.add(wide)
+        # A 32-bit register write clears the upper half on x86_64; full width writes all of it.
+        return self.layout.patch(g, wide, value & ((1 << bits) - 1))
+
+    def _address(self, g: bytes, mem: Mem, next_pc: int) -> int | None:
+        total = mem.disp
+        if mem.base == "rip":
+            total += next_pc
+        elif mem.base is not None:
+            base = self._get(g, mem.base)
+            if base is None:
+                return None
+            total += base
+        if mem.index is not None:
+            index = self._get(g, mem.index)
+            if index is None:
+                return None
+            total += index * mem.scale
+        return total & self.mask
+
+    def _kernel(self, g: bytes) -> bool:
+        cs = self.layout.value(g, "cs")
+        return cs is not None and cs & 3 == 0
+
+    def _may_store(self, g: bytes, address: int, size: int) -> bool:
+        sp = self.layout.value(g, self.arch.sp)
+        if sp is None or not self._kernel(g):
+            return False
+        low = sp - sp % PAGE
+        return low <= address and address + size <= low + 2 * PAGE
+
+    async def run(self, plan: Plan, g: bytes, pc: int, read: Reader) -> Outcome | None:
+        """Simulate `plan` at `pc` on registers `g`; None when it cannot be (then step it).
+
+        Args:
+            read: reads guest memory for loads (None back: the CPU would fault; step instead).
+        """
+        word, mask = self.word, self.mask
+        g0 = g
+        touched: set[str] = set()
+        next_pc = (pc + plan.length) & mask
+        new_pc = next_pc
+        writes: list[tuple[int, bytes]] = []
+        sp_name = self.arch.sp
+        kind = plan.kind
+
+        async def load(address: int, size: int) -> int | None:
+            if not self._kernel(g):
+                return None
+            data = await read(address, size)
+            return None if data is None or len(data) != size else int.from_bytes(data, "little")
+
+        def value_of(operand: Any) -> int | None:
+            return operand & mask if isinstance(operand, int) else self._get(g, operand)
+
+        if kind == "nop":
+            pass
+        elif kind in ("mov", "movzx"):
+            src = plan.src
+            if isinstance(src, Mem):
+                address = self._address(g, src, next_pc)
+                value = None if address is None else await load(address, plan.size)
+            else:
+                value = value_of(src)
             if value is None:
                 return None
-            g = layout.patch(g, plan.dst, value)
-        return layout.patch(g, arch.pc, pc + plan.length), writes
-
-    def packets(self, plan: Plan, g_payload: bytes, pc: int) -> list[bytes] | None:
-        """The `M`/`P` packets that make the instruction at `pc` done, or None if a value is missing."""
-        effects = self.effects(plan, g_payload, pc)
-        if effects is None:
+            g = self._put(g, plan.dst, value, touched)
+        elif kind == "lea":
+            address = self._address(g, plan.src, next_pc)
+            if address is None:
+                return None
+            g = self._put(g, plan.dst, address, touched)
+        elif kind == "store":
+            address = self._address(g, plan.dst, next_pc)
+            value = value_of(plan.src)
+            if address is None or value is None or not self._may_store(g, address, plan.size):
+                return None
+            writes.append((address, (value & ((1 << (8 * plan.size)) - 1)).to_bytes(plan.size, "little")))
+        elif kind in ("push", "call"):
+            sp = self.layout.value(g, sp_name)
+            value = value_of(plan.src)
+            if sp is None or value is None:
+                return None
+            sp = (sp - word) & mask
+            if not self._may_store(g, sp, word):
+                return None
+            if kind == "push":
+                writes.append((sp, value.to_bytes(word, "little")))
+            else:
+                writes.append((sp, next_pc.to_bytes(word, "little")))
+                new_pc = (pc + value) & mask if isinstance(plan.src, int) else value
+            g = self._put(g, sp_name, sp, touched)
+        elif kind in ("pop", "ret", "leave"):
+            sp = self.layout.value(g, self.arch.fp if kind == "leave" else sp_name)
+            value = None if sp is None else await load(sp, word)
+            if value is None:
+                return None
+            sp = (sp + word) & mask
+            if kind == "pop":
+                g = self._put(g, sp_name, sp, touched)
+                g = self._put(g, plan.dst, value, touched)  # `pop rsp` ends with the loaded value, as the CPU does
+            elif kind == "ret":
+                g = self._put(g, sp_name, (sp + plan.src) & mask, touched)
+                new_pc = value
+            else:
+                g = self._put(g, sp_name, sp, touched)
+                g = self._put(g, self.arch.fp, value, touched)
+        elif kind == "jmp":
+            target = value_of(plan.src)
+            if target is None:
+                return None
+            new_pc = (pc + target) & mask if isinstance(plan.src, int) else target
+        elif kind == "jcc":
+            eflags = self.layout.value(g, "eflags")
+            if eflags is None:
+                return None
+            flags = {"cf": eflags & 1, "pf": eflags >> 2 & 1, "zf": eflags >> 6 & 1, "sf": eflags >> 7 & 1,
+                     "of": eflags >> 11 & 1}
+            if _JCC[plan.cond](flags):
+                new_pc = (pc + plan.src) & mask
+        else:
             return None
-        new_g, writes = effects
-        out = [b"M%x,%x:%s" % (address, len(data), data.hex().encode()) for address, data in writes]
-        changed = {self.arch.sp, self.arch.pc} if plan.kind == "push" else {plan.dst or "", self.arch.pc}
-        for name in sorted(changed - {""}, key=lambda n: n == self.arch.pc):  # the pc last
-            out.append(self._set(name, self.layout.value(new_g, name)))
-        return out
-
-    def _set(self, name: str, value: int) -> bytes:
-        return b"P%x=%s" % (self.layout.regnum(name), self.layout.encode_p(name, value))
+        g = self.layout.patch(g, self.arch.pc, new_pc)
+        # Memory first: registers and the pc then say the instruction is done.
+        packets = [b"M%x,%x:%s" % (a, len(d), d.hex().encode()) for a, d in writes]
+        layout = self.layout
+        for name in sorted(touched) + [self.arch.pc]:
+            if name == self.arch.pc or layout.value(g, name) != layout.value(g0, name):
+                packets.append(b"P%x=%s" % (layout.regnum(name), layout.encode_p(name, layout.value(g, name))))
+        return Outcome(g, writes, packets)
 
 
 @lru_cache(maxsize=2)
@@ -127,8 +373,7 @@ def _disassembler(mode: int):
 class NoEmulator:
     """Stands in before attaching, or after a simulation failed: always step."""
 
-    def plan(self, code: bytes) -> None:
-        return None
+    supported = False
 
-    def packets(self, *args: Any) -> None:
+    def plan(self, code: bytes) -> None:
         return None

@@ -395,16 +395,23 @@ class Engine(DebuggerSide):
 
     async def _simulate(self, hit: _Hit, g: bytes, code: bytes | Exception) -> bool:
         """Get past the breakpoint by simulating the instruction and continue, in one write."""
-        if isinstance(code, Exception) or not await self.code_mode.is_native(g):
+        if isinstance(code, Exception):
             return False
         plan = self.emulator.plan(code)
-        packets = self.emulator.packets(plan, g, hit.pc) if plan is not None else None
-        if packets is None:
+        if plan is None or not await self.code_mode.is_native(g):
             return False
-        await self._resume_fast(packets, defer=True)  # checked at the next stop (`_on_stop`)
+        outcome = await self.emulator.run(plan, g, hit.pc, self._read_plain)
+        if outcome is None:
+            return False
+        await self._resume_fast(outcome.packets, defer=True)  # checked at the next stop (`_on_stop`)
         self.simulated += 1
         self._publish_hit(hit, [(None, None)] * len(hit.probes))
         return True
+
+    async def _read_plain(self, address: int, length: int) -> bytes | None:
+        """Guest memory for a simulated load; None when the target cannot read it."""
+        (data,) = await self.target.read_many([(address, length)])
+        return None if isinstance(data, Exception) else data
 
     async def _pre_phase(self, thread: ThreadId | None, pc: int, g: bytes, probes: list[Probe]) -> _Hit:
         self.hits += 1

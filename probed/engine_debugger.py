@@ -194,8 +194,6 @@ class DebuggerSide:
         """
         if any(k[0] == "watch" for k in self._installed) or any(k[0] == "watch" for k in self._wanted()):
             return None
-        if not await self.code_mode.is_native(g):
-            return None
         code = link.memory.code_at(pc, MAX_INSN)
         if code is None:
             # A little more than one instruction: GDB's next step is likely to start in it.
@@ -205,17 +203,27 @@ class DebuggerSide:
                 return None
             link.memory.put(pc, length, code.hex().encode())
         plan = self.emulator.plan(code)
-        effects = self.emulator.effects(plan, g, pc) if plan is not None else None
-        packets = self.emulator.packets(plan, g, pc) if effects is not None else None
-        if packets is None:
+        if plan is None or not await self.code_mode.is_native(g):
+            return None
+
+        async def read(address: int, length: int) -> bytes | None:
+            reply = link.memory.get(address, length)
+            if reply is None:
+                reply = await self.client.request(b"m%x,%x" % (address, length))
+                link.memory.put(address, length, reply)
+            if reply[:1] == b"E" or len(reply) != 2 * length:
+                return None
+            return bytes.fromhex(reply.decode("ascii"))
+
+        outcome = await self.emulator.run(plan, g, pc, read)
+        if outcome is None:
             return None
         # Write-behind: QEMU applies these before anything we send later; a refusal shows up in
         # `deferred_errors` at the next reply, and the emulator is then switched off (`_check_deferred`).
-        await self.client.post(packets)
+        await self.client.post(outcome.packets)
         self.simulated += 1
-        new_g, writes = effects
-        link.patch_memory(writes)
-        return new_g
+        link.patch_memory(outcome.writes)
+        return outcome.registers
 
     async def _read_for_debugger(self, link: DebuggerLink, thread: ThreadId | None) -> bytes:
         """At a stop GDB will see, in one write: the registers, what GDB read at its last stop, and the
