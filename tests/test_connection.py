@@ -129,3 +129,16 @@ async def test_other_architectures_layouts(arch, machine, pc, sp):
         regs = target.layout.decode(g)
         assert target.layout.encode(regs, len(g) // 2) == g
         await target.client.aclose()
+
+
+async def test_writes_behind_land_before_later_requests_and_refusals_are_kept(guest):
+    target, symbols = await attach(guest)
+    client = target.client
+    turns = symbols.lookup("turns").address
+    await client.post([b"M%x,4:78563412" % turns])  # no waiting for its OK
+    assert await client.request(b"m%x,4" % turns) == b"78563412"
+    bad = b"M%x,4:00" % turns  # two digits for four bytes: QEMU refuses it
+    await client.post([bad, b"M%x,4:01000000" % turns])
+    assert await client.request(b"m%x,4" % turns) == b"01000000"
+    assert [request for request, _ in client.deferred_errors] == [bad]
+    assert client.deferred_errors[0][1][:1] == b"E"

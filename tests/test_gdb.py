@@ -265,3 +265,26 @@ def test_a_second_gdb_is_refused(stubbed):
         second.exit()
     finally:
         first.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_the_daemon_does_not_spin_while_gdb_is_quiet(stubbed):
+    """The stub polls GDB's socket for a millisecond after each packet (to answer the next one sooner);
+    a GDB that holds the guest, or waits for a stop, costs no CPU."""
+    gdb = Gdb(stubbed.elf, stubbed.gdb_socket)
+    try:
+        for state in ("held by GDB", "running for GDB"):
+            if state == "running for GDB":
+                assert gdb.mi("-exec-continue")["message"] == "running"
+            before = cpu_seconds(stubbed.proc.pid)
+            time.sleep(1.0)  # the span measured, not a wait for anything
+            used = cpu_seconds(stubbed.proc.pid) - before
+            assert used < 0.2, f"{state}: the daemon used {used:.2f} s of CPU in 1 s"
+        gdb.mi("-exec-interrupt")
+        gdb.stopped()
+    finally:
+        gdb.close()

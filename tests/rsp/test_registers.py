@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from rsp.arch import arch_for
 from rsp.registers import RegisterDecodeError, RegisterEncodeError, RegisterLayout
+from rsp.stop import parse_stop_reply
 from rsp.tdesc import TargetDescription, UnknownRegister, includes_of, parse_target_description
 
 MACHINES = {
@@ -378,3 +379,25 @@ def test_big_endian_layouts(small):
     assert big.encode(big.decode(g)) == g
     with pytest.raises(ValueError, match="byteorder"):
         RegisterLayout(small.tdesc, byteorder="middle")
+
+
+@pytest.mark.parametrize("fixture", list(MACHINES))
+def test_expedited_registers_round_trip_through_a_stop_reply(request, fixture):
+    layout = request.getfixturevalue(fixture).layout
+
+    @given(st.binary(min_size=layout.g_size, max_size=layout.g_size))
+    def check(block: bytes) -> None:
+        g = block.hex().encode()
+        stop = parse_stop_reply(b"T05" + layout.expedited_text(g) + b"thread:01;")
+        assert stop.registers == layout.expedited(g)
+        assert stop.registers == {r.regnum: g[2 * r.offset : 2 * (r.offset + r.size)] for r in layout.g_registers}
+
+    check()
+
+
+def test_expedited_leaves_out_what_it_cannot_say(small):
+    g = b"78563412" + b"xxxx" + b"00" * 10
+    assert small.expedited(g) == {0: b"78563412", 2: b"00" * 10}
+    assert small.expedited_text(g) == b"00:78563412;02:" + b"00" * 10 + b";"
+    # Not a whole block: nothing (GDB then reads `g` itself).
+    assert small.expedited(g[:-2]) == {} and small.expedited_text(g[:-2]) == b""
