@@ -16,10 +16,12 @@ Registers written must be full width (on x86_64 also 32-bit ones, which clear th
 does). Not handled (stepped instead): anything that computes flags, string and `lock`ed instructions,
 `fs:`/`gs:` and address-size overrides, control, segment and system registers.
 
-Memory is touched only in kernel mode (CPL 0), the privilege checks the debugger's accesses skip do not
-matter there: a load must read (else the CPU would fault: step it), and a store must fall in the stack's
-current page or the one above, which the kernel's own stack keeps mapped and writable (a store
-anywhere else might hit a copy-on-write or read-only page that the CPU would fault on).
+Memory is touched only in kernel mode (CPL 0; in user mode the privilege and copy-on-write checks that
+the debugger's accesses skip would matter), and only where it is surely RAM that the CPU may use: the
+stack's current page and the one above it, and the program's own image as the symbol files lay it out
+(ELF sections; writable ones for stores). Elsewhere may be a device: QEMU answers a debugger's read of
+the local APIC with zeros, where the CPU reads its registers. A load the debugger cannot read is stepped
+too (the CPU would fault).
 """
 
 from __future__ import annotations
@@ -89,9 +91,14 @@ class Outcome:
 class Emulator:
     """Plans and effects of simulated instructions, for one x86 target (arch + register layout)."""
 
-    def __init__(self, arch: Any, layout: Any):
+    def __init__(self, arch: Any, layout: Any, image: Callable[[], tuple[list, list]] | None = None):
+        """Args:
+            image: where the program's own memory is, `(readable, writable)` lists of (start, end) (see
+                `SymbolStore.image_ranges`); loads and stores outside it and the stack are stepped.
+        """
         self.arch = arch
         self.layout = layout
+        self._image = image or (lambda: ([], []))
         self.word = {"i386": 4, "x86_64": 8}.get(arch.name, 0)
         self.mask = (1 << (8 * self.word)) - 1
         names = set(layout.registers)
@@ -253,12 +260,19 @@ class Emulator:
         cs = self.layout.value(g, "cs")
         return cs is not None and cs & 3 == 0
 
-    def _may_store(self, g: bytes, address: int, size: int) -> bool:
-        sp = self.layout.value(g, self.arch.sp)
-        if sp is None or not self._kernel(g):
+    def _may_access(self, g: bytes, address: int, size: int, *, store: bool) -> bool:
+        """Kernel mode, and the stack's page (or the one above), or the program's own image: memory
+        that is RAM, so the debugger's access does what the CPU's would (a device register read through
+        the debugger is not what the CPU reads: QEMU's local APIC answers it with zeros)."""
+        if not self._kernel(g):
             return False
-        low = sp - sp % PAGE
-        return low <= address and address + size <= low + 2 * PAGE
+        sp = self.layout.value(g, self.arch.sp)
+        if sp is not None:
+            low = sp - sp % PAGE
+            if low <= address and address + size <= low + 2 * PAGE:
+                return True
+        readable, writable = self._image()
+        return any(start <= address and address + size <= end for start, end in (writable if store else readable))
 
     async def run(self, plan: Plan, g: bytes, pc: int, read: Reader) -> Outcome | None:
         """Simulate `plan` at `pc` on registers `g`; None when it cannot be (then step it).
@@ -276,7 +290,7 @@ class Emulator:
         kind = plan.kind
 
         async def load(address: int, size: int) -> int | None:
-            if not self._kernel(g):
+            if not self._may_access(g, address, size, store=False):
                 return None
             data = await read(address, size)
             return None if data is None or len(data) != size else int.from_bytes(data, "little")
@@ -304,7 +318,7 @@ class Emulator:
         elif kind == "store":
             address = self._address(g, plan.dst, next_pc)
             value = value_of(plan.src)
-            if address is None or value is None or not self._may_store(g, address, plan.size):
+            if address is None or value is None or not self._may_access(g, address, plan.size, store=True):
                 return None
             writes.append((address, (value & ((1 << (8 * plan.size)) - 1)).to_bytes(plan.size, "little")))
         elif kind in ("push", "call"):
@@ -313,7 +327,7 @@ class Emulator:
             if sp is None or value is None:
                 return None
             sp = (sp - word) & mask
-            if not self._may_store(g, sp, word):
+            if not self._may_access(g, sp, word, store=True):
                 return None
             if kind == "push":
                 writes.append((sp, value.to_bytes(word, "little")))

@@ -165,7 +165,7 @@ class Engine(DebuggerSide):
                 ) from exc
             except RSPError as exc:
                 raise TargetError(f"cannot attach to {self.target_address}: {exc}") from exc
-            self.emulator = Emulator(self.arch, self.target.layout)
+            self.emulator = Emulator(self.arch, self.target.layout, self.symbols.image_ranges)
             self.code_mode = CodeMode(self.target)
             self.state = "stopped"
             log.info("attached to %s (%s, %d cpu)", self.target_address, self.arch.name, len(self.target.threads))

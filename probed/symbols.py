@@ -73,11 +73,20 @@ def parse_file_arg(arg: str) -> tuple[str, int]:
 class SymbolFile:
     """One loaded symbol file: its symbols at link addresses, and a bias added to each."""
 
-    def __init__(self, name: str, path: Path, raw: list[tuple[str, int, int, str]], bias: int = 0):
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        raw: list[tuple[str, int, int, str]],
+        bias: int = 0,
+        sections: list[tuple[int, int, bool]] | None = None,
+    ):
         self.name = name
         self.path = path
         self.bias = bias
         self._raw = raw  # (name, link address, size, kind), sorted by address
+        # The image's allocated sections (link address, size, writable), from an ELF's section headers.
+        self.sections = sections or []
 
     @classmethod
     def load(cls, path: str | Path, bias: int = 0, name: str | None = None) -> SymbolFile:
@@ -103,7 +112,8 @@ class SymbolFile:
             raise BadSpec(str(path), "no symbols found (expected an ELF, a System.map or a kallsyms dump)")
         if not is_elf and raw[-1][1] == 0:
             raise BadSpec(str(path), "every address is 0: dump /proc/kallsyms as root (kernel.kptr_restrict hides them)")
-        return cls(name or path.stem.split(".")[0] or path.name, path, raw, bias)
+        sections = _elf_sections(path) if is_elf else []
+        return cls(name or path.stem.split(".")[0] or path.name, path, raw, bias, sections)
 
     def symbols(self) -> Iterator[Symbol]:
         """Every symbol of the file at its current bias, by address."""
@@ -173,6 +183,23 @@ def _load_elf(path: Path) -> list[tuple[str, int, int, str]]:
     return _fill_sizes(entries)
 
 
+def _elf_sections(path: Path) -> list[tuple[int, int, bool]]:
+    """The sections the image occupies in memory: (link address, size, writable).
+
+    Writable means SHF_WRITE, except Linux's `.data..ro_after_init`, which turns read-only after boot.
+    """
+    from elftools.elf.elffile import ELFFile
+
+    out = []
+    with path.open("rb") as f:
+        for section in ELFFile(f).iter_sections():
+            flags = section["sh_flags"]
+            if flags & 0x2 and section["sh_addr"] and section["sh_size"]:  # SHF_ALLOC
+                writable = bool(flags & 0x1) and "ro_after_init" not in section.name
+                out.append((section["sh_addr"], section["sh_size"], writable))
+    return out
+
+
 class SymbolStore:
     """Every loaded symbol file, looked up together."""
 
@@ -182,6 +209,7 @@ class SymbolStore:
         self._sorted: list[Symbol] | None = None
         self._names_at: dict[int, str | None] = {}
         self._addrs: list[int] = []
+        self._image: tuple[list[tuple[int, int]], list[tuple[int, int]]] | None = None
 
     # -- files --------------------------------------------------------------------------------------
 
@@ -228,7 +256,23 @@ class SymbolStore:
         self.file(file_name).bias = bias
         self._invalidate()
 
+    def image_ranges(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Where the loaded images lie in memory, at their biases: (all sections, writable ones), each a
+        list of (start, end). Only ELF files know their sections."""
+        if self._image is not None:
+            return self._image
+        readable, writable = [], []
+        for f in self._files.values():
+            for address, size, rw in f.sections:
+                span = (address + f.bias, address + f.bias + size)
+                readable.append(span)
+                if rw:
+                    writable.append(span)
+        self._image = (readable, writable)
+        return self._image
+
     def _invalidate(self) -> None:
+        self._image = None
         self._by_name = None
         self._sorted = None
         self._names_at.clear()

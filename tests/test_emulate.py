@@ -18,6 +18,9 @@ from rsp.connection import RSPClient
 KERNEL_CS, USER_CS = 0x08, 0x1B
 
 
+IMAGE = ([(0x10000, 0x20000), (0x30000, 0x31000)], [(0x30000, 0x31000)])  # text+rodata, then data
+
+
 def _emulator(arch: str) -> Emulator:
     async def read_layout():
         with QemuGuest(arch) as guest:
@@ -27,7 +30,7 @@ def _emulator(arch: str) -> Emulator:
             return target
 
     target = trio.run(read_layout)
-    return Emulator(target.arch, target.layout)
+    return Emulator(target.arch, target.layout, lambda: IMAGE)
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +118,11 @@ async def test_a_32_bit_write_clears_the_upper_half_on_x86_64(x86_64):
 
 async def test_rip_relative_loads_and_lea(x86_64):
     g = block(x86_64, cs=KERNEL_CS, rsp=0x8000)
-    memory = Memory({0x2017: (0xDEADBEEF).to_bytes(8, "little")})
-    out = await simulate(x86_64, bytes.fromhex("48 8b 05 10 10 00 00"), g, 0x1000, memory)  # mov rax, [rip+0x1010]
+    memory = Memory({0x11017: (0xDEADBEEF).to_bytes(8, "little")})
+    out = await simulate(x86_64, bytes.fromhex("48 8b 05 10 10 00 00"), g, 0x10000, memory)  # mov rax, [rip+0x1010]
     assert reg(x86_64, out.registers, "rax") == 0xDEADBEEF
-    out = await simulate(x86_64, bytes.fromhex("48 8d 05 10 10 00 00"), g, 0x1000)  # lea rax, [rip+0x1010]
-    assert reg(x86_64, out.registers, "rax") == 0x2017
+    out = await simulate(x86_64, bytes.fromhex("48 8d 05 10 10 00 00"), g, 0x10000)  # lea rax, [rip+0x1010]
+    assert reg(x86_64, out.registers, "rax") == 0x11017
 
 
 async def test_memory_only_in_kernel_mode_and_stores_only_on_the_stack(i386):
@@ -161,3 +164,17 @@ async def test_a_load_the_target_cannot_read_is_stepped(i386):
 )
 def test_what_is_not_simulated(i386, code, what):
     assert i386.plan(bytes.fromhex(code)) is None, what
+
+
+async def test_memory_outside_the_stack_only_in_the_image(i386):
+    g = block(i386, cs=KERNEL_CS, esp=0x1F00, eax=0x30010, ebx=0x10010, ecx=0xFEE00300, edx=7)
+    memory = Memory({0x30010: b"\x01\x00\x00\x00", 0x10010: b"\x02\x00\x00\x00", 0xFEE00300: b"\x00" * 4})
+    out = await simulate(i386, b"\x8b\x30", g, 0x100, memory)  # mov esi, [eax]: data
+    assert reg(i386, out.registers, "esi") == 1
+    out = await simulate(i386, b"\x8b\x33", g, 0x100, memory)  # mov esi, [ebx]: read-only data
+    assert reg(i386, out.registers, "esi") == 2
+    # A device register: what the debugger reads there is not what the CPU reads.
+    assert await simulate(i386, b"\x8b\x31", g, 0x100, memory) is None  # mov esi, [ecx]
+    out = await simulate(i386, b"\x89\x10", g, 0x100)  # mov [eax], edx: writable data
+    assert out.writes == [(0x30010, b"\x07\x00\x00\x00")]
+    assert await simulate(i386, b"\x89\x13", g, 0x100) is None  # mov [ebx], edx: read-only
