@@ -348,8 +348,11 @@ class Engine(DebuggerSide):
         code: bytes | None = None
         stepped = False
         if debugger is not None and debugger.has_breakpoints():
-            # The stop may be GDB's: nothing may move before we know. Read what GDB will want too.
-            g = await self._read_for_debugger(debugger, thread)
+            # The stop may be GDB's: nothing may move before we know. Read what GDB will want too; if
+            # it is GDB's and no probe's, GDB gets it as soon as the registers are in.
+            g, delivered = await self._read_for_debugger(debugger, thread, event if debugger.running else None)
+            if delivered:
+                return False
         elif guess is not None and self._pipeline_step and any(p.post for p in guess.active()):
             # Likely the same probe as last time, with a post-handler: read and step in one write.
             (g,) = await client.pipeline([b"g"], resume=target.step_packet(thread))

@@ -83,6 +83,20 @@ class DebuggerSide:
 
         return await self.call_stopped(apply)
 
+    async def debugger_read_memory(self, address: int, length: int) -> bytes:
+        """GDB's `m`: from what was read at this stop when it is there, else from the target."""
+
+        async def apply() -> bytes:
+            link = self.debugger
+            reply = link.memory.get(address, length) if link is not None else None
+            if reply is None:
+                reply = await self.client.request(b"m%x,%x" % (address, length))
+                if link is not None and link.holding:  # (the guest stays as it is until GDB resumes it)
+                    link.memory.put(address, length, reply)
+            return reply
+
+        return await self.call_stopped(apply)
+
     def debugger_insert(self, ztype: int, address: int, kind: int) -> None:
         """GDB's `Z`. Hardware kinds take a slot owned by "gdb" at once.
 
@@ -124,7 +138,8 @@ class DebuggerSide:
             if action == "s":
                 # (A simulated step keeps GDB's cached reads, patched; a real one drops them.)
                 event = await self._debugger_step(link, thread or link.current_thread)
-                await link.deliver(event)
+                if event is not None:  # (else delivered already)
+                    await link.deliver(event)
                 return
             link.memory.clear()
             for hit in list(link.parked.values()):
@@ -141,7 +156,8 @@ class DebuggerSide:
 
         await self.call_stopped(apply)
 
-    async def _debugger_step(self, link: DebuggerLink, thread: ThreadId | None) -> StopEvent:
+    async def _debugger_step(self, link: DebuggerLink, thread: ThreadId | None) -> StopEvent | None:
+        """GDB's step; the stop to give GDB, or None when it was given already."""
         tid = thread.tid if thread else 1
         self._check_deferred()
         hit = link.parked.pop(tid, None)
@@ -184,7 +200,10 @@ class DebuggerSide:
             event = StopReply(event.signal, thread, event.core, event.reason, event.watch_address, event.registers)
         if isinstance(event, StopReply):
             # GDB reads the registers after every stop; read them now, for GDB and for its next step.
-            await self._read_for_debugger(link, event.thread)
+            # (A step's stop is GDB's: it goes to GDB as soon as the registers are in.)
+            _, delivered = await self._read_for_debugger(link, event.thread, event)
+            if delivered:
+                return None
         return event
 
     async def _simulate_step(self, link: DebuggerLink, g: bytes, pc: int) -> bytes | None:
@@ -225,22 +244,38 @@ class DebuggerSide:
         link.patch_memory(outcome.writes)
         return outcome.registers
 
-    async def _read_for_debugger(self, link: DebuggerLink, thread: ThreadId | None) -> bytes:
+    async def _read_for_debugger(
+        self, link: DebuggerLink, thread: ThreadId | None, gdbs: StopEvent | None = None
+    ) -> tuple[bytes, bool]:
         """At a stop GDB will see, in one write: the registers, what GDB read at its last stop, and the
-        code around the last stop's pc (GDB often stops at the same place again, or steps on nearby)."""
+        code around the last stop's pc (GDB often stops at the same place again, or steps on nearby).
+
+        With `gdbs`, the stop is delivered to GDB as soon as the registers say it is GDB's (no probe at
+        the pc), while the other reads are still on their way. Returns the registers and whether the
+        stop was delivered.
+        """
         reads = list(link.prefetch)
         if link.last_pc is not None:
             pc = link.last_pc
             start = max(pc - CODE_BEHIND, pc - pc % PAGE)
             reads.append((start, min(pc + CODE_WINDOW, pc - pc % PAGE + PAGE) - start))
-        replies = await self.client.pipeline([b"g", *(b"m%x,%x" % r for r in reads)])
-        raise_for_reply(b"g", replies[0])
-        link.remember_registers(thread, replies[0])
+        client = self.client
+        await client.begin([b"g", *(b"m%x,%x" % r for r in reads)])
+        g = await client.next_reply()
+        if g[:1] == b"E" or not g:
+            for _ in reads:
+                await client.next_reply()
+            raise_for_reply(b"g", g)
+        link.remember_registers(thread, g)
         link.memory.clear()
-        for (address, length), reply in zip(reads, replies[1:], strict=True):
-            link.memory.put(address, length, reply)
-        link.last_pc = self.target.pc_of(replies[0])
-        return replies[0]
+        pc = self.target.pc_of(g)
+        delivered = gdbs is not None and not self.table.active_at(pc)
+        if delivered:
+            await link.deliver(gdbs)
+        for address, length in reads:
+            link.memory.put(address, length, await client.next_reply())
+        link.last_pc = pc
+        return g, delivered
 
     async def debugger_interrupt(self, link: DebuggerLink) -> None:
         """GDB's Ctrl-C: stop the guest and give GDB the stop (even if its resume is still on its way)."""

@@ -125,6 +125,7 @@ class RSPClient:
         self.retransmits = 0
         self._bounded = 0
         self.deferred: deque[bytes] = deque()  # requests whose replies `wait_stop` will take
+        self._outstanding: deque[bytes] = deque()  # sent with `begin`, replies not taken yet
         self.deferred_errors: list[tuple[bytes, bytes]] = []
 
     @classmethod
@@ -253,6 +254,8 @@ class RSPClient:
         """
         if self.running:
             raise RuntimeError("cannot send requests while the target runs")
+        if self._outstanding:
+            raise RuntimeError("replies to earlier requests (`begin`) are still to be taken")
         frames = b"".join(encode_packet(p) for p in payloads)
         if resume is not None:
             frames += encode_packet(resume)
@@ -272,6 +275,30 @@ class RSPClient:
             await self._exchange(frames, payloads, resume, replies)
             return replies
         raise TargetTimeout(f"no reply to {payloads[len(replies)][:40]!r} within the time allowed")
+
+    async def begin(self, payloads: Sequence[bytes]) -> None:
+        """Send requests in one write and take their replies later, in order, with `next_reply`
+        (to act on the first reply while the others are still on their way)."""
+        if self.running:
+            raise RuntimeError("cannot send requests while the target runs")
+        frames = b"".join(encode_packet(p) for p in payloads)
+        self._last_sent = frames
+        await self._send(frames)
+        self._outstanding.extend(payloads)
+
+    async def next_reply(self, *, timeout: float | None = None) -> bytes:
+        """The reply to the oldest request sent with `begin`.
+
+        Raises:
+            TargetTimeout: no reply in time.
+        """
+        request = self._outstanding.popleft()
+        if self._bounded and timeout is None:
+            return await self._receive_reply(request)
+        with trio.move_on_at(self._deadline(timeout)):
+            return await self._receive_reply(request)
+        self._outstanding.clear()
+        raise TargetTimeout(f"no reply to {request[:40]!r} within the time allowed")
 
     async def post(self, payloads: Sequence[bytes]) -> None:
         """Send requests whose replies must be `OK`, without waiting for them (write-behind).

@@ -236,9 +236,7 @@ class GdbSession:
                 self.link.note_read(cmd.address, cmd.length)
                 cached = self.link.memory.get(cmd.address, cmd.length)
                 if cached is None:
-                    (cached,) = await engine.debugger_request([payload])
-                    if self.link.holding:  # (the guest stays as it is until GDB resumes it)
-                        self.link.memory.put(cmd.address, cmd.length, cached)
+                    cached = await engine.debugger_read_memory(cmd.address, cmd.length)
                 await self.reply(cached)
             elif isinstance(cmd, ReadMemory | WriteMemory) and self.phys:
                 replies = await engine.debugger_request([PHYS_MODE + b"1", payload, PHYS_MODE + b"0"])

@@ -142,3 +142,14 @@ async def test_writes_behind_land_before_later_requests_and_refusals_are_kept(gu
     assert await client.request(b"m%x,4" % turns) == b"01000000"
     assert [request for request, _ in client.deferred_errors] == [bad]
     assert client.deferred_errors[0][1][:1] == b"E"
+
+
+async def test_replies_taken_one_by_one_after_one_write(guest):
+    target, symbols = await attach(guest)
+    client = target.client
+    turns = symbols.lookup("turns").address
+    await client.begin([b"g", b"m%x,4" % turns])
+    assert len(await client.next_reply()) == 2 * target.layout.g_size
+    with pytest.raises(RuntimeError):
+        await client.request(b"g")  # the second reply is still to be taken: it would be taken as this one's
+    assert await client.next_reply() == await client.request(b"m%x,4" % turns)
