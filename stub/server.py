@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -52,7 +53,7 @@ from rsp.commands import (
 )
 from rsp.connection import parse_target, send_now
 from rsp.framing import NEED_DATA, BadChecksum, Framer, Interrupt, Nack, Packet, encode_packet
-from rsp.stop import StopEvent, StopReply, encode_stop_reply
+from rsp.stop import StopEvent, StopReply, ThreadId, encode_stop_reply
 
 __all__ = ["GdbSession", "serve_gdb"]
 
@@ -181,6 +182,8 @@ class GdbSession:
 
     def _stop_payload(self, event: StopEvent) -> bytes:
         """The stop reply, with every register the engine read at the stop: GDB then needs no `g`."""
+        if isinstance(event, StopReply) and event.thread is not None and event.thread.pid is not None:
+            event = replace(event, thread=_for_gdb(event.thread))
         payload = encode_stop_reply(event)
         if not isinstance(event, StopReply) or event.registers:
             return payload
@@ -203,7 +206,7 @@ class GdbSession:
                 await self.reply(b"OK")
                 self.ack = False
             elif isinstance(cmd, HaltReason):
-                await self.reply(encode_stop_reply(self.last_stop))
+                await self.reply(self._stop_payload(self.last_stop))
             elif isinstance(cmd, Detach):
                 await self.reply(b"OK")
                 return True
@@ -229,7 +232,9 @@ class GdbSession:
                 await self.reply(cached)  # read by the engine at this stop already
             elif isinstance(cmd, ThreadInfoFirst):
                 # vCPUs do not come and go under QEMU: the list read at attach is the list.
-                await self.reply(b"m" + b",".join(t.encode() for t in engine.target.threads))
+                await self.reply(b"m" + b",".join(_for_gdb(t).encode() for t in engine.target.threads))
+            elif payload == b"qC" and (current := self.link.current_thread or (engine.target.threads or [None])[0]):
+                await self.reply(b"QC" + _for_gdb(current).encode())
             elif isinstance(cmd, ThreadInfoNext):
                 await self.reply(b"l")
             elif isinstance(cmd, ReadMemory) and not self.phys:
@@ -288,6 +293,12 @@ class GdbSession:
         if output:
             await self.reply(b"O" + output.encode().hex().encode())
         await self.reply(b"OK")
+
+
+def _for_gdb(thread: ThreadId) -> ThreadId:
+    """A thread id as GDB expects it from this stub, which does not offer `multiprocess+`: no process
+    part. (QEMU uses `pP.T` ids once any debugger negotiated them, for as long as it runs.)"""
+    return ThreadId(thread.tid) if thread.pid is not None else thread
 
 
 async def serve_gdb(engine: Any, listen: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
+from types import SimpleNamespace
 
 import pytest
 from pygdbmi.gdbcontroller import GdbController
@@ -288,3 +290,26 @@ def test_the_daemon_does_not_spin_while_gdb_is_quiet(stubbed):
         gdb.stopped()
     finally:
         gdb.close()
+
+
+def test_gdb_through_probed_after_gdb_straight_to_qemu(guest_i386, tmp_path):
+    """QEMU keeps the multiprocess thread ids (`p1.1`) a first debugger negotiated; the stub, which does
+    not offer them, must not pass them on (GDB 13 then fails an internal assertion)."""
+    where = guest_i386.target.split(":", 1)[1]
+    first = subprocess.run(["gdb", "-batch", "-nx", str(guest_i386.elf), "-ex", f"target remote {where}",
+                            "-ex", "info threads", "-ex", "detach"], capture_output=True, text=True, timeout=60)
+    assert "Thread 1.1" in first.stdout, first.stdout  # multiprocess ids, as GDB straight to QEMU has them
+    sock = tmp_path / "gdb.sock"
+    daemon = Daemon(guest_i386, tmp_path, "--gdb-listen", f"unix:{sock}")
+    gdb = Gdb(guest_i386.elf, sock)
+    try:
+        elsewhere = symbol(SimpleNamespace(elf=guest_i386.elf), "elsewhere")
+        gdb.mi(f"-break-insert *{elsewhere:#x}")
+        assert gdb.run("-exec-continue")["reason"] == "breakpoint-hit"
+        assert gdb.mi("-thread-info")["payload"]["threads"][0]["id"] == "1"
+        gdb.run("-exec-step-instruction")
+        assert gdb.pc() == elsewhere + 1
+        assert "internal-error" not in "".join(gdb.console)
+    finally:
+        gdb.close()
+        assert daemon.stop() == 0
