@@ -78,6 +78,13 @@ class Plan:
     size: int = 0  # bytes moved (loads, stores, movzx sources)
     cond: str | None = None
 
+    @property
+    def touches_memory(self) -> bool:
+        """Whether it reads or writes memory (a watchpoint would see the CPU do it, not a simulation)."""
+        return self.kind in ("store", "push", "pop", "call", "ret", "leave") or (
+            self.kind in ("mov", "movzx") and isinstance(self.src, Mem)
+        )
+
 
 @dataclass
 class Outcome:

@@ -401,7 +401,7 @@ class Engine(DebuggerSide):
         if isinstance(code, Exception):
             return False
         plan = self.emulator.plan(code)
-        if plan is None or not await self.code_mode.is_native(g):
+        if plan is None or (plan.touches_memory and self._watching()) or not await self.code_mode.is_native(g):
             return False
         outcome = await self.emulator.run(plan, g, hit.pc, self._read_plain)
         if outcome is None:
@@ -533,6 +533,10 @@ class Engine(DebuggerSide):
         if self.debugger is not None:
             want |= self.debugger.keys()
         return want
+
+    def _watching(self) -> bool:
+        """Whether a watchpoint is set or about to be (probes' or the debugger's)."""
+        return any(k[0] == "watch" for k in self._installed) or any(k[0] == "watch" for k in self._wanted())
 
     def _pending_changes(self) -> set[tuple[str, int, int, str]]:
         """Breakpoints and watchpoints to insert or remove to match what is wanted."""

@@ -209,10 +209,8 @@ class DebuggerSide:
     async def _simulate_step(self, link: DebuggerLink, g: bytes, pc: int) -> bytes | None:
         """GDB's step of a simple instruction (see `probed.emulate`), done with `M`/`P`; the new registers.
 
-        Not while any watchpoint is set: a simulated store would not trigger it.
+        Not an instruction that touches memory while any watchpoint is set: it would not trigger.
         """
-        if any(k[0] == "watch" for k in self._installed) or any(k[0] == "watch" for k in self._wanted()):
-            return None
         code = link.memory.code_at(pc, MAX_INSN)
         if code is None:
             # A little more than one instruction: GDB's next step is likely to start in it.
@@ -222,7 +220,7 @@ class DebuggerSide:
                 return None
             link.memory.put(pc, length, code.hex().encode())
         plan = self.emulator.plan(code)
-        if plan is None or not await self.code_mode.is_native(g):
+        if plan is None or (plan.touches_memory and self._watching()) or not await self.code_mode.is_native(g):
             return None
 
         async def read(address: int, length: int) -> bytes | None:

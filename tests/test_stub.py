@@ -46,8 +46,10 @@ async def stop_after(client: RSPClient, command: bytes) -> StopReply:
     return stop
 
 
-async def same_steps(direct: RSPClient, client: RSPClient, engine: Engine, count: int) -> None:
+async def same_steps(direct: RSPClient, client: RSPClient, engine: Engine, count: int) -> int:
+    """Step both `count` times, comparing what each client sees; returns how many steps hit a watchpoint."""
     layout = engine.target.layout
+    watched = 0
     for n in range(count):
         want = await stop_after(direct, b"s")
         got = await stop_after(client, b"s")
@@ -59,6 +61,9 @@ async def same_steps(direct: RSPClient, client: RSPClient, engine: Engine, count
         read = b"m%x,20" % (max(layout.value(g, engine.arch.sp), 16) - 16)
         assert await client.request(read) == await direct.request(read), f"step {n + 1}"
         assert not want.registers
+        assert (got.reason, got.watch_address) == (want.reason, want.watch_address), f"step {n + 1}"
+        watched += want.reason is not None
+    return watched
 
 
 async def run_both_to(direct: RSPClient, client: RSPClient, address: int) -> None:
@@ -85,4 +90,20 @@ async def test_stepping_through_the_stub_shows_what_qemu_shows(arch, tmp_path):
             simulated = engine.simulated
             await same_steps(direct, client, engine, 1000)
             assert engine.simulated - simulated > 500
+        await direct.aclose()
+
+
+async def test_a_watchpoint_sees_every_store_while_gdb_steps(tmp_path):
+    """With a watchpoint set, instructions that touch memory are single-stepped, never simulated: the
+    CPU's access is what triggers the watchpoint."""
+    with QemuGuest("i386") as direct_guest, QemuGuest("i386") as guest:
+        direct = await RSPClient.connect(direct_guest.target)
+        async with through_stub(guest, tmp_path) as (engine, client):
+            await run_both_to(direct, client, engine.symbols.lookup("probe_target").address)
+            turns = engine.symbols.lookup("turns").address
+            for c in (direct, client):
+                assert await c.request(b"Z2,%x,4" % turns) == b"OK"
+            assert await same_steps(direct, client, engine, 1000) > 0
+            for c in (direct, client):
+                assert await c.request(b"z2,%x,4" % turns) == b"OK"
         await direct.aclose()

@@ -106,3 +106,15 @@ async def test_bad_watches_are_refused(guest_i386):
         with pytest.raises(BadSpec, match="access"):
             await engine.add_watch("watched", access="x")
         assert engine.probes() == [] and engine.slots.free_count == 4
+
+
+async def test_a_probe_on_an_instruction_that_a_watchpoint_sees(guest_i386):
+    """A probe without a post-handler gets past its instruction by simulating it, but not an instruction
+    that touches memory while a watchpoint is set: the CPU's own access must trigger the watchpoint."""
+    async with attach(guest_i386.target, symbols=[str(guest_i386.elf)], stopped=True) as engine:
+        probe = await engine.add_probe("read_watched")  # its first instruction reads read_me
+        reads = await engine.add_watch("read_me", access="r")
+        await records_of(engine, reads, 20)
+        await engine.hold()
+    # Held just after a probe hit and before its load, or not: never a load the watchpoint missed.
+    assert reads.hits <= probe.hits <= reads.hits + 1
