@@ -18,6 +18,7 @@ before the step completes, so interrupts are only sent while the guest runs free
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,7 +36,7 @@ from .context import HitContext
 from .cpumode import CodeMode
 from .debugger import DebuggerLink
 from .emulate import MAX_INSN, Emulator, NoEmulator
-from .engine_debugger import DebuggerSide
+from .engine_debugger import SPURIOUS_RETRIES, DebuggerSide, _plain
 from .errors import BadSpec, ProbedError, TargetError, Unsupported
 from .events import EventHub
 from .handlers import Handler, make_handler
@@ -63,6 +64,7 @@ class _Hit:
     stop: int
     probes: list[Probe]
     pre: list[tuple[Any, str | None]]
+    g: bytes  # the registers at the hit, before the probed instruction
 
 
 class _Request:
@@ -117,6 +119,8 @@ class Engine(DebuggerSide):
         self.stops = 0
         self.hits = 0
         self.simulated = 0  # instructions simulated instead of single-stepped (probes' and GDB's)
+        self.spurious_steps = 0  # QEMU's single-steps that ran nothing, done again (SPURIOUS_RETRIES)
+        self._unfinished: _Hit | None = None  # a hit whose step ran nothing after its `c` went
         self.records = 0
         self._hold = stopped
         self._requests: deque[_Request] = deque()
@@ -129,6 +133,8 @@ class Engine(DebuggerSide):
         self._pipeline_step = True
         self._dead: BaseException | None = None
         self._started = time.monotonic()
+        # Poll for the next stop this long after a hit, when a core is free for it (see RSPClient).
+        self.poll_seconds = 0.001 if (os.cpu_count() or 1) > 1 else 0.0
         self.current_thread: ThreadId | None = None
         self.debugger: DebuggerLink | None = None  # the GDB stub's session (probed.debugger.DebuggerLink), when one is attached
 
@@ -217,6 +223,9 @@ class Engine(DebuggerSide):
                 self._free_running = False
             with client.bounded(self.timeout):
                 running = await self._on_stop(event)
+            if running and self.poll_seconds:
+                # Hits come in bursts: the next stop is likely within a millisecond.
+                client.poll_until = trio.current_time() + self.poll_seconds
 
     def _must_stop(self) -> bool:
         """Whether someone waits for the guest to stop (requests, a hold, GDB's Ctrl-C)."""
@@ -369,6 +378,10 @@ class Engine(DebuggerSide):
         pc = target.pc_of(g)
         if debugger is not None:
             debugger.remember_registers(thread, g)
+        unfinished, self._unfinished = self._unfinished, None
+        if unfinished is not None and unfinished.pc == pc and _tid(unfinished.thread) == _tid(thread):
+            # The stop right after a step that did nothing and a `c`: the same hit, stepped again.
+            return await self._complete_hit(unfinished, stepped=stepped)
         point = self.table.breakpoint_at(pc)
         probes = self.table.active_at(pc)
         debugger_wants = debugger is not None and not stepped and debugger.wants_break(pc)
@@ -421,10 +434,14 @@ class Engine(DebuggerSide):
         cpu = thread.tid - 1 if thread is not None and thread.tid > 0 else 0
         ctx = HitContext(self.target, cpu, "pre", g)
         pre = [await self._run(p, p.pre, ctx) for p in probes]
-        return _Hit(thread, cpu, pc, self.stops, probes, pre)
+        return _Hit(thread, cpu, pc, self.stops, probes, pre, g)
 
     async def _complete_hit(self, hit: _Hit, *, stepped: bool = False, may_resume: bool = True) -> bool | StopEvent:
         """Step the probed instruction (unless already on its way), run post-handlers, publish.
+
+        After the step the registers are read (with the `c`, when the guest may go on): a step that
+        changed nothing is QEMU's spurious stop (see `SPURIOUS_RETRIES`) and is done again; if the `c`
+        went already, the guest stops at once at the same breakpoint and that stop finishes this hit.
 
         Returns True when the guest was resumed here; with `may_resume=False`, the step's stop event.
         """
@@ -437,12 +454,25 @@ class Engine(DebuggerSide):
         post: list[tuple[Any, str | None]] = [(None, None)] * len(probes)
         resumed = False
         post_handlers = [p.post for p in probes if p.post is not None]
-        if post_handlers:
-            plain_step = isinstance(step_event, StopReply) and not step_event.is_watch
-            if may_resume and plain_step and not self._must_stop() and not any(h.needs_memory for h in post_handlers):
+        g2: bytes | None = None
+        for attempt in range(SPURIOUS_RETRIES + 1):
+            if not _plain(step_event):
+                break
+            if may_resume and not self._must_stop() and not any(h.needs_memory for h in post_handlers):
                 (g2,) = await self._resume_fast([b"g"])
                 resumed = True
             else:
+                g2 = await target.read_g()
+            if g2 != hit.g or attempt == SPURIOUS_RETRIES:
+                break
+            self.spurious_steps += 1
+            if resumed:
+                self._unfinished = hit
+                return True
+            await client.resume(target.step_packet(hit.thread))
+            step_event = await client.wait_stop(timeout=None)
+        if post_handlers:
+            if g2 is None:
                 g2 = await target.read_g()
             pctx = HitContext(target, hit.cpu, "post", g2)
             post = [await self._run(p, p.post, pctx) if p.post is not None else (None, None) for p in probes]
@@ -806,6 +836,7 @@ class Engine(DebuggerSide):
             "stops": self.stops,
             "hits": self.hits,
             "simulated": self.simulated,
+            "spurious_steps": self.spurious_steps,
             "records": self.records,
             "missed": sum(p.missed for p in self.table),
             "faults": sum(p.faults for p in self.table),
@@ -846,6 +877,10 @@ class Engine(DebuggerSide):
             raise TargetError("the engine is not attached to a target yet")
         if self._dead is not None:
             raise TargetError("the engine has stopped")
+
+
+def _tid(thread: ThreadId | None) -> int:
+    return thread.tid if thread is not None else 1
 
 
 def _slot_use(probe: Probe) -> str:
