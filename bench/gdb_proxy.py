@@ -97,7 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--continues", type=int, default=500)
-    ap.add_argument("--rounds", type=int, default=3, help="runs of each, alternating (the median ratio counts)")
+    ap.add_argument("--rounds", type=int, default=5, help="runs of each, alternating (the median ratio counts)")
     ap.add_argument("--transport", choices=["unix", "tcp"], default="unix", help="how GDB reaches QEMU and the stub")
     args = ap.parse_args()
     # A fresh guest for every run, and one guest at a time: a guest left running would take a core.

@@ -356,11 +356,14 @@ class Engine(DebuggerSide):
         guess = self._last_point
         code: bytes | None = None
         stepped = False
+        unfinished, self._unfinished = self._unfinished, None
         if debugger is not None and debugger.has_breakpoints():
             # The stop may be GDB's: nothing may move before we know. Read what GDB will want too; if
             # it is GDB's and no probe's, GDB gets it as soon as the registers are in.
             g, delivered = await self._read_for_debugger(debugger, thread, event if debugger.running else None)
             if delivered:
+                if unfinished is not None:
+                    self._abandon(unfinished)
                 return False
         elif guess is not None and self._pipeline_step and any(p.post for p in guess.active()):
             # Likely the same probe as last time, with a post-handler: read and step in one write.
@@ -378,10 +381,11 @@ class Engine(DebuggerSide):
         pc = target.pc_of(g)
         if debugger is not None:
             debugger.remember_registers(thread, g)
-        unfinished, self._unfinished = self._unfinished, None
-        if unfinished is not None and unfinished.pc == pc and _tid(unfinished.thread) == _tid(thread):
-            # The stop right after a step that did nothing and a `c`: the same hit, stepped again.
-            return await self._complete_hit(unfinished, stepped=stepped)
+        if unfinished is not None:
+            if unfinished.pc == pc and _tid(unfinished.thread) == _tid(thread):
+                # The stop right after a step that did nothing and a `c`: the same hit, stepped again.
+                return await self._complete_hit(unfinished, stepped=stepped)
+            self._abandon(unfinished)
         point = self.table.breakpoint_at(pc)
         probes = self.table.active_at(pc)
         debugger_wants = debugger is not None and not stepped and debugger.wants_break(pc)
@@ -485,6 +489,11 @@ class Engine(DebuggerSide):
             self.stops += 1
             return await self.watch.on_watch_stop(step_event)
         return resumed
+
+    def _abandon(self, hit: _Hit) -> None:
+        """Publish a hit whose instruction's step never ran (the guest went elsewhere): no post values."""
+        note = "the probed instruction's step did not run; no post values"
+        self._publish_hit(hit, [(None, note if p.post is not None else None) for p in hit.probes])
 
     def _publish_hit(self, hit: _Hit, post: list[tuple[Any, str | None]]) -> None:
         now = time.time_ns()
