@@ -126,6 +126,7 @@ class RSPClient:
         self._bounded = 0
         self.deferred: deque[bytes] = deque()  # requests whose replies `wait_stop` will take
         self._outstanding: deque[bytes] = deque()  # sent with `begin`, replies not taken yet
+        self._held: list[bytes] = []  # frames of `post`, sent in front of the next write
         self.poll_until = 0.0  # trio time until which receiving polls instead of sleeping (`_poll_receive`)
         self.deferred_errors: list[tuple[bytes, bytes]] = []
 
@@ -139,6 +140,9 @@ class RSPClient:
     async def _send(self, frames: bytes) -> None:
         if self._closed:
             raise ConnectionClosed("connection is closed")
+        if self._held:
+            frames = b"".join(self._held) + frames
+            self._held.clear()
         if self._ack_owed:
             frames = b"+" + frames
             self._ack_owed = False
@@ -317,17 +321,16 @@ class RSPClient:
         raise TargetTimeout(f"no reply to {request[:40]!r} within the time allowed")
 
     async def post(self, payloads: Sequence[bytes]) -> None:
-        """Send requests whose replies must be `OK`, without waiting for them (write-behind).
+        """Requests whose replies must be `OK`, sent with the next write (write-behind).
 
-        The stub answers in order, so the replies are taken on the way to the next reply or stop reply
-        read, and any that is not `OK` lands in `deferred_errors`. Requests sent later still see the
-        effect of these (the stub handles them first).
+        They go out in front of whatever is sent next (a request, a resume, a detach), so the stub
+        handles them before anything later, and no write or wake-up of the stub is spent on them now. Their
+        replies are taken on the way to the next reply or stop reply read; any that is not `OK` lands in
+        `deferred_errors`.
         """
         if self.running:
             raise RuntimeError("cannot send requests while the target runs")
-        frames = b"".join(encode_packet(p) for p in payloads)
-        self._last_sent = frames
-        await self._send(frames)
+        self._held.append(b"".join(encode_packet(p) for p in payloads))
         self.deferred.extend(payloads)
 
     async def _exchange(
