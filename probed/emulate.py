@@ -53,6 +53,44 @@ _JCC = {
 }
 
 
+_ALU = ("add", "sub", "cmp", "and", "or", "xor", "test")
+CF, PF, AF, ZF, SF, OF = 1 << 0, 1 << 2, 1 << 4, 1 << 6, 1 << 7, 1 << 11
+_STATUS = CF | PF | AF | ZF | SF | OF
+
+
+def _alu(op: str, a: int, b: int, size: int, eflags: int) -> tuple[int, int]:
+    """The result and EFLAGS of `op a, b` on `size`-byte operands (`inc`/`dec`: b is 1; CF kept).
+
+    The status flags as the SDM defines them; for the logic operations, whose AF the SDM leaves
+    undefined, 0 (what QEMU's TCG gives, which the lockstep test holds us to).
+    """
+    bits = 8 * size
+    mask = (1 << bits) - 1
+    sign = 1 << (bits - 1)
+    a &= mask
+    b &= mask
+    flags = 0
+    if op in ("add", "inc"):
+        full = a + b
+        result = full & mask
+        flags |= CF if full > mask else 0
+        flags |= OF if (~(a ^ b) & (a ^ result)) & sign else 0
+        flags |= AF if (a ^ b ^ result) & 0x10 else 0
+    elif op in ("sub", "cmp", "dec"):
+        result = (a - b) & mask
+        flags |= CF if a < b else 0
+        flags |= OF if ((a ^ b) & (a ^ result)) & sign else 0
+        flags |= AF if (a ^ b ^ result) & 0x10 else 0
+    else:
+        result = {"and": a & b, "test": a & b, "or": a | b, "xor": a ^ b}[op]
+    flags |= ZF if result == 0 else 0
+    flags |= SF if result & sign else 0
+    flags |= PF if bin(result & 0xFF).count("1") % 2 == 0 else 0
+    if op in ("inc", "dec"):
+        flags = (flags & ~CF) | (eflags & CF)
+    return result, (eflags & ~_STATUS) | flags
+
+
 @dataclass(frozen=True)
 class Mem:
     """A memory operand: base + index * scale + disp (`base` "rip" counts from the next instruction)."""
@@ -82,7 +120,7 @@ class Plan:
     def touches_memory(self) -> bool:
         """Whether it reads or writes memory (a watchpoint would see the CPU do it, not a simulation)."""
         return self.kind in ("store", "push", "pop", "call", "ret", "leave") or (
-            self.kind in ("mov", "movzx") and isinstance(self.src, Mem)
+            self.kind in ("mov", "movzx", "alu") and (isinstance(self.src, Mem) or isinstance(self.dst, Mem))
         )
 
 
@@ -179,6 +217,25 @@ class Emulator:
             if isinstance(dst, Mem) and (isinstance(src, int) or (isinstance(src, str) and self._bits(src) // 8 == dst.size)):
                 return Plan("store", n, dst, src, size=dst.size)
             return None
+        if mnem in _ALU and len(ops) == 2:
+            dst, src = ops
+            writes = mnem not in ("cmp", "test")
+            if isinstance(dst, str):
+                size = self._bits(dst) // 8
+                if writes and dst not in self._writable:
+                    return None
+            elif isinstance(dst, Mem) and not writes:
+                size = dst.size
+            else:
+                return None
+            if isinstance(src, Mem):
+                if isinstance(dst, Mem) or src.size != size:
+                    return None
+            elif isinstance(src, str) and self._bits(src) // 8 != size:
+                return None
+            return Plan("alu", n, dst, src, size=size, cond=mnem)
+        if mnem in ("inc", "dec") and len(ops) == 1 and isinstance(ops[0], str) and ops[0] in self._writable:
+            return Plan("alu", n, ops[0], 1, size=self._bits(ops[0]) // 8, cond=mnem)
         if mnem == "movzx":
             dst, src = ops
             if isinstance(dst, str) and dst in self._writable:
@@ -246,6 +303,10 @@ class Emulator:
         touched.add(wide)
         # A 32-bit register write clears the upper half on x86_64; full width writes all of it.
         return self.layout.patch(g, wide, value & ((1 << bits) - 1))
+
+    def _put_eflags(self, g: bytes, value: int, touched: set[str]) -> bytes:
+        touched.add("eflags")
+        return self.layout.patch(g, "eflags", value)
 
     def _address(self, g: bytes, mem: Mem, next_pc: int) -> int | None:
         total = mem.disp
@@ -362,6 +423,23 @@ class Emulator:
             if target is None:
                 return None
             new_pc = (pc + target) & mask if isinstance(plan.src, int) else target
+        elif kind == "alu":
+            a = value_of(plan.dst) if isinstance(plan.dst, str) else None
+            if isinstance(plan.dst, Mem):
+                address = self._address(g, plan.dst, next_pc)
+                a = None if address is None else await load(address, plan.size)
+            if isinstance(plan.src, Mem):
+                address = self._address(g, plan.src, next_pc)
+                b = None if address is None else await load(address, plan.size)
+            else:
+                b = value_of(plan.src)
+            eflags = self.layout.value(g, "eflags")
+            if a is None or b is None or eflags is None:
+                return None
+            result, eflags = _alu(plan.cond, a, b, plan.size, eflags)
+            if plan.cond not in ("cmp", "test"):
+                g = self._put(g, plan.dst, result, touched)
+            g = self._put_eflags(g, eflags, touched)
         elif kind == "jcc":
             eflags = self.layout.value(g, "eflags")
             if eflags is None:

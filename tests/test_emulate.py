@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from probed.emulate import Emulator
+from probed.emulate import AF, CF, OF, PF, SF, ZF, Emulator
 from probed.qemu import QemuGuest
 from probed.symbols import SymbolStore
 from probed.target import Target
@@ -150,7 +150,10 @@ async def test_a_load_the_target_cannot_read_is_stepped(i386):
 @pytest.mark.parametrize(
     "code, what",
     [
-        ("01 c8", "add eax, ecx: computes flags"),
+        ("d1 e8", "shr eax, 1: shifts are stepped"),
+        ("11 c8", "adc eax, ecx: carries in"),
+        ("00 c8", "add al, cl: an 8-bit register written"),
+        ("01 08", "add [eax], ecx: a read-modify-write"),
         ("66 89 c8", "mov ax, cx: a 16-bit write keeps the upper bits"),
         ("64 a1 00 00 00 00", "mov eax, fs:[0]: a segment base"),
         ("f0 ff 00", "lock inc [eax]"),
@@ -178,3 +181,25 @@ async def test_memory_outside_the_stack_only_in_the_image(i386):
     out = await simulate(i386, b"\x89\x10", g, 0x100)  # mov [eax], edx: writable data
     assert out.writes == [(0x30010, b"\x07\x00\x00\x00")]
     assert await simulate(i386, b"\x89\x13", g, 0x100) is None  # mov [ebx], edx: read-only
+
+
+@pytest.mark.parametrize(
+    "code, eax, ecx, eflags, want_eax, want_flags",
+    [
+        # add: carry out, signed overflow, auxiliary carry, parity of the low byte.
+        ("01 c8", 0xFFFFFFFF, 1, 0, 0, ZF | CF | AF | PF),
+        ("01 c8", 0x7FFFFFFF, 1, 0, 0x80000000, SF | OF | AF | PF),
+        # sub and cmp: borrow; cmp writes nothing.
+        ("29 c8", 0, 1, 0, 0xFFFFFFFF, CF | SF | AF | PF),
+        ("39 c8", 5, 5, CF, 5, ZF | PF),
+        # inc keeps CF; logic clears CF, OF and AF.
+        ("40", 0xFFFFFFFF, 0, CF, 0, ZF | PF | AF | CF),
+        ("21 c8", 0xF0, 0x0F, CF | OF | AF, 0, ZF | PF),
+        ("85 c0", 0x80000000, 0, 0, 0x80000000, SF | PF),
+    ],
+)
+async def test_arithmetic_sets_the_flags(i386, code, eax, ecx, eflags, want_eax, want_flags):
+    g = block(i386, eax=eax, ecx=ecx, eflags=eflags | 0x2)
+    out = await simulate(i386, bytes.fromhex(code), g, 0x100)
+    assert reg(i386, out.registers, "eax") == want_eax
+    assert reg(i386, out.registers, "eflags") == want_flags | 0x2
