@@ -111,8 +111,13 @@ def main() -> None:
         for name, (steps_s, cont_s, turns) in rows.items():
             print(f"  {name:<24} stepi {args.steps / steps_s:6.0f}/s   "
                   f"continue-to-breakpoint {args.continues / cont_s:6.0f}/s   (guest advanced {turns} turns)")
-            # One turn per continue: nothing skipped, nothing stopped twice.
-            assert turns == args.continues, f"{name}: {turns} turns for {args.continues} continues"
+            # One turn per continue: nothing skipped, nothing stopped twice. (GDB straight to QEMU may
+            # fall short now and then: QEMU's step over the breakpoint sometimes runs nothing, and the
+            # continue stops at once where it was; probed steps again then. See docs/gdb.md.)
+            if name == "through probed's stub":
+                assert turns == args.continues, f"{name}: {turns} turns for {args.continues} continues"
+            elif turns != args.continues:
+                print(f"  ({name}: {args.continues - turns} of the continues did not move: QEMU's no-op step)")
         (ds, dc, _), (ss, sc, _) = rows["direct to QEMU"], rows["through probed's stub"]
         ratios.append((ds / ss, dc / sc))
         print(f"  stepi: stub / direct {ds / ss:.2f}   continue: stub / direct {dc / sc:.2f}")
