@@ -7,8 +7,9 @@ selectors and control registers but not the code segment's descriptor, whose D a
 - Not in long mode (EFER.LMA clear): never 64-bit code.
 - Otherwise the descriptor's bits, which QEMU's monitor shows (`info registers -a`, the `CS =` line).
 
-Only the target's own width ("native": 32 on i386, 64 on x86_64) is simulated, so only that answer is
-remembered (per CS selector and mode bits); anything else is asked again next time, and stepped.
+Only the target's own width ("native": 32 on i386, 64 on x86_64) is simulated, and in 32-bit code only
+over flat data segments (DS, SS, ES based at 0: the simulator takes addresses as they are), so only that
+answer is remembered (per selectors and long mode); anything else is asked again next time, and stepped.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-__all__ = ["CodeMode", "parse_cs_bits"]
+__all__ = ["CodeMode", "bits_key", "flat_data", "parse_cs_bits"]
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,11 @@ class CodeMode:
     def __init__(self, target: Any):
         self.target = target
         self.native = NATIVE.get(target.arch.name)
-        self._known: set[tuple[int, bool]] = set()  # (CS selector, long mode) seen running native code
+        # (CS, DS, SS, ES selectors, long mode) seen running native code over flat data segments.
+        self._known: set[tuple[int, int, int, int, bool]] = set()
         self.queries = 0
 
-    def _key(self, g: bytes) -> tuple[int, bool] | None:
+    def _key(self, g: bytes) -> tuple[int, int, int, int, bool] | None:
         """The remembered key for this register block, or None when the registers settle it: not native."""
         value = self.target.layout.value
         cr0, eflags, cs = value(g, "cr0"), value(g, "eflags"), value(g, "cs")
@@ -52,7 +54,10 @@ class CodeMode:
         long_mode = bool(efer & EFER_LMA)
         if self.native == 64 and not long_mode:
             return None
-        return (cs, long_mode)
+        ds, ss, es = value(g, "ds"), value(g, "ss"), value(g, "es")
+        if ds is None or ss is None or es is None:
+            return None
+        return (cs, ds, ss, es, long_mode)
 
     async def is_native(self, g: bytes) -> bool:
         """Whether the CPU whose registers are `g` runs code of the target's own width."""
@@ -72,7 +77,7 @@ class CodeMode:
             return False
         try:
             for cpu in _cpus(out):
-                if parse_cs_bits(cpu) == self.native:
+                if parse_cs_bits(cpu) == self.native and (self.native == 64 or flat_data(cpu)):
                     self._known.add(bits_key(cpu))
         except (ValueError, IndexError) as exc:
             log.warning("cannot read the code width from QEMU's monitor (%s): stepping instead", exc)
@@ -118,7 +123,19 @@ def _efer(section: str) -> int:
         return 0
 
 
-def bits_key(section: str) -> tuple[int, bool]:
+def _segment(section: str, name: str) -> list[str]:
+    for line in section.splitlines():
+        if line.startswith(f"{name} ="):
+            return line[len(name) + 2 :].split()
+    raise ValueError(f"no {name} line in the monitor's registers")
+
+
+def flat_data(section: str) -> bool:
+    """Whether DS, SS and ES start at 0 (in 32-bit code the simulator takes an address as it is)."""
+    return all(int(_segment(section, name)[1], 16) == 0 for name in ("DS", "SS", "ES"))
+
+
+def bits_key(section: str) -> tuple[int, int, int, int, bool]:
     """The key `CodeMode` remembers for one CPU section of `info registers`."""
-    selector = int(_cs_line(section)[0], 16)
-    return (selector, bool(_efer(section) & EFER_LMA))
+    cs, ds, ss, es = (int(_segment(section, name)[0], 16) for name in ("CS", "DS", "SS", "ES"))
+    return (cs, ds, ss, es, bool(_efer(section) & EFER_LMA))
