@@ -283,8 +283,6 @@ class Emulator:
                 return None
             if index is not None and index not in self._regs:
                 return None
-            if base == "rip":
-                base = "rip"
             return Mem(base, index, mem.scale, mem.disp, op.size)
         return None
 

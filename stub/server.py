@@ -138,7 +138,10 @@ class GdbSession:
         return await self.stream.receive_some(65536)
 
     async def _read_loop(self) -> None:
-        """Read GDB's bytes and answer each packet in turn (a resume returns at once: the stop reply is sent by `_send_stop`)."""
+        """Read GDB's bytes and answer each packet in turn.
+
+        A resume returns at once: the stop reply is sent by `_send_stop` when the engine has it.
+        """
         try:
             while True:
                 data = await self._receive()
@@ -179,6 +182,10 @@ class GdbSession:
         async for data in self._backlog:
             await self.send(data)
             self._backlogged -= 1
+
+    def _current_thread(self) -> ThreadId | None:
+        threads = self.engine.target.threads
+        return self.link.current_thread or (threads[0] if threads else None)
 
     def _stop_payload(self, event: StopEvent) -> bytes:
         """The stop reply, with every register the engine read at the stop: GDB then needs no `g`."""
@@ -233,7 +240,7 @@ class GdbSession:
             elif isinstance(cmd, ThreadInfoFirst):
                 # vCPUs do not come and go under QEMU: the list read at attach is the list.
                 await self.reply(b"m" + b",".join(_for_gdb(t).encode() for t in engine.target.threads))
-            elif payload == b"qC" and (current := self.link.current_thread or (engine.target.threads or [None])[0]):
+            elif payload == b"qC" and (current := self._current_thread()) is not None:
                 await self.reply(b"QC" + _for_gdb(current).encode())
             elif isinstance(cmd, ThreadInfoNext):
                 await self.reply(b"l")
