@@ -72,6 +72,7 @@ class RegisterLayout:
         self._schemas: dict[int, tuple[cs.Construct, tuple[RegisterInfo, ...]]] = {}
         self._numbered = tuple((r.regnum, 2 * r.offset, 2 * (r.offset + r.size)) for r in self.g_registers)
         self._tagged = tuple((b"%02x:" % n, start, end) for n, start, end in self._numbered)
+        self._tagged_by_names: dict[tuple[str, ...], tuple[tuple[bytes, int, int], ...]] = {}
         self._schema(self.g_size)
 
     @property
@@ -168,11 +169,29 @@ class RegisterLayout:
                 out[regnum] = chunk
         return out
 
-    def expedited_text(self, g_payload: bytes) -> bytes:
-        """`expedited` as it goes into a stop reply (`nn:value;` for each register), built in one pass."""
+    def expedited_text(self, g_payload: bytes, names: tuple[str, ...] | None = None) -> bytes:
+        """`expedited` as it goes into a stop reply (`nn:value;` for each register), built in one pass.
+
+        Args:
+            names: only these registers (those of `g` among them), e.g. the general ones: GDB reads the
+                rest with `g` if it ever needs them, and parsing a long stop reply costs GDB time too.
+        """
+        tagged = self._tagged if names is None else self._tagged_for(names)
         if len(g_payload) != 2 * self.g_size or _UNAVAILABLE in g_payload:
-            return b"".join(b"%02x:%s;" % kv for kv in sorted(self.expedited(g_payload).items()))
-        return b"".join([tag + g_payload[start:end] + b";" for tag, start, end in self._tagged])
+            wanted = {int(tag[:-1], 16) for tag, _, _ in tagged}
+            return b"".join(
+                b"%02x:%s;" % kv for kv in sorted(self.expedited(g_payload).items()) if kv[0] in wanted
+            )
+        return b"".join([tag + g_payload[start:end] + b";" for tag, start, end in tagged])
+
+    def _tagged_for(self, names: tuple[str, ...]) -> tuple[tuple[bytes, int, int], ...]:
+        cached = self._tagged_by_names.get(names)
+        if cached is None:
+            numbers = {self.registers[n].regnum for n in names if n in self.registers}
+            cached = self._tagged_by_names[names] = tuple(
+                t for t, (n, _, _) in zip(self._tagged, self._numbered, strict=True) if n in numbers
+            )
+        return cached
 
     def value(self, g_payload: bytes, name: str) -> int | None:
         """One register from a `g` reply, without decoding the rest (the hot path).

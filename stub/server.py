@@ -188,7 +188,7 @@ class GdbSession:
         return self.link.current_thread or (threads[0] if threads else None)
 
     def _stop_payload(self, event: StopEvent) -> bytes:
-        """The stop reply, with every register the engine read at the stop: GDB then needs no `g`."""
+        """The stop reply, with the general registers the engine read at the stop: GDB needs no `g`."""
         if isinstance(event, StopReply) and event.thread is not None and event.thread.pid is not None:
             event = replace(event, thread=_for_gdb(event.thread))
         payload = encode_stop_reply(event)
@@ -197,8 +197,11 @@ class GdbSession:
         g = self.link.cached_registers(event.thread)
         if g is None:
             return payload
-        # `T` and the signal, then the registers (the manual has them come first), then the rest.
-        return payload[:3] + self.engine.target.layout.expedited_text(g) + payload[3:]
+        # `T` and the signal, then the general registers (the manual has them come first), then the rest.
+        # Only those: they are what GDB uses at a stop, and parsing all of them (x87, SSE, control
+        # registers) cost GDB more than the `g` it then rarely needs.
+        general = self.engine.arch.registers
+        return payload[:3] + self.engine.target.layout.expedited_text(g, general) + payload[3:]
 
     # -- packets --------------------------------------------------------------------------------------
 

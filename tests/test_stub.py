@@ -66,13 +66,14 @@ async def step_doing_something(direct: RSPClient, before: bytes) -> tuple[StopRe
 async def same_steps(direct: RSPClient, client: RSPClient, engine: Engine, count: int) -> int:
     """Step both `count` times, comparing what each client sees; returns how many steps hit a watchpoint."""
     layout = engine.target.layout
+    general = {layout.registers[name].regnum for name in engine.arch.registers}
     watched = 0
     g = await direct.request(b"g")
     for n in range(count):
         want, g = await step_doing_something(direct, g)
         got = await stop_after(client, b"s")
-        # The stop reply carries every register, as `g` has them: GDB needs no `g` after it.
-        assert got.registers == layout.expedited(g), f"step {n + 1}"
+        # The stop reply carries the general registers, as `g` has them: GDB needs no `g` after it.
+        assert got.registers == {k: v for k, v in layout.expedited(g).items() if k in general}, f"step {n + 1}"
         assert await client.request(b"g") == g, f"step {n + 1}"
         # The stack, where a simulated push writes.
         read = b"m%x,20" % (max(layout.value(g, engine.arch.sp), 16) - 16)

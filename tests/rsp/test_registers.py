@@ -401,3 +401,7 @@ def test_expedited_leaves_out_what_it_cannot_say(small):
     assert small.expedited_text(g) == b"00:78563412;02:" + b"00" * 10 + b";"
     # Not a whole block: nothing (GDB then reads `g` itself).
     assert small.expedited(g[:-2]) == {} and small.expedited_text(g[:-2]) == b""
+    # Only some registers: those of the block among them, in block order.
+    whole = b"78563412" + b"3412" + b"00" * 10
+    assert small.expedited_text(whole, ("c", "a", "d")) == b"00:78563412;02:" + b"00" * 10 + b";"
+    assert small.expedited_text(g, ("b", "c")) == b"02:" + b"00" * 10 + b";"
