@@ -87,8 +87,7 @@ class DebuggerSide:
                 if cached is not None:
                     return [cached]
             if any(p[:1] in (b"G", b"P", b"M", b"X", b"H") for p in payloads) and link is not None:
-                link.forget_registers()
-                link.memory.clear()
+                link.forget_registers()  # (and the memory snapshot)
             return await self.client.pipeline(list(payloads))
 
         return await self.call_stopped(apply)
@@ -98,14 +97,21 @@ class DebuggerSide:
 
         async def apply() -> bytes:
             link = self.debugger
-            reply = link.memory.get(address, length) if link is not None else None
-            if reply is None:
-                reply = await self.client.request(b"m%x,%x" % (address, length))
-                if link is not None and link.holding:  # (the guest stays as it is until GDB resumes it)
-                    link.memory.put(address, length, reply)
-            return reply
+            if link is None:
+                return await self.client.request(b"m%x,%x" % (address, length))
+            return await self._read_at_stop(link, address, length)
 
         return await self.call_stopped(apply)
+
+    async def _read_at_stop(self, link: DebuggerLink, address: int, length: int) -> bytes:
+        """The `m` reply for a read while the guest is stopped: from the snapshot, or from the target
+        (and then remembered while GDB holds the guest, which stays as it is until GDB resumes it)."""
+        reply = link.memory.get(address, length)
+        if reply is None:
+            reply = await self.client.request(b"m%x,%x" % (address, length))
+            if link.holding:
+                link.memory.put(address, length, reply)
+        return reply
 
     def debugger_insert(self, ztype: int, address: int, kind: int) -> None:
         """GDB's `Z`. Hardware kinds take a slot owned by "gdb" at once.
@@ -237,26 +243,21 @@ class DebuggerSide:
 
         Not an instruction that touches memory while any watchpoint is set: it would not trigger.
         """
-        code = link.memory.code_at(pc, MAX_INSN)
-        if code is None:
-            # A little more than one instruction: GDB's next step is likely to start in it.
-            length = max(MAX_INSN, min(CODE_WINDOW, PAGE - pc % PAGE))
-            (code,) = await self.target.read_many([(pc, length)])
-            if isinstance(code, Exception):
-                return None
-            link.memory.put(pc, length, code.hex().encode())
-        plan = self.emulator.plan(code)
-        if plan is None or (plan.touches_memory and self._watching()) or not await self.code_mode.is_native(g):
-            return None
-
         async def read(address: int, length: int) -> bytes | None:
-            reply = link.memory.get(address, length)
-            if reply is None:
-                reply = await self.client.request(b"m%x,%x" % (address, length))
-                link.memory.put(address, length, reply)
+            reply = await self._read_at_stop(link, address, length)
             if reply[:1] == b"E" or len(reply) != 2 * length:
                 return None
             return bytes.fromhex(reply.decode("ascii"))
+
+        code = link.memory.code_at(pc, MAX_INSN)
+        if code is None:
+            # A little more than one instruction: GDB's next step is likely to start in it.
+            code = await read(pc, max(MAX_INSN, min(CODE_WINDOW, PAGE - pc % PAGE)))
+            if code is None:
+                return None
+        plan = self.emulator.plan(code)
+        if plan is None or (plan.touches_memory and self._watching()) or not await self.code_mode.is_native(g):
+            return None
 
         outcome = await self.emulator.run(plan, g, pc, read)
         if outcome is None:
