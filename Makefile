@@ -18,7 +18,7 @@ test: tools $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: tools $(STAMP)
-	$(PY) -m probed.demo
+	$(PY) -m probed.front.demo
 
 bench: tools $(STAMP)
 	$(PY) bench/hits.py

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from probed.qemu import QemuGuest  # noqa: E402
+from probed.testing.qemu import QemuGuest  # noqa: E402
 
 SCRIPT = """
 import gdb, time
@@ -75,7 +75,7 @@ def run_stub(steps: int, continues: int, transport: str) -> tuple[float, float, 
     with QemuGuest("i386", stopped=True, gdb=transport) as guest, tempfile.TemporaryDirectory() as tmp:
         listen = f"unix:{Path(tmp) / 'gdb.sock'}" if transport == "unix" else "tcp:127.0.0.1:0"
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "probed.daemon", "--target", guest.target, "--symbols", str(guest.elf),
+            [sys.executable, "-m", "probed.front.daemon", "--target", guest.target, "--symbols", str(guest.elf),
              "--control", str(Path(tmp) / "ctl.sock"), "--stopped", "--gdb-listen", listen],
             stderr=subprocess.PIPE, text=True,
         )

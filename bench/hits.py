@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from elftools.elf.elffile import ELFFile  # noqa: E402
 
 from probed.api import attach  # noqa: E402
-from probed.qemu import QemuGuest  # noqa: E402
+from probed.testing.qemu import QemuGuest  # noqa: E402
 from rsp.framing import NEED_DATA, Framer, Packet, encode_packet  # noqa: E402
 
 

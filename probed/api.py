@@ -19,7 +19,7 @@
 
     trio.run(main)
 
-A handler gets a `probed.context.HitContext`: `ctx.regs[name]` (target-description names and kprobe
+A handler gets a `probed.lang.context.HitContext`: `ctx.regs[name]` (target-description names and kprobe
 aliases), `await ctx.read(addr, n)`, `await ctx.read_u(addr, size)`, `await ctx.read_string(addr)`,
 `ctx.symbolize(addr)`, `ctx.cpu`, `ctx.pc`, `ctx.probe`, `ctx.phase`. It returns a JSON-serialisable value,
 which the hit record carries as `pre` or `post`. An exception is recorded in that hit's `error`; after
@@ -33,10 +33,10 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from .context import HitContext
-from .engine import Engine
-from .events import Subscription
-from .probes import Probe
+from probed.engine.engine import Engine
+from probed.engine.probes import Probe
+from probed.lang.context import HitContext
+from probed.records.events import Subscription
 
 __all__ = ["Engine", "HitContext", "Probe", "Subscription", "attach"]
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import trio
 
-from probed.debugger import DebuggerLink
 from probed.errors import ProbedError, SlotsExhausted
+from probed.gdbside.debugger import DebuggerLink
 from rsp.commands import (
     Attached,
     Continue,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from linux.conftest_linux import linux_guest  # noqa: F401, E402  (the session's Linux guest)
 
-from probed.qemu import QemuGuest
+from probed.testing.qemu import QemuGuest
 
 DEFAULT_TIME_LIMIT = float(os.environ.get("PROBED_TEST_TIME_LIMIT", "120"))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from probed.symbols import SymbolStore
+from probed.guest.symbols import SymbolStore
 from rsp.connection import RSPClient
 
 NAMES = ["alpha", "beta", "gamma", "delta"]
@@ -24,7 +24,7 @@ class Daemon:
         self.control = tmp_path / "ctl" / "control.sock"
         self.events = tmp_path / "hits.jsonl"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "probed.daemon", "--target", guest.target, "--symbols", str(guest.elf),
+            [sys.executable, "-m", "probed.front.daemon", "--target", guest.target, "--symbols", str(guest.elf),
              "--control", str(self.control), "--events", str(self.events), *extra],
             stderr=subprocess.PIPE, text=True,
         )
@@ -37,7 +37,7 @@ class Daemon:
             raise AssertionError("probed did not start:\n" + "".join(self.log))
 
     def ctl(self, *args: str, check: int | None = 0) -> subprocess.CompletedProcess:
-        out = subprocess.run([sys.executable, "-m", "probed.cli", "--control", str(self.control), *args],
+        out = subprocess.run([sys.executable, "-m", "probed.front.cli", "--control", str(self.control), *args],
                              capture_output=True, text=True, timeout=120)
         if check is not None:
             assert out.returncode == check, out.stderr
@@ -111,14 +111,14 @@ def test_control_socket_is_owner_only_and_single(daemon, guest_i386, tmp_path):
     assert mode == 0o600
     assert stat.S_IMODE(os.stat(daemon.control.parent).st_mode) == 0o700
     second = subprocess.run(
-        [sys.executable, "-m", "probed.daemon", "--target", guest_i386.target, "--control", str(daemon.control)],
+        [sys.executable, "-m", "probed.front.daemon", "--target", guest_i386.target, "--control", str(daemon.control)],
         capture_output=True, text=True, timeout=60,
     )
     assert second.returncode == 1 and "another daemon listens" in second.stderr
 
 
 def test_probectl_without_a_daemon(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "probed.cli", "--control", str(tmp_path / "none.sock"), "list"],
+    out = subprocess.run([sys.executable, "-m", "probed.front.cli", "--control", str(tmp_path / "none.sock"), "list"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 3
     assert "no daemon at" in out.stderr
@@ -160,7 +160,7 @@ def test_sigterm_leaves_the_guest_running_without_breakpoints(daemon, guest_i386
 
 
 def test_the_daemon_says_when_its_target_dies(tmp_path):
-    from probed.qemu import QemuGuest
+    from probed.testing.qemu import QemuGuest
 
     guest = QemuGuest("i386").start()
     try:
@@ -189,7 +189,7 @@ def test_symbols_relocation_moves_probes(daemon):
 def test_events_follow_streams_until_interrupted(daemon):
     daemon.ctl("add", "-n", "t", "probe_target", "a=+4(%sp):s32", "b=+8(%sp):s32")
     follower = subprocess.Popen(
-        [sys.executable, "-m", "probed.cli", "--control", str(daemon.control), "events", "--follow", "--json",
+        [sys.executable, "-m", "probed.front.cli", "--control", str(daemon.control), "events", "--follow", "--json",
          "--probe", "t"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -214,7 +214,7 @@ def test_a_follower_that_vanishes_does_not_hurt_the_daemon(daemon):
     daemon.ctl("resume")
     for how in (signal.SIGTERM, signal.SIGKILL):
         follower = subprocess.Popen(
-            [sys.executable, "-m", "probed.cli", "--control", str(daemon.control), "events", "--follow", "--json"],
+            [sys.executable, "-m", "probed.front.cli", "--control", str(daemon.control), "events", "--follow", "--json"],
             stdout=subprocess.PIPE, text=True,
         )
         assert json.loads(follower.stdout.readline())["name"] == "p"  # it streams...

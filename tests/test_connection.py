@@ -6,9 +6,9 @@ import capstone
 import pytest
 import trio
 
-from probed.qemu import QemuGuest
-from probed.symbols import SymbolStore
-from probed.target import Target
+from probed.engine.target import Target
+from probed.guest.symbols import SymbolStore
+from probed.testing.qemu import QemuGuest
 from rsp.connection import RSPClient
 from rsp.errors import RemoteError
 from rsp.stop import StopReply, ThreadId

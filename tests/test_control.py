@@ -20,10 +20,11 @@ import pytest
 import trio
 import trio.testing
 
-from probed import __version__, cli
-from probed.control import SocketInUse, default_control_path, serve_control
+from probed import __version__
 from probed.errors import NotFound, UnknownSymbol
-from probed.events import EventHub
+from probed.front import cli
+from probed.front.control import SocketInUse, default_control_path, serve_control
+from probed.records.events import EventHub
 
 # -- the stand-in engine ------------------------------------------------------------------------------------
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from probed.cpumode import bits_key, flat_data, parse_cs_bits
-from probed.debugger import MemorySnapshot
+from probed.gdbside.debugger import MemorySnapshot
+from probed.sim.cpumode import bits_key, flat_data, parse_cs_bits
 
 READS = st.lists(st.tuples(st.integers(0, 240), st.integers(1, 40)), max_size=10)
 WRITES = st.lists(st.tuples(st.integers(0, 240), st.binary(min_size=1, max_size=16)), max_size=4)

@@ -8,7 +8,7 @@ import sys
 
 
 def test_the_demo_runs_and_stops_everything():
-    out = subprocess.run([sys.executable, "-m", "probed.demo"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "probed.front.demo"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     hits = [line for line in out.stdout.splitlines() if line.startswith("#")]
     args = [line for line in hits if " args " in line]

@@ -10,7 +10,7 @@ from pathlib import Path
 import trio
 from test_cli import Daemon
 
-from probed.daemon import build_parser
+from probed.front.daemon import build_parser
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```", re.M | re.S)

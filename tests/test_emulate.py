@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import trio
 
-from probed.emulate import AF, CF, OF, PF, SF, ZF, Emulator
-from probed.qemu import QemuGuest
-from probed.symbols import SymbolStore
-from probed.target import Target
+from probed.engine.target import Target
+from probed.guest.symbols import SymbolStore
+from probed.sim.emulate import AF, CF, OF, PF, SF, ZF, Emulator
+from probed.testing.qemu import QemuGuest
 from rsp.connection import RSPClient
 
 KERNEL_CS, USER_CS = 0x08, 0x1B

@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from probed.errors import FetchSyntaxError
-from probed.fetch import STRING_MAX, parse_fetchargs
-from probed.symbols import SymbolStore
+from probed.guest.symbols import SymbolStore
+from probed.lang.fetch import STRING_MAX, parse_fetchargs
 from rsp.arch import ARCHES
 
 X64 = ARCHES["x86_64"]

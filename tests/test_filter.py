@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from probed.errors import FilterSyntaxError
-from probed.filter import parse_filter
+from probed.lang.filter import parse_filter
 
 FIELDS = ["dfd", "name", "ok", "n", "flags", "bytes", "caller"]
 HIT = {

@@ -106,7 +106,7 @@ def probes(daemon) -> dict:
 
 
 def symbol(daemon, name) -> int:
-    from probed.symbols import SymbolStore
+    from probed.guest.symbols import SymbolStore
 
     store = SymbolStore()
     store.add_file(daemon.elf)

@@ -1,4 +1,4 @@
-"""The test guests behave as tests/guests/README.md says, seen through GDB in batch mode; and the launcher.
+"""The test guests behave as probed/testing/guests/README.md says, seen through GDB in batch mode; and the launcher.
 
 GDB prints what a test checks with `printf "@ ..."`; only those lines are compared.
 """
@@ -12,12 +12,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-import probed.qemu
-from probed.qemu import GuestBuildError, QemuError, QemuGuest, build_guest
+import probed.testing.qemu
+from probed.testing.qemu import GuestBuildError, QemuError, QemuGuest, build_guest
 
 NAMES = ["alpha", "beta", "gamma", "delta"]
 
@@ -129,7 +128,7 @@ def test_qemu_dies_with_its_owner(tmp_path):
     owner = textwrap.dedent(
         """
         import sys
-        from probed.qemu import QemuGuest
+        from probed.testing.qemu import QemuGuest
         guest = QemuGuest("i386", workdir=sys.argv[1]).start()
         print(guest.pid, flush=True)
         sys.stdin.read()
@@ -137,7 +136,7 @@ def test_qemu_dies_with_its_owner(tmp_path):
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", owner, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        cwd=Path(probed.qemu.ROOT),
+        cwd=tmp_path,
     )
     try:
         qemu_pid = int(proc.stdout.readline())
@@ -166,11 +165,11 @@ def test_build_is_cached_and_reports_compiler_errors(monkeypatch, tmp_path):
     assert build_guest("i386") == elf and elf.stat().st_mtime_ns == built_at
 
     sources = tmp_path / "guests"
-    shutil.copytree(probed.qemu.GUEST_SOURCES, sources)
+    shutil.copytree(probed.testing.qemu.GUEST_SOURCES, sources)
     with open(sources / "guest.c", "a") as source:
         source.write("\nint broken(void) { return undeclared_thing; }\n")
-    monkeypatch.setattr(probed.qemu, "GUEST_SOURCES", sources)
-    monkeypatch.setattr(probed.qemu, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(probed.testing.qemu, "GUEST_SOURCES", sources)
+    monkeypatch.setattr(probed.testing.qemu, "CACHE", tmp_path / "cache")
     with pytest.raises(GuestBuildError, match="undeclared_thing"):
         build_guest("i386")
     with pytest.raises(GuestBuildError, match="no test guest for 'sparc'"):

@@ -14,9 +14,9 @@ import capstone
 import pytest
 import trio
 
-from probed.engine import Engine
-from probed.engine_debugger import SPURIOUS_RETRIES
-from probed.qemu import QemuGuest
+from probed.engine.engine import Engine
+from probed.gdbside.engine_debugger import SPURIOUS_RETRIES
+from probed.testing.qemu import QemuGuest
 from rsp.connection import RSPClient
 from rsp.stop import StopReply
 from stub.server import serve_gdb

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from probed.errors import BadSpec, NotFound, UnknownSymbol
-from probed.qemu import build_guest
-from probed.symbols import SymbolFile, SymbolStore, parse_file_arg
+from probed.guest.symbols import SymbolFile, SymbolStore, parse_file_arg
+from probed.testing.qemu import build_guest
 
 SYSTEM_MAP = """ffffffff81000000 T _text
 ffffffff81000000 T startup_64

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from probed.qemu import CACHE, QemuGuest
+from probed.testing.qemu import CACHE, QemuGuest
 
 from .download import DebianPackages, PackagesUnavailable, fetch_packages
 from .initramfs import HOSTNAME, build_initramfs

@@ -23,10 +23,10 @@ from typing import Any
 
 import trio
 
-from . import __version__
-from .errors import ProbedError
-from .events import encode_record
-from .symbols import parse_file_arg
+from probed import __version__
+from probed.errors import ProbedError
+from probed.guest.symbols import parse_file_arg
+from probed.records.events import encode_record
 
 __all__ = [
     "API_VERSION",
@@ -100,7 +100,7 @@ class ControlServer:
     """Dispatches JSON-RPC requests to an engine, one method per `probectl` verb.
 
     Args:
-        engine: a `probed.engine.Engine` (or anything with its methods).
+        engine: a `probed.engine.engine.Engine` (or anything with its methods).
     """
 
     def __init__(self, engine: Any):

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .control import API_VERSION, default_control_path
-from .render import print_events_line, print_table
+from probed import __version__
+from probed.front.control import API_VERSION, default_control_path
+from probed.front.render import print_events_line, print_table
 
 EXIT_OK, EXIT_DAEMON_ERROR, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
 

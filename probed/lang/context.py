@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from .fetch import STRING_MAX, read_c_string
+from probed.lang.fetch import STRING_MAX, read_c_string
 
 if TYPE_CHECKING:
-    from .probes import Probe
-    from .target import Target
+    from probed.engine.probes import Probe
+    from probed.engine.target import Target
 
 __all__ = ["HitContext", "RegisterView"]
 

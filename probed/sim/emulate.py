@@ -6,7 +6,7 @@ step costs two round trips (the step, then reading what it did). kprobes itself 
 instead of stepping them where it can; probed does the same: it works out the instruction's effect from
 the registers (and memory it reads), and writes it with `M` (memory first) and `P` (registers, pc last).
 
-Handled, in code of the target's own width (see `probed.cpumode`), none of which changes the flags:
+Handled, in code of the target's own width (see `probed.sim.cpumode`), none of which changes the flags:
 - `nop` forms (with `endbr32/64` and ftrace's 5-byte `nopl`);
 - `mov` between registers, from an immediate, a load (`mov reg, [mem]`, `movzx`), a store
   (`mov [mem], reg/imm`), and `lea`;

@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from probed.engine.slots import Slot
 from rsp.stop import StopEvent, StopReply, ThreadId
-
-from .slots import Slot
 
 __all__ = ["DebuggerLink", "MemorySnapshot", "gdb_key"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import SlotsExhausted
+from probed.errors import SlotsExhausted
 
 __all__ = ["Slot", "SlotAllocator"]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import NotFound
-from .handlers import Handler
-from .symbols import Location
+from probed.errors import NotFound
+from probed.guest.symbols import Location
+from probed.lang.handlers import Handler
 
 __all__ = ["HookPoint", "Probe", "ProbeTable", "FAULT_LIMIT"]
 
@@ -34,7 +34,7 @@ class Probe:
     kind: str = "break"
     pre: Handler | None = None
     post: Handler | None = None
-    condition: Any = None  # a probed.filter.Filter, or None
+    condition: Any = None  # a probed.lang.filter.Filter, or None
     priority: int = 0
     hw: bool = False
     length: int = 0

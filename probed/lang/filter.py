@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
-from .errors import FilterSyntaxError
+from probed.errors import FilterSyntaxError
 
 __all__ = ["Filter", "parse_filter"]
 

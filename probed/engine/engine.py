@@ -28,23 +28,22 @@ from typing import Any
 
 import trio
 
+from probed.engine.probes import FAULT_LIMIT, HookPoint, Probe, ProbeTable
+from probed.engine.slots import SlotAllocator
+from probed.engine.target import Target
+from probed.engine.watch import WatchHelper
+from probed.errors import BadSpec, ProbedError, TargetError, Unsupported
+from probed.gdbside.debugger import DebuggerLink
+from probed.gdbside.engine_debugger import SPURIOUS_RETRIES, DebuggerSide, _plain
+from probed.guest.symbols import Location, SymbolStore, parse_file_arg
+from probed.lang.context import HitContext
+from probed.lang.handlers import Handler, make_handler
+from probed.records.events import EventHub
+from probed.sim.cpumode import CodeMode
+from probed.sim.emulate import MAX_INSN, Emulator, NoEmulator
 from rsp.connection import RSPClient, raise_for_reply
 from rsp.errors import ConnectionClosed, RSPError, TargetTimeout
 from rsp.stop import Exited, StopEvent, StopReply, Terminated, ThreadId
-
-from .context import HitContext
-from .cpumode import CodeMode
-from .debugger import DebuggerLink
-from .emulate import MAX_INSN, Emulator, NoEmulator
-from .engine_debugger import SPURIOUS_RETRIES, DebuggerSide, _plain
-from .errors import BadSpec, ProbedError, TargetError, Unsupported
-from .events import EventHub
-from .handlers import Handler, make_handler
-from .probes import FAULT_LIMIT, HookPoint, Probe, ProbeTable
-from .slots import SlotAllocator
-from .symbols import Location, SymbolStore, parse_file_arg
-from .target import Target
-from .watch import WatchHelper
 
 __all__ = ["Engine"]
 
@@ -136,7 +135,7 @@ class Engine(DebuggerSide):
         # Poll for the next stop this long after a hit, when a core is free for it (see RSPClient).
         self.poll_seconds = 0.001 if (os.cpu_count() or 1) > 1 else 0.0
         self.current_thread: ThreadId | None = None
-        self.debugger: DebuggerLink | None = None  # the GDB stub's session (probed.debugger.DebuggerLink), when one is attached
+        self.debugger: DebuggerLink | None = None  # the GDB stub's session (probed.gdbside.debugger.DebuggerLink), when one is attached
 
     # -- properties ---------------------------------------------------------------------------------
 
@@ -661,7 +660,7 @@ class Engine(DebuggerSide):
     def _condition(self, condition: str | None, pre: Handler | None, post: Handler | None):
         if not condition:
             return None
-        from .filter import parse_filter
+        from probed.lang.filter import parse_filter
 
         fields: list[str] = []
         for h in (pre, post):
@@ -712,7 +711,7 @@ class Engine(DebuggerSide):
         condition: str | None = None,
         priority: int = 0,
     ) -> Probe:
-        """Add a data watchpoint probe on a data symbol or `0xADDR` (see `probed.watch`)."""
+        """Add a data watchpoint probe on a data symbol or `0xADDR` (see `probed.engine.watch`)."""
         self._require_attached()
         location, length, access = self.watch.check(spec, length, access)
         pre_h = make_handler(pre, self.arch, self.symbols)

@@ -10,15 +10,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from probed.errors import TargetError
+from probed.guest.symbols import SymbolStore
 from rsp.arch import Arch, arch_for
 from rsp.connection import MAX_MEMORY_READ, RSPClient, raise_for_reply
 from rsp.errors import RemoteError, RSPError
 from rsp.registers import RegisterLayout
 from rsp.stop import StopReply, ThreadId, parse_stop_reply, parse_thread_id
 from rsp.tdesc import TargetDescription, includes_of, parse_target_description
-
-from .errors import TargetError
-from .symbols import SymbolStore
 
 __all__ = ["Target"]
 

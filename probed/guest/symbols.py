@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from .errors import BadSpec, NotFound, UnknownSymbol
+from probed.errors import BadSpec, NotFound, UnknownSymbol
 
 __all__ = ["Location", "Symbol", "SymbolFile", "SymbolStore", "parse_file_arg", "parse_number"]
 

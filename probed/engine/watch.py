@@ -15,13 +15,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from probed.errors import BadSpec
+from probed.guest.symbols import Location
+from probed.lang.context import HitContext
 from rsp.connection import raise_for_reply
 from rsp.errors import RSPError
 from rsp.stop import WATCH_KINDS, StopReply
-
-from .context import HitContext
-from .errors import BadSpec
-from .symbols import Location
 
 if TYPE_CHECKING:
     from .engine import Engine

@@ -13,13 +13,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from .qemu import QemuGuest
+from probed.testing.qemu import QemuGuest
 
 SECONDS = 4.0
 
 
 def _ctl(control: Path, *args: str) -> str:
-    cmd = [sys.executable, "-m", "probed.cli", "--control", str(control), *args]
+    cmd = [sys.executable, "-m", "probed.front.cli", "--control", str(control), *args]
     print("$ probectl " + " ".join(_quote(a) for a in args), flush=True)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
@@ -51,7 +51,7 @@ def main() -> None:
     with QemuGuest("i386", stopped=False) as guest:
         try:
             daemon = subprocess.Popen(
-                [sys.executable, "-m", "probed.daemon", "--target", guest.target, "--symbols", str(guest.elf),
+                [sys.executable, "-m", "probed.front.daemon", "--target", guest.target, "--symbols", str(guest.elf),
                  "--control", str(control), "--events", str(workdir / "hits.jsonl")],
                 stderr=subprocess.PIPE, text=True,
             )
@@ -62,7 +62,7 @@ def main() -> None:
             _ctl(control, "hooks", "probe_*")
             print(f"\nHits, live, for {SECONDS:.0f} seconds:", flush=True)
             follower = subprocess.Popen(
-                [sys.executable, "-m", "probed.cli", "--control", str(control), "events", "--follow"],
+                [sys.executable, "-m", "probed.front.cli", "--control", str(control), "events", "--follow"],
                 text=True,
             )
             deadline = time.monotonic() + SECONDS

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import trio
 
-from . import __version__
-from .control import default_control_path, prepare_socket_path, serve_control
-from .engine import Engine
-from .errors import ProbedError, Unsupported
-from .events import encode_record
+from probed import __version__
+from probed.engine.engine import Engine
+from probed.errors import ProbedError, Unsupported
+from probed.front.control import default_control_path, prepare_socket_path, serve_control
+from probed.records.events import encode_record
 
 log = logging.getLogger("probed")
 

@@ -1,6 +1,6 @@
 """The engine's side of GDB co-existence: attach, forward, breakpoints, resume, step, interrupt.
 
-A mixin of `probed.engine.Engine` (it uses the engine's requests, breakpoint reconciliation and hit
+A mixin of `probed.engine.engine.Engine` (it uses the engine's requests, breakpoint reconciliation and hit
 handling); kept apart because it is one job: making GDB see only the stops it caused.
 """
 
@@ -10,12 +10,11 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from probed.errors import Unsupported
+from probed.gdbside.debugger import DebuggerLink, gdb_key
+from probed.sim.emulate import MAX_INSN
 from rsp.connection import raise_for_reply
 from rsp.stop import StopEvent, StopReply, ThreadId
-
-from .debugger import DebuggerLink, gdb_key
-from .emulate import MAX_INSN
-from .errors import Unsupported
 
 if TYPE_CHECKING:
     pass
@@ -36,11 +35,11 @@ PAGE = 4096  # reads of code stay in one page: the next may not be mapped
 CODE_WINDOW = 64  # code read after a pc, for simulated steps and GDB's own reads of it
 CODE_BEHIND = 16
 
-log = logging.getLogger("probed.engine")
+log = logging.getLogger("probed.engine.engine")
 
 
 class DebuggerSide:
-    """GDB's requests, as the engine serves them (see `probed.debugger` for GDB's state)."""
+    """GDB's requests, as the engine serves them (see `probed.gdbside.debugger` for GDB's state)."""
 
     async def debugger_attach(self, link: DebuggerLink) -> StopReply:
         """Attach a debugger: the guest stops and stays stopped for it. Returns the stop to report.
@@ -239,7 +238,7 @@ class DebuggerSide:
         return await self.client.wait_stop(timeout=None)
 
     async def _simulate_step(self, link: DebuggerLink, g: bytes, pc: int) -> bytes | None:
-        """GDB's step of a simple instruction (see `probed.emulate`), done with `M`/`P`; the new registers.
+        """GDB's step of a simple instruction (see `probed.sim.emulate`), done with `M`/`P`; the new registers.
 
         Not an instruction that touches memory while any watchpoint is set: it would not trigger.
         """

@@ -21,9 +21,17 @@ from pathlib import Path
 
 __all__ = ["GuestBuildError", "QemuError", "QemuGuest", "build_guest", "GUEST_SOURCES"]
 
-ROOT = Path(__file__).resolve().parent.parent
-GUEST_SOURCES = ROOT / "tests" / "guests"
-CACHE = Path(os.environ.get("PROBED_CACHE", ROOT / ".cache"))
+def _default_cache() -> Path:
+    # A checkout keeps its cache beside the sources (.cache/, ignored by git); an installed package uses
+    # the user's cache directory.
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").exists():
+        return checkout / ".cache"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "probed"
+
+
+GUEST_SOURCES = Path(__file__).resolve().parent / "guests"
+CACHE = Path(os.environ["PROBED_CACHE"]) if os.environ.get("PROBED_CACHE") else _default_cache()
 
 _ARCH_FLAGS = {
     "i386": (["-m32", "-march=i686"], ["-m", "elf_i386"]),

@@ -34,7 +34,7 @@ class CodeMode:
     """Answers "what width is the code at this stop" for one x86 target.
 
     Args:
-        target: the attached `probed.target.Target` (its layout and client are used).
+        target: the attached `probed.engine.target.Target` (its layout and client are used).
     """
 
     def __init__(self, target: Any):

@@ -16,7 +16,7 @@ from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import FetchSyntaxError
+from probed.errors import FetchSyntaxError
 
 __all__ = ["FetchField", "FetchProgram", "parse_fetchargs", "parse_fetcharg"]
 
