@@ -65,6 +65,15 @@ NOIPA ulong read_watched(void)
     return v;
 }
 
+/* Recursion with a known value at every depth: depth_sum(n) = n + (n - 1) + ... + 0, one call per depth
+ * (not a loop: the addition happens after the inner call returns). For return probes. */
+NOIPA long depth_sum(long n)
+{
+    if (n == 0)
+        return 0;
+    return n + depth_sum(n - 1);
+}
+
 static void send_ipi(unsigned int low)
 {
     LAPIC[0x310 / 4] = 0;
@@ -104,6 +113,7 @@ void cpu0_main(void)
         reg_change();
         write_watched(turn);
         read_watched();
+        depth_sum(turn % 4);
         turns = turns + 1;
     }
 }
