@@ -110,3 +110,9 @@ def test_a_fresh_dump_equals_the_cached_one(linux_guest, tmp_path):
         assert not fresh.kallsyms_reused
         assert fresh.kallsyms == linux_guest.kallsyms  # the same cache file, rewritten by this boot
         assert fresh.kallsyms.read_text() == cached
+
+
+def test_shell_channel_runs_commands_in_the_guest(linux_guest):
+    assert linux_guest.shell("cat /etc/hostname") == "probed-guest\n"
+    assert linux_guest.shell("/bin/utarget 2 && echo ran") == "ran\n"
+    assert linux_guest.shell("cmp /bin/utarget /bin/ucopy && echo same") == "same\n"

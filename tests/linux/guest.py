@@ -19,6 +19,8 @@ from .download import DebianPackages, PackagesUnavailable, fetch_packages
 from .initramfs import HOSTNAME, build_initramfs
 from .kallsyms import decode_dump
 from .kernel_image import KernelImageError, write_exports_map
+from .shell import GuestShell
+from .uprogs import build_uprogs
 
 __all__ = ["LINUX_CACHE", "HOSTNAME", "LinuxUnavailable", "LinuxBootError", "LinuxFiles", "LinuxGuest", "fetch_linux"]
 
@@ -69,7 +71,7 @@ def fetch_linux(cache: Path = LINUX_CACHE) -> LinuxFiles:
         system_map = write_exports_map(vmlinuz, cache / f"exports-{packages.kernel_release}.map")
     except KernelImageError as exc:
         raise LinuxUnavailable(f"cannot read {vmlinuz}: {exc}") from exc
-    initramfs = build_initramfs(packages.busybox(cache), cache)
+    initramfs = build_initramfs(packages.busybox(cache), cache, build_uprogs(cache))
     return LinuxFiles(vmlinuz, system_map, initramfs, packages.kernel_release, packages)
 
 
@@ -100,10 +102,14 @@ class LinuxGuest:
         self._kernel_sha = _sha256(files.vmlinuz)
         self.kallsyms_reused = not fresh_kallsyms and self._cached_dump_matches()
         self._capture = Path(workdir) / "ttyS1.bin"
+        self._shell_path = Path(workdir) / "shell.sock"
+        self._shell: GuestShell | None = None
         append = APPEND + (" probed.kallsyms=skip" if self.kallsyms_reused else "")
         self.qemu = QemuGuest(
             "x86_64", kernel=files.vmlinuz, initrd=files.initramfs, append=append, memory=memory, stopped=False,
-            extra_args=["-serial", f"file:{self._capture}"],
+            extra_args=["-serial", f"file:{self._capture}",
+                        "-chardev", f"socket,id=shell,path={self._shell_path},server=on,wait=off",
+                        "-serial", "chardev:shell"],
         )
         self.kernel_version = ""
         self.boot_seconds = 0.0
@@ -167,8 +173,22 @@ class LinuxGuest:
                 raise LinuxBootError(f"Linux did not reach its workload in time:\n{console[-2000:]}")
             time.sleep(_POLL_S)
 
+    def shell(self, command: str, timeout: float = 60) -> str:
+        """Run `command` with the guest's sh (as root, in /) and return its output.
+
+        Raises:
+            GuestCommandError: it exited non-zero (the message has its output).
+            TimeoutError: no answer within `timeout` seconds.
+        """
+        if self._shell is None:
+            self._shell = GuestShell(self._shell_path)
+        return self._shell.run(command, timeout)
+
     def close(self) -> None:
         """Kill QEMU (idempotent)."""
+        if self._shell is not None:
+            self._shell.close()
+            self._shell = None
         self.qemu.close()
 
     def __enter__(self) -> LinuxGuest:

@@ -20,6 +20,17 @@ case " $(cat /proc/cmdline) " in
     echo "PROBED KALLSYMS END" > /dev/ttyS1
     ;;
 esac
+# The host's shell channel (ttyS2): one command per line, run by sh; its output comes back on ttyS2,
+# followed by "PROBED DONE <exit status>". Commands run one at a time; `cmd &` returns at once.
+stty -F /dev/ttyS2 raw -echo
+(
+    while IFS= read -r line; do
+        sh -c "$line" > /tmp/.probed-out 2>&1
+        rc=$?
+        cat /tmp/.probed-out
+        echo "PROBED DONE $rc"
+    done < /dev/ttyS2 > /dev/ttyS2
+) &
 echo "WORKLOAD START"
 # Deterministic file and process work for probes to see, at a modest pace.
 while true; do

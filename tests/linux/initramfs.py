@@ -41,12 +41,13 @@ def newc_archive(entries: list[tuple[str, int, bytes]]) -> bytes:
     return bytes(out)
 
 
-def build_initramfs(busybox: Path, cache: Path) -> Path:
+def build_initramfs(busybox: Path, cache: Path, programs: dict[str, bytes] | None = None) -> Path:
     """The initramfs for this busybox and the current init.sh, built into `cache` if not there yet.
 
     Args:
         busybox: a static busybox binary.
         cache: directory for `initramfs-<hash>.cpio`; stale ones are removed.
+        programs: more executables for /bin, by name.
 
     Returns:
         The archive's path.
@@ -55,6 +56,7 @@ def build_initramfs(busybox: Path, cache: Path) -> Path:
     entries = [(d, _DIR, b"") for d in _DIRS]
     entries += [("bin/busybox", _FILE, busybox_bytes), ("init", _FILE, init),
                 ("etc/hostname", 0o100644, HOSTNAME.encode() + b"\n")]
+    entries += [(f"bin/{name}", _FILE, data) for name, data in sorted((programs or {}).items())]
     digest = hashlib.sha256(repr([(n, m, hashlib.sha256(d).hexdigest()) for n, m, d in entries]).encode())
     out = cache / f"initramfs-{digest.hexdigest()[:12]}.cpio"
     if not out.exists():
