@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from probed.errors import FilterSyntaxError
+from probed.lang.fetch import Unfetched
 from probed.lang.filter import parse_filter
 
 FIELDS = ["dfd", "name", "ok", "n", "flags", "bytes", "caller"]
@@ -14,7 +15,7 @@ HIT = {
     "dfd": -100, "name": "/etc/hostname", "ok": 1, "n": 16, "flags": "0x8241", "bytes": [1, 2, 3, 4],
     "caller": "do_sys_open+0x1c",
 }
-FAULT = "<fault reading 0x0: E14>"
+FAULT = Unfetched("<fault reading 0x0: E14>")
 
 
 @pytest.mark.parametrize(
@@ -85,6 +86,18 @@ def test_a_failed_fetch_makes_comparisons_false():
     assert parse_filter("!name", FIELDS).matches(values)
     assert parse_filter('name == "x" || ok', FIELDS).matches(values)
     assert not parse_filter("n == 16", FIELDS).matches({"dfd": 1})
+
+
+def test_a_missing_register_is_unknown_not_a_string():
+    # A register the target's block lacks is fetched as `<no register X>`; it was compared as that string.
+    values = {**HIT, "name": Unfetched("<no register fs_base>")}
+    assert not parse_filter('name ~ "<no register*"', FIELDS).matches(values)
+    assert not parse_filter('name != "x"', FIELDS).matches(values)
+    assert not parse_filter("name", FIELDS).matches(values)
+    f = parse_filter('dfd == -100 && name == "x"', FIELDS)
+    assert f.fields == ("dfd", "name")
+    assert f.unknown_fields(values) == [("name", "<no register fs_base>")]
+    assert f.unknown_fields(HIT) == []
 
 
 def test_string_escapes():

@@ -14,8 +14,8 @@ import capstone
 import pytest
 import trio
 
+from probed.engine.breakhits import SPURIOUS_RETRIES
 from probed.engine.engine import Engine
-from probed.gdbside.engine_debugger import SPURIOUS_RETRIES
 from probed.testing.qemu import QemuGuest
 from rsp.connection import RSPClient
 from rsp.stop import StopReply

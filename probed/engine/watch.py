@@ -12,14 +12,13 @@ being the watchpoint's start. On ARM and RISC-V QEMU stops *before* the access. 
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
+from probed.engine.state import Event
 from probed.errors import BadSpec
 from probed.guest.symbols import Location
-from probed.lang.context import HitContext
-from rsp.connection import raise_for_reply
 from rsp.errors import RSPError
+from rsp.packets import parse_hex_data, raise_for_error, read_memory, read_registers
 from rsp.stop import WATCH_KINDS, StopReply
 
 if TYPE_CHECKING:
@@ -74,7 +73,8 @@ class WatchHelper:
     # -- hits ---------------------------------------------------------------------------------------
 
     async def on_watch_stop(self, event: StopReply) -> bool:
-        """Handle a watchpoint stop; returns True when the guest was already resumed (never, here)."""
+        """Handle a watchpoint stop through the hit pipeline; returns True when the guest was already
+        resumed (never, here: the guest stays stopped for the engine)."""
         engine = self.engine
         target = engine.target
         address = event.watch_address
@@ -85,60 +85,39 @@ class WatchHelper:
         if not points:
             log.debug("watch stop at %#x that no probe wants", address)
             return False
-        engine.hits += 1
-        stop_no = engine.stops
+        engine.guest.move(Event.HIT)
         thread = event.thread
-        cpu = thread.tid - 1 if thread is not None and thread.tid > 0 else 0
         after = engine.arch.name in STOPS_AFTER_ACCESS
-        packets = [b"g"] + [b"m%x,%x" % (pt.address, pt.key[2]) for pt in points]
+        packets = [read_registers()] + [read_memory(pt.address, pt.key[2]) for pt in points]
         replies = await target.client.pipeline(packets)
-        raise_for_reply(b"g", replies[0])
+        raise_for_error(replies[0], packets[0])
         g = replies[0]
         stop_pc = target.pc_of(g)
-        values = [_hex_value(r) for r in replies[1:]]
+        values = {id(pt): _hex_value(r) for pt, r in zip(points, replies[1:], strict=True)}
         insn_pc = await self.accessing_instruction(stop_pc) if after else stop_pc
-        probes = [(p, pt, v) for pt, v in zip(points, values, strict=True) for p in pt.active()]
-
-        ctx = HitContext(target, cpu, "pre", g)
-        pre = [await engine._run(p, p.pre, ctx) for p, _, _ in probes]
-        need_step = any(p.post is not None for p, _, _ in probes) or not after
-        post = [(None, None)] * len(probes)
-        if need_step:
+        pairs = [(p, pt) for pt in points for p in pt.active()]
+        probes = [p for p, _ in pairs]
+        access = WATCH_KINDS.get(event.reason or "", "access")
+        extra = [{"access": access, "addr": f"{address:#x}"} for _ in pairs]
+        hit = await engine.pipeline.begin("watch", thread, stop_pc, g, probes, where_pc=insn_pc, extra=extra)
+        if any(p.post is not None for p in probes) or not after:
             await target.client.resume(target.step_packet(thread))
             await target.client.wait_stop(timeout=None)
             g2 = await target.read_g()
             if not after:
                 new = await target.read_many([(pt.address, pt.key[2]) for pt in points])
-                by_point = {id(pt): _int(n) for pt, n in zip(points, new, strict=True)}
-                probes = [(p, pt, by_point[id(pt)]) for p, pt, _ in probes]
-            pctx = HitContext(target, cpu, "post", g2)
-            post = [await engine._run(p, p.post, pctx) if p.post is not None else (None, None) for p, _, _ in probes]
-
-        now = time.time_ns()
-        access = WATCH_KINDS.get(event.reason or "", "access")
-        where = target.symbolize(insn_pc) if insn_pc is not None else None
-        for (probe, _pt, value), (pre_v, pre_e), (post_v, post_e) in zip(probes, pre, post, strict=True):
-            record = {
-                "probe": probe.id,
-                "name": probe.name,
-                "kind": "watch",
-                "seq": probe.hits,
-                "stop": stop_no,
-                "time_ns": now,
-                "cpu": cpu,
-                "access": access,
-                "addr": f"{address:#x}",
-                "pc": f"{insn_pc:#x}" if insn_pc is not None else None,
-                "where": where,
-                "old": probe.last_value if access != "read" else None,
-                "new": value if access != "read" else None,
-                "value": value,
-                "pre": pre_v,
-                "post": post_v,
-                "error": "; ".join(e for e in (pre_e, post_e) if e) or None,
-            }
+                values = {id(pt): _int(n) for pt, n in zip(points, new, strict=True)}
+            await engine.pipeline.run_post(hit, g2)
+        for (probe, pt), record in zip(pairs, hit.records, strict=True):
+            value = values[id(pt)]
+            record.extra.update(
+                old=probe.last_value if access != "read" else None,
+                new=value if access != "read" else None,
+                value=value,
+            )
             probe.last_value = value
-            engine._publish(probe, record, pre_v, post_v)
+        engine.pipeline.finish(hit)
+        engine.guest.move(Event.HIT_DONE)
         return False
 
     async def accessing_instruction(self, pc: int) -> int | None:
@@ -195,9 +174,8 @@ class WatchHelper:
 def _hex_value(reply: bytes) -> int | None:
     """The value in an `m` reply (None for an error reply)."""
     try:
-        raise_for_reply(b"m", reply)
-        return int.from_bytes(bytes.fromhex(reply.decode("ascii")), "little")
-    except (RSPError, ValueError):
+        return int.from_bytes(parse_hex_data(reply), "little")
+    except RSPError:
         return None
 
 

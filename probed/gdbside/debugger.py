@@ -11,20 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from probed.engine.breakpoints import key_for_z
 from probed.engine.slots import Slot
 from rsp.stop import StopEvent, StopReply, ThreadId
 
 __all__ = ["DebuggerLink", "MemorySnapshot", "gdb_key"]
 
-BREAK_KINDS = {0: "break", 1: "hbreak"}
-WATCH_ACCESS = {2: "w", 3: "r", 4: "rw"}
-
-
-def gdb_key(ztype: int, address: int, kind: int) -> tuple[str, int, int, str]:
-    """The hook-point key for a GDB `Z` packet (the same key a probe at that place uses)."""
-    if ztype in BREAK_KINDS:
-        return (BREAK_KINDS[ztype], address, 0, "x")
-    return ("watch", address, kind, WATCH_ACCESS[ztype])
+gdb_key = key_for_z
+"""The hook-point key for a GDB `Z` packet (the same key a probe at that place uses)."""
 
 
 class DebuggerLink:

@@ -304,6 +304,13 @@ def read_c_string(
     return out.decode("utf-8", errors="replace")
 
 
+class Unfetched(str):
+    """The value of a field that could not be fetched on a hit: its message, e.g. `<no register rip>`.
+
+    A `str` (records show the message), marked so that filters treat it as unknown, never as a string.
+    """
+
+
 class _FieldError(Exception):
     """A field that cannot be fetched on this hit; its value becomes the message, e.g. `<fault reading 0x0: E14>`."""
 
@@ -381,7 +388,7 @@ class FetchProgram:
         except StopIteration as stop:
             results[name] = stop.value
         except _FieldError as error:
-            results[name] = str(error)
+            results[name] = Unfetched(error)
 
     def _read(self, address: int, length: int) -> Generator[_Read, Any, bytes]:
         data = yield (address & ((1 << (8 * self.arch.word_size)) - 1), length)

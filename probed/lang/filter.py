@@ -24,6 +24,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from probed.errors import FilterSyntaxError
+from probed.lang.fetch import Unfetched
 
 __all__ = ["Filter", "parse_filter"]
 
@@ -102,7 +103,7 @@ class _Field:
 
     def value(self, values: Mapping[str, Any]) -> Any:
         value = values.get(self.name)
-        if value is None or (isinstance(value, str) and value.startswith("<fault")):
+        if value is None or isinstance(value, Unfetched):
             raise _Unknown
         return value
 
@@ -196,6 +197,7 @@ class _Parser:
     def __init__(self, expr: str, fields: set[str]):
         self.expr = expr
         self.fields = fields
+        self.used: list[str] = []  # the fields the expression names, in order
         self.tokens = _tokenize(expr)
         self.index = 0
 
@@ -266,6 +268,8 @@ class _Parser:
             if token.text not in self.fields:
                 known = ", ".join(sorted(self.fields)) or "none"
                 raise self.fail(token, f"unknown field {token.text!r} (fields: {known})")
+            if token.text not in self.used:
+                self.used.append(token.text)
             return _Field(token.text)
         if token.kind == "end":
             raise self.fail(token, "unexpected end (expected a field, a number or a string)")
@@ -275,9 +279,10 @@ class _Parser:
 class Filter:
     """A parsed filter expression."""
 
-    def __init__(self, expr: str, tree: Any):
+    def __init__(self, expr: str, tree: Any, fields: Iterable[str] = ()):
         self.expr = expr
         self._tree = tree
+        self.fields = tuple(fields)  # the fields it names
 
     def matches(self, values: Mapping[str, Any]) -> bool:
         """Whether a hit with these fetched values passes.
@@ -289,6 +294,11 @@ class Filter:
             True to report the hit.
         """
         return self._tree.test(values)
+
+    def unknown_fields(self, values: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """The fields this filter uses that were not fetched on this hit, with why (a filter over them is
+        false: an unreadable value is never compared as a string)."""
+        return [(name, str(values[name])) for name in self.fields if isinstance(values.get(name), Unfetched)]
 
     def __repr__(self) -> str:
         return f"Filter({self.expr!r})"
@@ -307,7 +317,8 @@ def parse_filter(expr: str, fields: Iterable[str]) -> Filter:
     Raises:
         FilterSyntaxError: with the 1-based column of the problem.
     """
-    return Filter(expr, _Parser(expr, set(fields)).parse())
+    parser = _Parser(expr, set(fields))
+    return Filter(expr, parser.parse(), parser.used)
 
 
 def _number(text: str) -> int:

@@ -8,13 +8,67 @@ counts `nmissed`).
 from __future__ import annotations
 
 import json
+import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-__all__ = ["EventHub", "Subscription", "encode_record"]
+__all__ = ["EventHub", "HitRecord", "RECORD_KINDS", "Subscription", "encode_record"]
+
+RECORD_KINDS = ("break", "watch", "return", "user")
+"""What hit: a breakpoint probe, a watchpoint, a function's return (return probes), a user-space probe."""
+
+
+@dataclass
+class HitRecord:
+    """One probe's record of one hit, created at the hit: its `seq` and `time_ns` are taken then.
+
+    Taking them at the hit (not when the record is published) keeps `seq` unique and in hit order even when
+    a hit is published late, e.g. parked while GDB holds the guest at the same place.
+
+    `extra` holds the fields of a kind beyond the common ones (a watch's `access`, `addr`, `old`, `new`,
+    `value`; a return's `func`, `duration_ns`...), in the order they appear in the published record.
+    """
+
+    probe: int
+    name: str
+    kind: str
+    seq: int
+    stop: int
+    cpu: int
+    pc: int | None
+    where: str | None
+    time_ns: int = field(default_factory=time.time_ns)
+    pre: Any = None
+    post: Any = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add_error(self, error: str | None) -> None:
+        if error:
+            self.error = f"{self.error}; {error}" if self.error else error
+
+    def as_dict(self) -> dict[str, Any]:
+        """The record as published (one JSON object; see docs/records.md)."""
+        record: dict[str, Any] = {
+            "probe": self.probe,
+            "name": self.name,
+            "kind": self.kind,
+            "seq": self.seq,
+            "stop": self.stop,
+            "time_ns": self.time_ns,
+            "cpu": self.cpu,
+        }
+        record.update(self.extra)
+        record["pc"] = f"{self.pc:#x}" if self.pc is not None else None
+        record["where"] = self.where
+        record["pre"] = self.pre
+        record["post"] = self.post
+        record["error"] = self.error
+        return record
 
 
 def encode_record(record: dict[str, Any]) -> str:

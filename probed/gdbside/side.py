@@ -1,7 +1,8 @@
-"""The engine's side of GDB co-existence: attach, forward, breakpoints, resume, step, interrupt.
+"""GDB's side of the engine, as a component: attach, forward, breakpoints, resume, step, interrupt.
 
-A mixin of `probed.engine.engine.Engine` (it uses the engine's requests, breakpoint reconciliation and hit
-handling); kept apart because it is one job: making GDB see only the stops it caused.
+One job: making GDB see only the stops it caused. It works through the engine's components
+(`service` for requests, `breakpoints`, `break_hits` and `pipeline` for probe hits at GDB's places,
+`guest` for who holds the guest) and GDB's state in `probed.gdbside.debugger.DebuggerLink`.
 """
 
 from __future__ import annotations
@@ -10,26 +11,19 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from probed.engine.breakhits import SPURIOUS_RETRIES, is_plain_trap
+from probed.engine.state import Event, Guest
 from probed.errors import Unsupported
 from probed.gdbside.debugger import DebuggerLink, gdb_key
 from probed.sim.emulate import MAX_INSN
-from rsp.connection import raise_for_reply
+from rsp.packets import raise_for_error, read_memory, read_registers, set_thread
 from rsp.stop import StopEvent, StopReply, ThreadId
 
 if TYPE_CHECKING:
-    pass
+    from probed.engine.engine import Engine
+    from probed.engine.hits import Hit
 
-__all__ = ["DebuggerSide", "SPURIOUS_RETRIES"]
-
-SPURIOUS_RETRIES = 3
-"""QEMU 7.2 now and then ends a single-step (`T05`) without running the instruction: every register as
-before (seen here about once in 20,000 steps, stepping the bundled guests with nothing else attached).
-Only a jump to itself leaves every register as it was, so a step that changed nothing is done again, up to
-this many times."""
-
-
-def _plain(event: StopEvent) -> bool:
-    return isinstance(event, StopReply) and event.signal == 5 and not event.is_watch
+__all__ = ["GdbSide"]
 
 PAGE = 4096  # reads of code stay in one page: the next may not be mapped
 CODE_WINDOW = 64  # code read after a pc, for simulated steps and GDB's own reads of it
@@ -38,163 +32,198 @@ CODE_BEHIND = 16
 log = logging.getLogger("probed.engine.engine")
 
 
-class DebuggerSide:
+class GdbSide:
     """GDB's requests, as the engine serves them (see `probed.gdbside.debugger` for GDB's state)."""
 
-    async def debugger_attach(self, link: DebuggerLink) -> StopReply:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    async def deliver(self, event: StopEvent) -> None:
+        """Give a stop to GDB: from now on GDB holds the guest."""
+        engine = self.engine
+        engine.guest.move(Event.TO_GDB)
+        if engine.debugger.parked and engine.guest.state is Guest.GDB:
+            engine.guest.move(Event.PARK)  # hits parked at an earlier stop still wait for GDB's resume
+        await engine.debugger.deliver(event)
+
+    def park(self, hit: Hit) -> None:
+        """Keep a probe hit at GDB's stop until GDB resumes that CPU."""
+        self.engine.guest.move(Event.PARK)
+        self.engine.debugger.park(hit)
+
+    async def _complete_parked(self, hit: Hit) -> StopEvent:
+        self.engine.guest.move(Event.HIT)
+        event = await self.engine.break_hits.complete(hit, may_resume=False)
+        self.engine.guest.move(Event.HIT_DONE)
+        return event
+
+    async def attach(self, link: DebuggerLink) -> StopReply:
         """Attach a debugger: the guest stops and stays stopped for it. Returns the stop to report.
 
         Raises:
             Unsupported: a debugger is attached already.
         """
 
+        engine = self.engine
+
         async def apply() -> StopReply:
-            if self.debugger is not None:
+            if engine.debugger is not None:
                 raise Unsupported("a debugger is attached already; probed serves one GDB at a time")
-            self.debugger = link
+            engine.debugger = link
             link.holding, link.running = True, False
-            link.current_thread = self.current_thread or (self.target.threads[0] if self.target.threads else None)
+            threads = engine.target.threads
+            link.current_thread = engine.current_thread or (threads[0] if threads else None)
+            engine.guest.move(Event.TO_GDB)
             return StopReply(5, link.current_thread)
 
-        return await self.call_stopped(apply)
+        return await engine.call_stopped(apply)
 
-    async def debugger_detach(self, link: DebuggerLink) -> None:
+    async def detach(self, link: DebuggerLink) -> None:
         """Forget the debugger: its breakpoints and slots go, parked hits complete, the guest runs on."""
 
+        engine = self.engine
+
         async def apply() -> None:
-            if self.debugger is not link:
+            if engine.debugger is not link:
                 return
             for hit in list(link.parked.values()):
-                await self._complete_hit(hit, may_resume=False)
+                await self._complete_parked(hit)
             link.parked.clear()
             for slot in link.slots.values():
-                self.slots.free(slot)
+                engine.slots.free(slot)
             link.slots.clear()
             link.points.clear()
-            self.debugger = None
-            await self._reconcile()
+            engine.debugger = None
+            engine.guest.move(Event.GDB_RESUMED)
+            await engine.breakpoints.reconcile()
 
-        await self.call_stopped(apply)
+        await engine.call_stopped(apply)
 
-    async def debugger_request(self, payloads: Sequence[bytes]) -> list[bytes]:
+    async def request(self, payloads: Sequence[bytes]) -> list[bytes]:
         """Forward packets to the target while the debugger holds it (in one write); the replies."""
 
         async def apply() -> list[bytes]:
-            link = self.debugger
+            link = self.engine.debugger
             if link is not None and payloads == [b"g"]:
                 cached = link.registers_for_gdb()
                 if cached is not None:
                     return [cached]
             if any(p[:1] in (b"G", b"P", b"M", b"X", b"H") for p in payloads) and link is not None:
                 link.forget_registers()  # (and the memory snapshot)
-            return await self.client.pipeline(list(payloads))
+            return await self.engine.client.pipeline(list(payloads))
 
-        return await self.call_stopped(apply)
+        return await self.engine.call_stopped(apply)
 
-    async def debugger_read_memory(self, address: int, length: int) -> bytes:
+    async def read_memory(self, address: int, length: int) -> bytes:
         """GDB's `m`: from what was read at this stop when it is there, else from the target."""
 
         async def apply() -> bytes:
-            link = self.debugger
+            link = self.engine.debugger
             if link is None:
-                return await self.client.request(b"m%x,%x" % (address, length))
+                return await self.engine.client.request(read_memory(address, length))
             return await self._read_at_stop(link, address, length)
 
-        return await self.call_stopped(apply)
+        return await self.engine.call_stopped(apply)
 
     async def _read_at_stop(self, link: DebuggerLink, address: int, length: int) -> bytes:
         """The `m` reply for a read while the guest is stopped: from the snapshot, or from the target
         (and then remembered while GDB holds the guest, which stays as it is until GDB resumes it)."""
         reply = link.memory.get(address, length)
         if reply is None:
-            reply = await self.client.request(b"m%x,%x" % (address, length))
+            reply = await self.engine.client.request(read_memory(address, length))
             if link.holding:
                 link.memory.put(address, length, reply)
         return reply
 
-    def debugger_insert(self, ztype: int, address: int, kind: int) -> None:
+    def insert(self, ztype: int, address: int, kind: int) -> None:
         """GDB's `Z`. Hardware kinds take a slot owned by "gdb" at once.
 
         GDB removes its breakpoints at every stop and inserts them again before resuming, so the target
-        sees GDB's set only when the guest next runs (`debugger_resume`): a remove and insert of the same
+        sees GDB's set only when the guest next runs (`resume`): a remove and insert of the same
         breakpoint cost nothing, and QEMU does not flush its translated code for them.
 
         Raises:
             SlotsExhausted: no debug-register slot free.
         """
-        link = self.debugger
+        link = self.engine.debugger
         key = gdb_key(ztype, address, kind)
         if key in link.points:
             link.points[key] += 1
             return
-        if ztype != 0 and key not in self._slot_of and key not in link.slots:
-            link.slots[key] = self.slots.allocate("gdb", f"Z{ztype}", f"{key[0]} {address:#x}")
+        if ztype != 0 and key not in self.engine.breakpoints.slot_of and key not in link.slots:
+            link.slots[key] = self.engine.slots.allocate("gdb", f"Z{ztype}", f"{key[0]} {address:#x}")
         link.points[key] = 1
 
-    def debugger_remove(self, ztype: int, address: int, kind: int) -> None:
+    def remove(self, ztype: int, address: int, kind: int) -> None:
         """GDB's `z` (removing what is not there is not an error, as with QEMU)."""
-        link = self.debugger
+        link = self.engine.debugger
         key = gdb_key(ztype, address, kind)
         if link.points.pop(key, None) is not None:
-            self.slots.free(link.slots.pop(key, None))
+            self.engine.slots.free(link.slots.pop(key, None))
 
-    async def debugger_resume(self, action: str, thread: ThreadId | None = None) -> None:
+    async def resume(self, action: str, thread: ThreadId | None = None) -> None:
         """GDB resumes the guest: `c` (continue) or `s` (step one instruction of `thread`).
 
         A probe hit parked where GDB stopped completes first (its instruction is stepped, post-handlers
         run); a step from a probe's address fires that probe once. GDB gets the stop it asked for.
         """
 
+        engine = self.engine
+
         async def apply() -> None:
-            link = self.debugger
+            link = engine.debugger
             if link is None:
                 return
             link.rotate_reads()
             if action == "s":
                 # (A simulated step keeps GDB's cached reads, patched; a real one drops them.)
-                event = await self._debugger_step(link, thread or link.current_thread)
+                event = await self._step(link, thread or link.current_thread)
                 if event is not None:  # (else delivered already)
-                    await link.deliver(event)
+                    await self.deliver(event)
                 return
             link.memory.clear()
             for hit in list(link.parked.values()):
-                event = await self._complete_hit(hit, may_resume=False)
-                del link.parked[hit.thread.tid if hit.thread else 1]
+                event = await self._complete_parked(hit)
+                del link.parked[hit.tid]
                 if isinstance(event, StopReply) and event.is_watch:
-                    await self.watch.on_watch_stop(event)
+                    await engine.watch.on_watch_stop(event)
                     if link.wants_watch(event):
-                        await link.deliver(event)
+                        await self.deliver(event)
                         return
             link.holding, link.running = False, True
-            self._gdb_changes = True  # installed with the `c`, in one write
-            self._hold = False  # GDB's continue also lets a guest held by --stopped run
+            engine.guest.move(Event.GDB_RESUMED)
+            engine.service.gdb_changes = True  # installed with the `c`, in one write
+            engine.service.hold = False  # GDB's continue also lets a guest held by --stopped run
 
-        await self.call_stopped(apply)
+        await engine.call_stopped(apply)
 
-    async def _debugger_step(self, link: DebuggerLink, thread: ThreadId | None) -> StopEvent | None:
+    async def _step(self, link: DebuggerLink, thread: ThreadId | None) -> StopEvent | None:
         """GDB's step; the stop to give GDB, or None when it was given already."""
+        engine = self.engine
         tid = thread.tid if thread else 1
-        self._check_deferred()
+        engine.service.check_deferred()
         hit = link.parked.pop(tid, None)
         before: bytes | None = None
         if hit is not None:
-            event = await self._complete_hit(hit, may_resume=False)
+            event = await self._complete_parked(hit)
         else:
             g = link.cached_registers(thread)
             if g is None:
-                if thread is not None and len(self.target.threads) > 1:
-                    await self.client.request(b"Hg" + thread.encode())
-                g = await self.target.read_g()
-            pc = self.target.pc_of(g)
-            probes = self.table.active_at(pc)
+                if thread is not None and len(engine.target.threads) > 1:
+                    await engine.client.request(set_thread("g", thread))
+                g = await engine.target.read_g()
+            pc = engine.target.pc_of(g)
+            probes = engine.table.active_at(pc)
             if probes:
-                await self._reconcile()
-                self.stops += 1
-                hit = await self._pre_phase(thread, pc, g, probes)
-                event = await self._complete_hit(hit, may_resume=False)
+                await engine.breakpoints.reconcile()
+                engine.stops += 1
+                engine.guest.move(Event.HIT)
+                hit = await engine.pipeline.begin("break", thread, pc, g, probes)
+                event = await engine.break_hits.complete(hit, may_resume=False)
+                engine.guest.move(Event.HIT_DONE)
             elif (simulated := await self._simulate_step(link, g, pc)) is not None:
                 # Done without running the guest: no stop, no flush of QEMU's translated code.
-                self.stops += 1
+                engine.stops += 1
                 link.remember_registers(thread or link.current_thread, simulated)
                 return StopReply(5, thread or link.current_thread)
             else:
@@ -202,23 +231,23 @@ class DebuggerSide:
                 before = g
         for attempt in range(SPURIOUS_RETRIES + 1):
             link.forget_registers()
-            self.stops += 1
+            engine.stops += 1
             if isinstance(event, StopReply) and event.is_watch:
-                await self.watch.on_watch_stop(event)
+                await engine.watch.on_watch_stop(event)
             if isinstance(event, StopReply) and event.thread is None:
                 event = StopReply(event.signal, thread, event.core, event.reason, event.watch_address, event.registers)
             if not isinstance(event, StopReply):
                 return event
             # GDB reads the registers after every stop; read them now, for GDB and for its next step.
             # (A step's stop is GDB's: it goes to GDB as soon as the registers are in.)
-            spurious = before is not None and _plain(event) and attempt < SPURIOUS_RETRIES
-            after, delivered = await self._read_for_debugger(link, event.thread, event, unless=before if spurious else None)
+            spurious = before is not None and is_plain_trap(event) and attempt < SPURIOUS_RETRIES
+            after, delivered = await self.read_for_debugger(link, event.thread, event, unless=before if spurious else None)
             if delivered:
                 return None
             if not (spurious and after == before):
                 return event
             # QEMU ended the step without running the instruction (see SPURIOUS_RETRIES): again.
-            self.spurious_steps += 1
+            engine.spurious_steps += 1
             event = await self._single_step(thread)
         return event
 
@@ -229,13 +258,14 @@ class DebuggerSide:
         continue (a step-over's remove and re-insert then cancel out, and QEMU keeps its translated code).
         Watchpoint changes matter to a step: they go with it.
         """
-        step = self.target.step_packet(thread)
-        if any(k[0] == "watch" for k in self._pending_changes()):
-            for key, exc in await self._reconcile(resume=step):
+        engine = self.engine
+        step = engine.target.step_packet(thread)
+        if any(k[0] == "watch" for k in engine.breakpoints.pending_changes()):
+            for key, exc in await engine.breakpoints.reconcile(resume=step):
                 log.error("GDB's %s at %#x could not be set on the target: %s", key[0], key[1], exc)
         else:
-            await self.client.resume(step)
-        return await self.client.wait_stop(timeout=None)
+            await engine.client.resume(step)
+        return await engine.client.wait_stop(timeout=None)
 
     async def _simulate_step(self, link: DebuggerLink, g: bytes, pc: int) -> bytes | None:
         """GDB's step of a simple instruction (see `probed.sim.emulate`), done with `M`/`P`; the new registers.
@@ -254,21 +284,22 @@ class DebuggerSide:
             code = await read(pc, max(MAX_INSN, min(CODE_WINDOW, PAGE - pc % PAGE)))
             if code is None:
                 return None
-        plan = self.emulator.plan(code)
-        if plan is None or (plan.touches_memory and self._watching()) or not await self.code_mode.is_native(g):
+        engine = self.engine
+        plan = engine.emulator.plan(code)
+        if plan is None or (plan.touches_memory and engine.breakpoints.watching()) or not await engine.code_mode.is_native(g):
             return None
 
-        outcome = await self.emulator.run(plan, g, pc, read)
+        outcome = await engine.emulator.run(plan, g, pc, read)
         if outcome is None:
             return None
         # Write-behind: QEMU applies these before anything we send later; a refusal shows up in
-        # `deferred_errors` at the next reply, and the emulator is then switched off (`_check_deferred`).
-        await self.client.post(outcome.packets)
-        self.simulated += 1
+        # `deferred_errors` at the next reply, and the emulator is then switched off (`check_deferred`).
+        await engine.client.post(outcome.packets)
+        engine.simulated += 1
         link.patch_memory(outcome.writes)
         return outcome.registers
 
-    async def _read_for_debugger(
+    async def read_for_debugger(
         self,
         link: DebuggerLink,
         thread: ThreadId | None,
@@ -287,28 +318,29 @@ class DebuggerSide:
             pc = link.last_pc
             start = max(pc - CODE_BEHIND, pc - pc % PAGE)
             reads.append((start, min(pc + CODE_WINDOW, pc - pc % PAGE + PAGE) - start))
-        client = self.client
-        await client.begin([b"g", *(b"m%x,%x" % r for r in reads)])
+        engine = self.engine
+        client = engine.client
+        await client.begin([read_registers(), *(read_memory(*r) for r in reads)])
         g = await client.next_reply()
         if g[:1] == b"E" or not g:
             for _ in reads:
                 await client.next_reply()
-            raise_for_reply(b"g", g)
+            raise_for_error(g, b"g")
         link.remember_registers(thread, g)
         link.memory.clear()
-        pc = self.target.pc_of(g)
-        delivered = gdbs is not None and g != unless and not self.table.active_at(pc)
+        pc = engine.target.pc_of(g)
+        delivered = gdbs is not None and g != unless and not engine.table.active_at(pc)
         if delivered:
-            await link.deliver(gdbs)
+            await self.deliver(gdbs)
         for address, length in reads:
             link.memory.put(address, length, await client.next_reply())
         link.last_pc = pc
         return g, delivered
 
-    async def debugger_interrupt(self, link: DebuggerLink) -> None:
+    async def interrupt(self, link: DebuggerLink) -> None:
         """GDB's Ctrl-C: stop the guest and give GDB the stop (even if its resume is still on its way)."""
-        if self.debugger is not link:
+        if self.engine.debugger is not link:
             return
         link.interrupt_requested = True
-        await self._wakeup()
+        await self.engine.service.wakeup()
 

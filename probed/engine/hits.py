@@ -1,0 +1,183 @@
+"""The hit pipeline: one path from a stop that hit probes to the records they publish.
+
+    begin (count the hit, create one `HitRecord` per probe: seq and time taken here; pre-handlers)
+      -> get past the probed place (single-step, or simulate it: `probed.engine.breakpoints` and
+         `probed.sim.emulate`; a watch hit on x86 needs no step)
+      -> post-handlers
+      -> finish (filter, then publish)
+
+Breakpoint hits (`BreakHits`), watchpoint hits (`probed.engine.watch`) and, later, return and user-space
+probes all go through `HitPipeline.begin` / `run_post` / `finish`, so counting, faults, filters, `seq` and
+publishing happen in one place. A handler's time limit (issue 10) belongs in `HitPipeline.run_handler`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from probed.engine.probes import Probe
+from probed.errors import ProbedError
+from probed.lang.context import HitContext
+from probed.lang.handlers import Handler
+from probed.records.events import HitRecord
+from rsp.stop import ThreadId
+
+if TYPE_CHECKING:
+    from probed.engine.engine import Engine
+
+__all__ = ["Hit", "HitPipeline", "cpu_of"]
+
+log = logging.getLogger("probed.engine.engine")
+
+
+AT_STOP = object()
+
+
+def cpu_of(thread: ThreadId | None) -> int:
+    """The 0-based CPU index of a stop's thread (QEMU's thread ids are CPU numbers from 1)."""
+    return thread.tid - 1 if thread is not None and thread.tid > 0 else 0
+
+
+@dataclass
+class Hit:
+    """One stop that hit probes, from its pre phase to its publication.
+
+    `records` holds one record per probe, in handler order, created at the hit.
+    """
+
+    kind: str
+    thread: ThreadId | None
+    cpu: int
+    pc: int
+    stop: int
+    probes: list[Probe]
+    records: list[HitRecord]
+    g: bytes  # the registers at the hit
+
+    @property
+    def tid(self) -> int:
+        return self.thread.tid if self.thread is not None else 1
+
+
+class HitPipeline:
+    """Counts hits, runs handlers, filters and publishes; the one place a `HitRecord` is made."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.hits = 0  # stops that hit at least one probe
+        self.records = 0  # records published
+        self._warned: set[tuple[int, str]] = set()
+
+    async def begin(
+        self,
+        kind: str,
+        thread: ThreadId | None,
+        pc: int,
+        g: bytes,
+        probes: list[Probe],
+        *,
+        where_pc: Any = AT_STOP,
+        extra: list[dict[str, Any]] | None = None,
+    ) -> Hit:
+        """Start a hit: count it on every probe, create its records (seq, time), run the pre-handlers.
+
+        Args:
+            kind: the records' kind ("break", "watch", "return", "user").
+            pc: where the guest stopped; `where_pc` the address the records name, when another (None for
+                unknown).
+            extra: per probe, the kind's own fields for its record.
+        """
+        engine = self.engine
+        self.hits += 1
+        cpu = cpu_of(thread)
+        shown = pc if where_pc is AT_STOP else where_pc
+        where = engine.target.symbolize(shown) if shown is not None else None
+        records = []
+        for i, probe in enumerate(probes):
+            probe.hits += 1
+            records.append(
+                HitRecord(
+                    probe=probe.id, name=probe.name, kind=kind, seq=probe.hits, stop=engine.stops, cpu=cpu,
+                    pc=shown, where=where, extra=dict(extra[i]) if extra else {},
+                )
+            )
+        hit = Hit(kind, thread, cpu, pc, engine.stops, probes, records, g)
+        ctx = HitContext(engine.target, cpu, "pre", g)
+        for probe, record in zip(probes, records, strict=True):
+            record.pre, error = await self.run_handler(probe, probe.pre, ctx)
+            record.add_error(error)
+        return hit
+
+    async def run_post(self, hit: Hit, g: bytes) -> None:
+        """Run the post-handlers over the registers after the probed instruction."""
+        ctx = HitContext(self.engine.target, hit.cpu, "post", g)
+        for probe, record in zip(hit.probes, hit.records, strict=True):
+            if probe.post is not None:
+                record.post, error = await self.run_handler(probe, probe.post, ctx)
+                record.add_error(error)
+
+    async def run_handler(self, probe: Probe, handler: Handler | None, ctx: HitContext) -> tuple[Any, str | None]:
+        """Run one handler; a fault is counted, and after `fault_limit` in a row the probe is disabled."""
+        if handler is None:
+            return None, None
+        ctx.probe = probe
+        try:
+            value = await handler.run(ctx)
+        except Exception as exc:  # a handler's bug is recorded, never fatal
+            probe.faults += 1
+            probe.fault_run += 1
+            if probe.fault_run >= self.engine.fault_limit and probe.enabled:
+                probe.enabled = False
+                probe.disabled_reason = f"{probe.fault_run} handler faults in a row (last: {type(exc).__name__}: {exc})"
+                log.warning("probe %s disabled: %s", probe.name, probe.disabled_reason)
+                self.engine.breakpoints.dirty = True
+            return None, f"{ctx.phase}: {type(exc).__name__}: {exc}"
+        probe.fault_run = 0
+        return value, None
+
+    def abandon(self, hit: Hit) -> None:
+        """Publish a hit whose instruction's step never ran (the guest went elsewhere): no post values."""
+        note = "the probed instruction's step did not run; no post values"
+        for probe, record in zip(hit.probes, hit.records, strict=True):
+            if probe.post is not None:
+                record.add_error(note)
+        self.finish(hit)
+
+    def finish(self, hit: Hit) -> None:
+        """Filter and publish every record of the hit."""
+        for probe, record in zip(hit.probes, hit.records, strict=True):
+            self.publish(probe, record)
+
+    def publish(self, probe: Probe, record: HitRecord) -> None:
+        """Publish one record unless the probe's filter rejects it (then it is counted in `filtered`)."""
+        if probe.condition is not None:
+            values: dict[str, Any] = {}
+            if isinstance(record.pre, dict):
+                values.update(record.pre)
+            if isinstance(record.post, dict):
+                values.update(record.post)
+            if not probe.condition.matches(values):
+                probe.filtered += 1
+                self._explain(probe, values)
+                return
+        self.records += 1
+        self.engine.hub.publish(record.as_dict())
+
+    def _explain(self, probe: Probe, values: dict[str, Any]) -> None:
+        """Say once per probe and field why a filter could not hold: a field it uses was not fetched."""
+        for name, reason in probe.condition.unknown_fields(values):
+            if (probe.id, name) not in self._warned:
+                self._warned.add((probe.id, name))
+                log.warning(
+                    "probe %s: filter %r is false while field %r is not fetched (%s)",
+                    probe.name, probe.condition.expr, name, reason,
+                )
+
+    def count_missed(self, probe_id: int) -> None:
+        """A subscriber dropped a record of this probe."""
+        try:
+            self.engine.table.find(probe_id).missed += 1
+        except ProbedError:
+            pass

@@ -1,0 +1,230 @@
+"""The service loop: the one task that owns the QEMU connection and runs stop -> classify -> handle -> resume.
+
+Rules it keeps:
+- All-stop. While the guest is stopped for a hit nothing else runs it. Changes (adding, removing, enabling
+  probes, GDB's requests) are requests run by this task while the guest is stopped: a running guest is
+  interrupted, every pending request is applied, and the guest resumes.
+- The guest is always resumed after a hit, whatever a handler did; handler errors go into the hit record.
+- An interrupt (0x03) sent during a single-step would pause the guest before the step completes (QEMU), so
+  interrupts are sent only while the guest runs freely after `c`.
+
+Who holds the guest at each point is `probed.engine.state`; this loop moves it through RESUMED/STOPPED/HOLD.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from probed.engine.breakhits import SIGTRAP
+from probed.engine.state import Event
+from probed.errors import TargetError
+from probed.sim.emulate import NoEmulator
+from rsp.packets import cont, detach
+from rsp.stop import Exited, StopEvent, StopReply, Terminated
+
+if TYPE_CHECKING:
+    from probed.engine.engine import Engine
+
+__all__ = ["Service"]
+
+log = logging.getLogger("probed.engine.engine")
+
+
+class _Request:
+    """Work to run in the engine task while the guest is stopped."""
+
+    def __init__(self, fn: Callable[[], Awaitable[Any]]):
+        self.fn = fn
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class Service:
+    """The loop, its queue of requests, and the hold (`--stopped`, `hold()`)."""
+
+    def __init__(self, engine: Engine, *, hold: bool = False):
+        self.engine = engine
+        self.hold = hold
+        self.requests: deque[_Request] = deque()
+        self._wake = trio.Event()
+        self.free_running = False  # a `c` went and no stop came back yet: an interrupt may be sent
+        self.gdb_changes = False  # GDB's breakpoint changes wait for the next `c`, in one write with it
+        self.dead: BaseException | None = None
+        # Poll for the next stop this long after a hit, when a core is free for it (see RSPClient).
+        self.poll_seconds = 0.001 if (os.cpu_count() or 1) > 1 else 0.0
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    async def loop(self) -> None:
+        engine = self.engine
+        client = engine.client
+        guest = engine.guest
+        running = False
+        while True:
+            if not running:
+                await self.serve_requests()
+                debugger = engine.debugger
+                if debugger is not None and debugger.interrupt_requested:
+                    # The debugger asked for a stop while we were busy with a hit: this stop is its.
+                    await engine.gdb.deliver(StopReply(2, debugger.current_thread))
+                if self.holding():
+                    if self.hold:
+                        guest.move(Event.HOLD)
+                    await self._wait_for_wake()
+                    continue
+                guest.move(Event.RESUMED)
+                self.free_running = True
+                if self.gdb_changes:
+                    # GDB's breakpoint changes and the `c` in one write.
+                    self.gdb_changes = False
+                    for key, exc in await engine.breakpoints.reconcile(resume=cont()):
+                        log.error("GDB's %s at %#x could not be set on the target: %s", key[0], key[1], exc)
+                    if self.must_stop():
+                        await client.interrupt()
+                else:
+                    await client.resume(cont())
+            else:
+                self.free_running = True
+            try:
+                event = await client.wait_stop()
+            finally:
+                self.free_running = False
+            guest.move(Event.STOPPED)
+            with client.bounded(engine.timeout):
+                running = await self.on_stop(event)
+            if running and self.poll_seconds:
+                # Hits come in bursts: the next stop is likely within a millisecond.
+                client.poll_until = trio.current_time() + self.poll_seconds
+
+    async def on_stop(self, event: StopEvent) -> bool:
+        """Handle one stop; returns True when the guest was already resumed."""
+        engine = self.engine
+        if isinstance(event, Exited | Terminated):
+            raise TargetError(f"the guest is gone ({event})")
+        self.check_deferred()
+        if not isinstance(event, StopReply):
+            return False
+        engine.stops += 1
+        if event.thread is not None:
+            engine.current_thread = event.thread
+        debugger = engine.debugger
+        if debugger is not None:
+            debugger.forget_registers()
+        if event.signal != SIGTRAP:
+            if debugger is not None and (debugger.interrupt_requested or debugger.running):
+                await engine.gdb.deliver(event)  # GDB's Ctrl-C, or a signal it should see
+            return False  # our interrupt (T02): pending requests run next
+        if event.is_watch:
+            resumed = await engine.watch.on_watch_stop(event)
+            if debugger is not None and debugger.wants_watch(event):
+                await engine.gdb.deliver(event)
+            return resumed
+        return await engine.break_hits.on_stop(event)
+
+    def check_deferred(self) -> None:
+        """Simulated instructions are written behind; if the target refused one, stop simulating."""
+        client = self.engine.client
+        if client.deferred_errors:
+            bad, client.deferred_errors = client.deferred_errors, []
+            log.error("simulating an instruction failed: %r; single-stepping from now on", bad)
+            self.engine.emulator = NoEmulator()
+
+    def must_stop(self) -> bool:
+        """Whether someone waits for the guest to stop (requests, a hold, GDB's Ctrl-C)."""
+        debugger = self.engine.debugger
+        return bool(self.requests) or self.holding() or (debugger is not None and debugger.interrupt_requested)
+
+    def holding(self) -> bool:
+        debugger = self.engine.debugger
+        return self.hold or (debugger is not None and debugger.holding)
+
+    async def resume_fast(self, packets: list[bytes], *, defer: bool = False) -> list[bytes]:
+        """Send `packets` and `c` in one write; the guest runs freely after it.
+
+        With `defer`, their (`OK`) replies are checked when the next stop is read, not waited for now.
+        """
+        self.engine.guest.move(Event.RESUMED)
+        self.free_running = True
+        replies = await self.engine.client.pipeline(packets, resume=cont(), defer=defer)
+        if self.must_stop() or self.engine.breakpoints.dirty:
+            # Asked for while we were writing: the asker could not interrupt yet.
+            await self.engine.client.interrupt()
+        return replies
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    async def _wait_for_wake(self) -> None:
+        while self.holding() and not self.requests:
+            self._wake = trio.Event()
+            await self._wake.wait()
+
+    async def serve_requests(self) -> None:
+        breakpoints = self.engine.breakpoints
+        if breakpoints.dirty:
+            breakpoints.dirty = False
+            await breakpoints.reconcile()
+        while self.requests:
+            req = self.requests.popleft()
+            try:
+                req.result = await req.fn()
+            except Exception as exc:
+                req.error = exc
+            finally:
+                req.done.set()
+        if breakpoints.dirty:
+            breakpoints.dirty = False
+            await breakpoints.reconcile()
+
+    def fail_requests(self) -> None:
+        while self.requests:
+            req = self.requests.popleft()
+            req.error = TargetError("the engine is not running")
+            req.done.set()
+
+    async def call_stopped(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+        """Run `fn` in the engine task while the guest is stopped; returns its result.
+
+        Raises:
+            TargetError: the engine is not attached or has stopped.
+        """
+        if self.engine.target is None or self.dead is not None:
+            raise TargetError("the engine is not attached to a target")
+        req = _Request(fn)
+        self.requests.append(req)
+        await self.wakeup()
+        await req.done.wait()
+        if req.error is not None:
+            raise req.error
+        return req.result
+
+    async def wakeup(self) -> None:
+        self._wake.set()
+        if self.free_running:
+            await self.engine.client.interrupt()
+
+    async def shutdown(self) -> None:
+        """Remove every breakpoint and detach (QEMU then resumes the guest)."""
+        engine = self.engine
+        if engine.target is None:
+            return
+        client = engine.client
+        try:
+            if client.running:
+                await client.halt(timeout=2)
+            packets = engine.breakpoints.removal_packets()
+            if packets:
+                await client.pipeline(packets, timeout=2)
+            # `D` also makes QEMU drop every breakpoint and resume the guest.
+            await client.request(detach(), timeout=2)
+        except (Exception, trio.TooSlowError) as exc:
+            log.warning("could not detach cleanly: %s", exc)
+        finally:
+            with trio.move_on_after(1):
+                await client.aclose()
