@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from probed.engine.api import DebuggerAPI
 from probed.errors import ProbedError, SlotsExhausted
 from probed.gdbside.debugger import DebuggerLink
 from rsp.commands import (
@@ -67,7 +68,7 @@ HOT_SECONDS = 0.001
 class GdbSession:
     """One attached GDB."""
 
-    def __init__(self, engine: Any, stream: trio.abc.Stream):
+    def __init__(self, engine: DebuggerAPI, stream: trio.abc.Stream):
         self.engine = engine
         self.stream = stream
         self.framer = Framer()

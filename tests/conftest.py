@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from linux.conftest_linux import linux_guest  # noqa: F401, E402  (the session's Linux guest)
 
 from probed.testing.qemu import QemuGuest
+from tests.linux.conftest_linux import linux_guest  # noqa: F401  (the session's Linux guest)
 
 DEFAULT_TIME_LIMIT = float(os.environ.get("PROBED_TEST_TIME_LIMIT", "120"))
 
@@ -60,8 +58,6 @@ def guest(request) -> Iterator[QemuGuest]:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "time_limit(seconds): this test's time limit instead of the default")
-    # tests/linux/ holds the Linux guest builder; make it importable as `linux`.
-    sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.hookimpl(hookwrapper=True)

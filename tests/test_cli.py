@@ -8,48 +8,15 @@ import signal
 import stat
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import trio
 
 from probed.guest.symbols import SymbolStore
 from rsp.connection import RSPClient
+from tests.daemon import Daemon
 
 NAMES = ["alpha", "beta", "gamma", "delta"]
-
-
-class Daemon:
-    def __init__(self, guest, tmp_path: Path, *extra: str):
-        self.control = tmp_path / "ctl" / "control.sock"
-        self.events = tmp_path / "hits.jsonl"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "probed.front.daemon", "--target", guest.target, "--symbols", str(guest.elf),
-             "--control", str(self.control), "--events", str(self.events), *extra],
-            stderr=subprocess.PIPE, text=True,
-        )
-        self.log = []
-        for line in self.proc.stderr:
-            self.log.append(line)
-            if "ready" in line:
-                break
-        else:
-            raise AssertionError("probed did not start:\n" + "".join(self.log))
-
-    def ctl(self, *args: str, check: int | None = 0) -> subprocess.CompletedProcess:
-        out = subprocess.run([sys.executable, "-m", "probed.front.cli", "--control", str(self.control), *args],
-                             capture_output=True, text=True, timeout=120)
-        if check is not None:
-            assert out.returncode == check, out.stderr
-        return out
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=30)
-        finally:
-            self.proc.stderr.close()
 
 
 @pytest.fixture
@@ -58,7 +25,7 @@ def daemon(guest_i386, tmp_path):
     yield d
     if d.proc.poll() is None:
         d.proc.kill()
-        d.proc.wait()
+    d.wait(timeout=30)
 
 
 def test_add_probes_and_read_exact_hits(daemon):
@@ -167,9 +134,8 @@ def test_the_daemon_says_when_its_target_dies(tmp_path):
         daemon = Daemon(guest, tmp_path)
     finally:
         guest.close()  # QEMU goes away under the running daemon
-    assert daemon.proc.wait(timeout=60) == 1
-    assert "the target went away" in daemon.proc.stderr.read()
-    daemon.proc.stderr.close()
+    assert daemon.wait(timeout=60) == 1
+    assert "the target went away" in daemon.stderr()
     assert not daemon.control.exists()
 
 

@@ -21,6 +21,8 @@ import trio
 import trio.testing
 
 from probed import __version__
+from probed.engine.api import EngineAPI, protocol_mismatches
+from probed.engine.engine import Engine
 from probed.errors import NotFound, UnknownSymbol
 from probed.front import cli
 from probed.front.control import SocketInUse, default_control_path, serve_control
@@ -68,10 +70,36 @@ class StandInEngine:
         self.calls: list[tuple[str, str, dict[str, Any]]] = []
         self.state = "stopped"
 
-    async def add_probe(self, spec: str, **kw: Any) -> StandInProbe:
+    # The methods have the engine's signatures (`EngineAPI`; test_the_stand_in_has_the_engines_api).
+
+    async def add_probe(
+        self,
+        spec: str,
+        *,
+        name: str | None = None,
+        pre: Any = None,
+        post: Any = None,
+        condition: str | None = None,
+        priority: int = 0,
+        hw: bool = False,
+    ) -> StandInProbe:
+        kw = {"name": name, "pre": pre, "post": post, "condition": condition, "priority": priority, "hw": hw}
         return self._add("add_probe", spec, kw)
 
-    async def add_watch(self, spec: str, **kw: Any) -> StandInProbe:
+    async def add_watch(
+        self,
+        spec: str,
+        *,
+        length: int | None = None,
+        access: str = "w",
+        name: str | None = None,
+        pre: Any = None,
+        post: Any = None,
+        condition: str | None = None,
+        priority: int = 0,
+    ) -> StandInProbe:
+        kw = {"length": length, "access": access, "name": name, "pre": pre, "post": post, "condition": condition,
+              "priority": priority}
         return self._add("add_watch", spec, kw)
 
     def _add(self, method: str, spec: str, kw: dict[str, Any]) -> StandInProbe:
@@ -123,6 +151,9 @@ class StandInEngine:
     async def resume(self) -> None:
         self.state = "running"
 
+    async def hold(self) -> None:
+        self.state = "stopped"
+
     async def set_bias(self, file: str, bias: int) -> list[StandInProbe]:
         if file != self.symbols.file.name:
             raise NotFound(f"symbol file {file!r}")
@@ -134,6 +165,24 @@ class StandInEngine:
                   "where": "probe_target", "pre": {"a": seq, "name": "beta"}, "post": None, "error": None}
         self.hub.publish(record)
         return record
+
+
+def test_the_stand_in_has_the_engines_api():
+    # The control socket is written against `EngineAPI`; the real engine and this stand-in both have it.
+    assert protocol_mismatches(EngineAPI, StandInEngine()) == []
+    assert protocol_mismatches(EngineAPI, Engine("tcp:127.0.0.1:1")) == []
+
+
+def test_a_drifted_stand_in_is_caught():
+    class Drifted(StandInEngine):
+        async def add_probe(self, spec: str, **kw: Any) -> StandInProbe:  # the stand-in's old signature
+            return self._add("add_probe", spec, kw)
+
+        def remove_all(self) -> int:  # sync where the engine's is async
+            return 0
+
+    problems = protocol_mismatches(EngineAPI, Drifted())
+    assert [p.split(":")[0] for p in problems] == ["add_probe", "remove_all"]
 
 
 # -- fixtures and a small client ------------------------------------------------------------------------

@@ -8,9 +8,9 @@ import shlex
 from pathlib import Path
 
 import trio
-from test_cli import Daemon
 
 from probed.front.daemon import build_parser
+from tests.daemon import Daemon
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```", re.M | re.S)
@@ -43,7 +43,8 @@ def run_examples(guest, tmp_path, tag: str) -> None:
             out = daemon.ctl(*args, check=None)
             assert out.returncode == 0, f"{doc}: probectl {' '.join(args)}: {out.stderr}"
     finally:
-        assert daemon.stop() == 0
+        code = daemon.stop()  # (an assert here would hide the failure that brought us here)
+    assert code == 0, daemon.stderr()
 
 
 def test_probectl_examples_on_the_test_guest(guest_i386, tmp_path):

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 from pygdbmi.gdbcontroller import GdbController
-from test_cli import Daemon
+
+from tests.daemon import Daemon
 
 
 class Gdb:
@@ -312,4 +313,5 @@ def test_gdb_through_probed_after_gdb_straight_to_qemu(guest_i386, tmp_path):
         assert "internal-error" not in "".join(gdb.console)
     finally:
         gdb.close()
-        assert daemon.stop() == 0
+        code = daemon.stop()  # (an assert here would hide the failure that brought us here)
+    assert code == 0, daemon.stderr()

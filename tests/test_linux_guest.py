@@ -10,9 +10,10 @@ import shutil
 import subprocess
 
 import pytest
-from linux.guest import LinuxGuest
-from linux.initramfs import newc_archive
-from linux.kallsyms import END_MARKER, KallsymsDumpError, decode_dump, read_symbols
+
+from tests.linux.guest import LinuxGuest
+from tests.linux.initramfs import newc_archive
+from tests.linux.kallsyms import END_MARKER, KallsymsDumpError, decode_dump, read_symbols
 
 KERNEL_TEXT = 0xFFFF_FFFF_8100_0000  # x86_64 link address of _text; with nokaslr the kernel runs there
 

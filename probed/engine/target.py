@@ -13,17 +13,32 @@ from collections.abc import Sequence
 from probed.errors import TargetError
 from probed.guest.symbols import SymbolStore
 from rsp.arch import Arch, arch_for
-from rsp.connection import MAX_MEMORY_READ, RSPClient, raise_for_reply
-from rsp.errors import RemoteError, RSPError
+from rsp.connection import MAX_MEMORY_READ, RSPClient
+from rsp.errors import RemoteError, RSPError, UnsupportedPacket
+from rsp.features import build_qsupported, parse_qsupported_reply
+from rsp.packets import (
+    VContAction,
+    halt_reason,
+    parse_hex_data,
+    parse_thread_list,
+    raise_for_error,
+    read_memory,
+    read_registers,
+    step,
+    thread_info_first,
+    thread_info_next,
+    vcont,
+    vcont_query,
+)
 from rsp.registers import RegisterLayout
-from rsp.stop import StopReply, ThreadId, parse_stop_reply, parse_thread_id
+from rsp.stop import StopReply, ThreadId, parse_stop_reply
 from rsp.tdesc import TargetDescription, includes_of, parse_target_description
 
 __all__ = ["Target"]
 
 log = logging.getLogger(__name__)
 
-CLIENT_FEATURES = b"qSupported:swbreak+;hwbreak+;vContSupported+;xmlRegisters=i386"
+CLIENT_FEATURES = build_qsupported({"swbreak": True, "hwbreak": True, "vContSupported": True, "xmlRegisters": "i386"})
 
 
 class Target:
@@ -44,18 +59,13 @@ class Target:
     async def attach(self) -> StopReply | None:
         """Learn the target; returns the stop the guest is in (`?` also clears QEMU's stale breakpoints)."""
         reply = await self.client.checked(CLIENT_FEATURES)
-        for item in reply.decode().split(";"):
-            if item.endswith(("+", "-")):
-                self.features[item[:-1]] = item.endswith("+")
-            elif "=" in item:
-                k, _, v = item.partition("=")
-                self.features[k] = v
+        self.features = dict(parse_qsupported_reply(reply))
         if self.features.get("qXfer:features:read") is not True:
             raise TargetError("the target does not offer its target description (qXfer:features:read)")
         await self._read_description()
-        vcont = await self.client.request(b"vCont?")
-        self.vcont_step = b";s" in vcont
-        stop = await self.client.request(b"?")
+        actions = await self.client.request(vcont_query())
+        self.vcont_step = b";s" in actions
+        stop = await self.client.request(halt_reason())
         self.client.pending_stops.clear()  # the T02 QEMU sends when we connect to a running guest
         await self.refresh_threads()
         event = parse_stop_reply(stop)
@@ -80,10 +90,14 @@ class Target:
     async def refresh_threads(self) -> list[ThreadId]:
         """Ask for the thread (vCPU) list."""
         threads: list[ThreadId] = []
-        reply = await self.client.request(b"qfThreadInfo")
-        while reply.startswith(b"m"):
-            threads += [parse_thread_id(t) for t in reply[1:].split(b",") if t]
-            reply = await self.client.request(b"qsThreadInfo")
+        try:
+            part, done = parse_thread_list(await self.client.request(thread_info_first()))
+            threads += part
+            while not done:
+                part, done = parse_thread_list(await self.client.request(thread_info_next()))
+                threads += part
+        except UnsupportedPacket:
+            log.debug("no thread list: one CPU assumed")
         self.threads = threads or [ThreadId(1)]
         return self.threads
 
@@ -91,18 +105,20 @@ class Target:
 
     async def read_g(self) -> bytes:
         """The register block of the current thread (the one that stopped)."""
-        reply = await self.client.request(b"g")
-        raise_for_reply(b"g", reply)
+        packet = read_registers()
+        reply = await self.client.request(packet)
+        raise_for_error(reply, packet)
         return reply
 
     async def read_many(self, requests: Sequence[tuple[int, int]]) -> list[bytes | Exception]:
-        """Several memory reads in one write; a refused read comes back as its exception."""
+        """Several memory reads in one write, each cut into `MAX_MEMORY_READ` pieces (the one chunked
+        memory reader of probed/); a refused read comes back as its exception."""
         packets: list[bytes] = []
         spans: list[tuple[int, int]] = []
         for address, length in requests:
             first = len(packets)
             for a in range(address, address + max(length, 0), MAX_MEMORY_READ):
-                packets.append(b"m%x,%x" % (a, min(MAX_MEMORY_READ, address + length - a)))
+                packets.append(read_memory(a, min(MAX_MEMORY_READ, address + length - a)))
             spans.append((first, len(packets)))
         replies = await self.client.pipeline(packets) if packets else []
         out: list[bytes | Exception] = []
@@ -110,10 +126,9 @@ class Target:
             try:
                 data = bytearray()
                 for i in range(first, end):
-                    raise_for_reply(packets[i], replies[i])
-                    data += bytes.fromhex(replies[i].decode("ascii"))
+                    data += parse_hex_data(replies[i], packets[i])
                 out.append(bytes(data))
-            except (RSPError, ValueError) as exc:
+            except RSPError as exc:
                 if isinstance(exc, RemoteError):
                     exc = RemoteError(exc.code, exc.text, exc.request)
                 out.append(exc)
@@ -131,5 +146,5 @@ class Target:
     def step_packet(self, thread: ThreadId | None) -> bytes:
         """Single-step only the CPU that stopped: `vCont;s:TID` leaves the other vCPUs stopped."""
         if thread is None or not self.vcont_step or len(self.threads) <= 1:
-            return b"s"
-        return b"vCont;s:" + thread.encode()
+            return step()
+        return vcont([VContAction("s", thread)])

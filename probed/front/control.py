@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from probed import __version__
+from probed.engine.api import EngineAPI
 from probed.errors import ProbedError
 from probed.guest.symbols import parse_file_arg
 from probed.records.events import encode_record
@@ -100,10 +101,10 @@ class ControlServer:
     """Dispatches JSON-RPC requests to an engine, one method per `probectl` verb.
 
     Args:
-        engine: a `probed.engine.engine.Engine` (or anything with its methods).
+        engine: anything with `probed.engine.api.EngineAPI` (the engine, or a test's stand-in).
     """
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: EngineAPI):
         self.engine = engine
         self.methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "version": self.version,
@@ -262,20 +263,19 @@ class ControlServer:
             return
         follow = bool(params.get("follow"))
         hub = self.engine.hub
-        # Subscribe before reading the ring so no record falls between the two; the overlap is skipped by
-        # each probe's `seq`, which only grows.
-        with hub.subscribe(probe_id, maxsize=EVENTS_BUFFER) as sub:
-            backlog = hub.recent(probe_id)
+        # The subscription and the ring's backlog are taken together (`EventHub.follow`): every record is in
+        # exactly one of them. (Not by `seq`: a hit published late, e.g. parked while GDB held the guest,
+        # comes after records with a higher `seq`.)
+        sub, backlog = hub.follow(probe_id, maxsize=EVENTS_BUFFER)
+        with sub:
             if count is not None:
                 backlog = backlog[:count]
-            last_seq: dict[int, int] = {}
             for record in backlog:
                 await _send_event(stream, record)
-                last_seq[record["probe"]] = max(last_seq.get(record["probe"], 0), record["seq"])
             sent = len(backlog)
             remaining = None if count is None else count - sent
             if (follow and remaining is None) or (remaining is not None and remaining > 0):
-                more = await _stream_until_eof(stream, reader, sub, last_seq, remaining)
+                more = await _stream_until_eof(stream, reader, sub, remaining)
                 if more is None:
                     return  # the client closed: nobody to answer
                 sent += more
@@ -284,7 +284,7 @@ class ControlServer:
 
 
 async def _stream_until_eof(
-    stream: trio.abc.Stream, reader: _LineReader, sub: Any, last_seq: dict[int, int], limit: int | None
+    stream: trio.abc.Stream, reader: _LineReader, sub: Any, limit: int | None
 ) -> int | None:
     """Send new records until `limit` are sent or the subscription ends; None if the client closed first.
 
@@ -304,8 +304,6 @@ async def _stream_until_eof(
 
             nursery.start_soon(cancel_on_eof)
             async for record in sub:
-                if record["seq"] <= last_seq.get(record["probe"], 0):
-                    continue  # already sent from the ring buffer
                 await _send_event(stream, record)
                 sent += 1
                 if limit is not None and sent >= limit:
@@ -410,7 +408,7 @@ async def _send_event(stream: trio.abc.Stream, record: dict[str, Any]) -> None:
     await stream.send_all(line.encode())
 
 
-async def serve_control(engine: Any, path: str | os.PathLike, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve_control(engine: EngineAPI, path: str | os.PathLike, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve the control socket at `path` (owner-only) until cancelled; removes the socket file at exit.
 
     Args:

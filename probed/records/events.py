@@ -165,6 +165,11 @@ class EventHub:
         self._subscriptions.add(sub)
         return sub
 
+    def follow(self, probe: int | None = None, maxsize: int = 1024) -> tuple[Subscription, list[dict[str, Any]]]:
+        """A subscription and the ring's records so far, taken together: a record is in exactly one."""
+        sub = self.subscribe(probe, maxsize)
+        return sub, self.recent(probe)
+
     def close(self) -> None:
         """End every subscription (readers see the end of their stream)."""
         for sub in list(self._subscriptions):

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from rsp.packets import write_memory, write_register
+
 __all__ = ["Emulator", "NoEmulator", "Outcome", "Plan"]
 
 MAX_INSN = 16
@@ -450,11 +452,11 @@ class Emulator:
             return None
         g = self.layout.patch(g, self.arch.pc, new_pc)
         # Memory first: registers and the pc then say the instruction is done.
-        packets = [b"M%x,%x:%s" % (a, len(d), d.hex().encode()) for a, d in writes]
+        packets = [write_memory(a, d) for a, d in writes]
         layout = self.layout
         for name in sorted(touched) + [self.arch.pc]:
             if name == self.arch.pc or layout.value(g, name) != layout.value(g0, name):
-                packets.append(b"P%x=%s" % (layout.regnum(name), layout.encode_p(name, layout.value(g, name))))
+                packets.append(write_register(layout.regnum(name), layout.encode_p(name, layout.value(g, name))))
         return Outcome(g, writes, packets)
 
 

@@ -1,7 +1,6 @@
 """The `linux_guest` fixture: one booted Debian kernel per test session (booting costs seconds).
 
-Wire it in tests/conftest.py with `from linux.conftest_linux import linux_guest  # noqa: F401` (tests/ is on
-sys.path there, so tests/linux/ imports as `linux`).
+Wired in tests/conftest.py with `from tests.linux.conftest_linux import linux_guest` (tests/ is a package).
 """
 
 from __future__ import annotations
