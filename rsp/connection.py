@@ -1,6 +1,6 @@
 """The trio client connection to a gdbstub: the only code in `rsp` that touches a socket.
 
-It speaks to a stub the way QEMU 7.2's gdbstub needs (see shared/QEMU-GDBSTUB.md):
+It speaks to a stub the way QEMU 7.2's gdbstub needs (see "QEMU facts" in docs/architecture.md):
 
 - QEMU answers `QStartNoAckMode` with the empty reply, so acks stay on. We acknowledge every packet we
   receive, but lazily: the `+` travels in front of the next bytes we send. While the guest runs, *any* byte

@@ -92,3 +92,15 @@ def test_probed_command_lines_in_the_docs_parse():
     assert lines
     for line in lines:
         build_parser().parse_args(shlex.split(line)[1:])
+
+
+def test_the_state_table_in_the_docs_is_the_codes():
+    from probed.engine.state import TRANSITIONS, Event
+
+    text = (DOCS / "architecture.md").read_text()
+    section = text.split("## Who holds the guest", 1)[1].split("\n## ", 1)[0]
+    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")) for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| state") and not line.startswith("| ---")}
+    code = {(state.name, event.value, new.name) for state, moves in TRANSITIONS.items()
+            for event, new in moves.items() if event not in (Event.LOST, Event.DETACHED)}
+    assert rows == code

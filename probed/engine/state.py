@@ -63,7 +63,6 @@ TRANSITIONS: dict[Guest, dict[Event, Guest]] = {
     G.DETACHED: {E.ATTACHED: G.STOPPED},
     G.STOPPED: {
         E.RESUMED: G.RUNNING,
-        E.STOPPED: G.STOPPED,
         E.HIT: G.HIT,
         E.HOLD: G.HELD,
         E.TO_GDB: G.GDB,
@@ -76,19 +75,15 @@ TRANSITIONS: dict[Guest, dict[Event, Guest]] = {
         E.HIT_DONE: G.STOPPED,
         E.RESUMED: G.RUNNING,  # the hit's last write carried the `c`
         E.PARK: G.PARKED,
-        E.TO_GDB: G.GDB,  # GDB stepped onto a probe: the hit completes inside GDB's step
         E.HIT: G.HIT,  # the probed instruction itself touched a watched address
     },
     G.HELD: {
-        E.STOPPED: G.HELD,
         E.HOLD: G.HELD,
-        E.HIT: G.HIT,
         E.RESUMED: G.RUNNING,
         E.TO_GDB: G.GDB,
         E.GDB_RESUMED: G.STOPPED,
     },
     G.GDB: {
-        E.STOPPED: G.GDB,  # a queued request ran while GDB holds the guest
         E.HOLD: G.GDB,
         E.HIT: G.HIT,  # GDB's step from a probe's address fires that probe
         E.TO_GDB: G.GDB,
@@ -96,10 +91,8 @@ TRANSITIONS: dict[Guest, dict[Event, Guest]] = {
         E.GDB_RESUMED: G.STOPPED,
     },
     G.PARKED: {
-        E.STOPPED: G.PARKED,
         E.HOLD: G.PARKED,
-        E.HIT: G.HIT,  # GDB resumes: the parked hit completes
-        E.PARK: G.PARKED,
+        E.HIT: G.HIT,  # GDB resumes or steps: a parked hit completes (or GDB's step hits a probe)
         E.TO_GDB: G.PARKED,
         E.GDB_RESUMED: G.STOPPED,
     },

@@ -283,7 +283,7 @@ def test_build_qsupported_bytes():
 
 
 def test_qemu_qsupported_reply():
-    # What QEMU 7.2 answers (shared/QEMU-GDBSTUB.md).
+    # What QEMU 7.2 answers (seen here).
     features = parse_qsupported_reply(b"PacketSize=1000;qXfer:features:read+;vContSupported+;multiprocess+")
     assert isinstance(features, Features)
     assert dict(features) == {"PacketSize": "1000", "qXfer:features:read": True, "vContSupported": True,
