@@ -203,3 +203,15 @@ def test_a_refused_point_is_typed_by_the_reply_not_by_its_text():
     error = refused(key, RemoteError(None, "watchpoints not supported here", b"Z3,2000,4"))
     assert isinstance(error, TargetError) and not isinstance(error, Unsupported)
     assert str(error).startswith("the target refused the watch at 0x2000")
+
+
+def test_a_record_kind_is_one_of_the_known():
+    from probed.records.events import RECORD_KINDS, HitRecord
+
+    assert RECORD_KINDS == ("break", "watch", "return", "user")
+    record = HitRecord(probe=1, name="p", kind="return", seq=1, stop=1, cpu=0, pc=0x10, where="f+0x10",
+                       extra={"func": "0x0", "duration_ns": 5})
+    assert list(record.as_dict()) == ["probe", "name", "kind", "seq", "stop", "time_ns", "cpu", "func",
+                                      "duration_ns", "pc", "where", "pre", "post", "error"]
+    with pytest.raises(ValueError, match="not 'kretprobe'"):
+        HitRecord(probe=1, name="p", kind="kretprobe", seq=1, stop=1, cpu=0, pc=None, where=None)

@@ -47,6 +47,10 @@ class HitRecord:
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.kind not in RECORD_KINDS:
+            raise ValueError(f"a hit record's kind is one of {', '.join(RECORD_KINDS)}, not {self.kind!r}")
+
     def add_error(self, error: str | None) -> None:
         if error:
             self.error = f"{self.error}; {error}" if self.error else error
