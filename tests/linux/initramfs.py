@@ -7,6 +7,7 @@ host uids): the cache name carries a hash of those inputs and a changed init.sh 
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 __all__ = ["INIT_SCRIPT", "HOSTNAME", "build_initramfs", "newc_archive"]
@@ -46,7 +47,8 @@ def build_initramfs(busybox: Path, cache: Path, programs: dict[str, bytes] | Non
 
     Args:
         busybox: a static busybox binary.
-        cache: directory for `initramfs-<hash>.cpio`; stale ones are removed.
+        cache: directory for `initramfs-<hash>.cpio`; ones unused for a day are removed (not sooner: other
+            checkouts sharing the cache may be booting theirs).
         programs: more executables for /bin, by name.
 
     Returns:
@@ -61,7 +63,8 @@ def build_initramfs(busybox: Path, cache: Path, programs: dict[str, bytes] | Non
     out = cache / f"initramfs-{digest.hexdigest()[:12]}.cpio"
     if not out.exists():
         for stale in cache.glob("initramfs*.cpio"):
-            stale.unlink()
+            if time.time() - stale.stat().st_atime > 86400:
+                stale.unlink(missing_ok=True)
         tmp = out.with_suffix(".tmp")
         tmp.write_bytes(newc_archive(entries))
         tmp.replace(out)
