@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from .errors import RSPError
 from .features import FeatureValue, build_qsupported, parse_qsupported_request
+from .framing import is_hex
 from .packets import BreakpointType, VContAction
 from .stop import StopEvent, ThreadId, encode_stop_reply, parse_thread_id
 
@@ -540,17 +541,14 @@ class _Bad(Exception):
     """A known packet did not parse; the message becomes `Malformed.reason`."""
 
 
-_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
-
-
 def _hex(text: bytes, what: str = "number") -> int:
-    if not text or not _HEX_DIGITS.issuperset(text):
+    if not is_hex(text):
         raise _Bad(f"{what} {text[:20]!r} is not hex")
     return int(text, 16)
 
 
 def _hexdata(text: bytes) -> bytes:
-    if len(text) % 2 or not _HEX_DIGITS.issuperset(text):
+    if len(text) % 2 or (text and not is_hex(text)):
         raise _Bad("data is not an even number of hex digits")
     return bytes.fromhex(text.decode("ascii"))
 

@@ -1,41 +1,29 @@
 """The trio client connection to a gdbstub: the only code in `rsp` that touches a socket.
 
-It speaks to a stub the way QEMU 7.2's gdbstub needs (see "QEMU facts" in docs/architecture.md):
+`RSPClient` is a pump around `rsp.client.ClientProtocol`, which owns the protocol's state (acks, resends,
+replies in order, write-behind requests, stop replies; see there for how QEMU 7.2's gdbstub needs them).
+This module moves bytes: it writes what the protocol returns, reads what the socket has, and turns events
+into return values, with time limits on the waits.
 
-- QEMU answers `QStartNoAckMode` with the empty reply, so acks stay on. We acknowledge every packet we
-  receive, but lazily: the `+` travels in front of the next bytes we send. While the guest runs, *any* byte
-  but 0x03 pauses it, and a `+` sent after a pipelined `s` would land while the step runs. QEMU (system
-  mode) never retransmits, and a `$` clears its pending reply just as a `+` does, so a late ack is safe.
-- Requests can be pipelined: QEMU answers in order, so `g` and `s` can go in one write. Nothing may follow a
-  resume command in the same write, since those bytes would arrive while the guest runs.
-- A stop reply may arrive unasked (QEMU sends `T02` when a debugger connects to a running guest); one that
-  arrives while we wait for another reply is kept in `pending_stops`.
+Speed matters (a probe hit is several exchanges): writes go out in one system call when the socket takes
+them (`send_now`), and for a while after a resume the socket is polled rather than slept on (`poll_until`).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import trio
 
-from .errors import ConnectionClosed, RemoteError, TargetTimeout
-from .framing import (
-    INTERRUPT,
-    NACK,
-    NEED_DATA,
-    BadChecksum,
-    Framer,
-    Nack,
-    Notification,
-    Packet,
-    encode_packet,
-)
+from . import packets
+from .client import ClientProtocol, Closed, Output, Reply, Resend, Stopped
+from .errors import ConnectionClosed, LocalProtocolError, RemoteError, TargetTimeout
+from .framing import NEED_DATA
 from .packets import raise_for_error
-from .stop import ConsoleOutput, StopEvent, is_stop_payload, parse_stop_reply
+from .stop import StopEvent
 
 __all__ = ["RSPClient", "open_stream", "parse_target", "send_now"]
 
@@ -103,61 +91,66 @@ class RSPClient:
     `wait_stop`. Nothing else may use the connection at the same time.
 
     Attributes:
-        running: True between a resume command and the stop reply that ends it.
-        pending_stops: stop replies that arrived when none was expected (e.g. on connect).
+        protocol: the protocol state machine this pumps.
         console: text of `O` packets received outside a monitor command.
-        retransmits: how many times we sent a packet again on the peer's `-`.
+        poll_until: trio time until which receiving polls the socket instead of sleeping (`_poll_receive`).
     """
 
     def __init__(self, stream: trio.abc.Stream, *, timeout: float = 10.0):
         self._stream = stream
-        self._framer = Framer()
+        self.protocol = ClientProtocol()
         self._timeout = timeout
-        self._ack_owed = False
-        self._last_sent = b""
         self._send_lock = trio.Lock()
-        self._interrupting = False
-        self._closed = False
         self._monitor_output: list[bytes] | None = None
-        self.running = False
-        self.pending_stops: deque[StopEvent] = deque()
-        self.console: list[bytes] = []
-        self.retransmits = 0
         self._bounded = 0
-        self.deferred: deque[bytes] = deque()  # requests whose replies `wait_stop` will take
-        self._outstanding: deque[bytes] = deque()  # sent with `begin`, replies not taken yet
-        self._held: list[bytes] = []  # frames of `post`, sent in front of the next write
-        self.poll_until = 0.0  # trio time until which receiving polls instead of sleeping (`_poll_receive`)
-        self.deferred_errors: list[tuple[bytes, bytes]] = []
+        self._begun = 0  # replies to `begin` not taken yet
+        self.console: list[bytes] = []
+        self.poll_until = 0.0
 
     @classmethod
     async def connect(cls, target: str, *, timeout: float = 10.0) -> RSPClient:
         """Connect to `tcp:HOST:PORT` or `unix:PATH`."""
         return cls(await open_stream(target), timeout=timeout)
 
+    # -- the protocol's state, as attributes (the engine reads them) ------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True between a resume command and the stop reply that ends it."""
+        return self.protocol.running
+
+    @property
+    def pending_stops(self):
+        """Stop replies that arrived when none was expected (e.g. on connect)."""
+        return self.protocol.pending_stops
+
+    @property
+    def deferred_errors(self) -> list[tuple[bytes, bytes]]:
+        """(request, reply) of write-behind requests that were not answered `OK`."""
+        return self.protocol.deferred_errors
+
+    @property
+    def retransmits(self) -> int:
+        """How many times a packet was sent again on the peer's `-`."""
+        return self.protocol.retransmits
+
     # -- sending ---------------------------------------------------------------------------------------
 
-    async def _send(self, frames: bytes) -> None:
-        if self._closed:
-            raise ConnectionClosed("connection is closed")
-        if self._held:
-            frames = b"".join(self._held) + frames
-            self._held.clear()
-        if self._ack_owed:
-            frames = b"+" + frames
-            self._ack_owed = False
+    async def _send(self, data: bytes) -> None:
+        if not data:
+            return
         if not self._send_lock.locked():
             try:
-                sent = send_now(self._stream, frames)
+                sent = send_now(self._stream, data)
             except OSError as exc:
-                self._closed = True
+                self.protocol.close()
                 raise ConnectionClosed(f"connection lost while sending: {exc!r}") from exc
-            if sent == len(frames):
+            if sent == len(data):
                 return
-            frames = frames[sent:]
+            data = data[sent:]
         with trio.CancelScope(shield=True):
             async with self._send_lock:
-                await self._write_all(frames)
+                await self._write_all(data)
 
     async def _write_all(self, data: bytes) -> None:
         """Send all of `data`; the caller holds the send lock inside a shielded scope.
@@ -169,44 +162,46 @@ class RSPClient:
             with trio.fail_after(self._timeout):
                 await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError) as exc:
-            self._closed = True
+            self.protocol.close()
             raise ConnectionClosed(f"connection lost while sending: {exc!r}") from exc
+
+    def _check_open(self) -> None:
+        if self.protocol.closed:
+            raise ConnectionClosed("connection is closed")
 
     # -- receiving -------------------------------------------------------------------------------------
 
-    async def _receive_packet(self) -> bytes:
-        """The payload of the next good packet; handles acks, nacks and bad checksums."""
-        framer = self._framer
+    async def _next_event(self):
+        """The protocol's next event that needs the caller (writes what it asks to have written)."""
+        protocol = self.protocol
         while True:
-            event = framer.next_event()
-            if type(event) is Packet:
-                self._ack_owed = True
-                return event.payload
-            if type(event) is BadChecksum:
-                # Ask again at once: the peer is stopped, since it just sent us something.
-                await self._send(NACK)
+            event = protocol.next_event()
+            if event is NEED_DATA:
+                protocol.receive_data(await self._receive())
                 continue
-            if type(event) is Nack:
-                if self._last_sent:
-                    self.retransmits += 1
-                    await self._send(self._last_sent)
+            kind = type(event)
+            if kind is Resend:
+                await self._send(event.data)
                 continue
-            if type(event) is Notification:
-                continue
-            if event is not NEED_DATA:
-                continue  # an ack of ours, or a stray interrupt byte: nothing to do
-            try:
-                if self.poll_until and trio.current_time() < self.poll_until:
-                    data = await self._poll_receive()
+            if kind is Output:
+                if event.monitor and self._monitor_output is not None:
+                    self._monitor_output.append(event.text)
                 else:
-                    data = await self._stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self._closed = True
-                raise ConnectionClosed(f"connection lost: {exc}") from exc
-            if not data:
-                self._closed = True
-                raise ConnectionClosed("the target closed the connection")
-            framer.receive_data(data)
+                    self.console.append(event.text)
+                continue
+            if kind is Closed:
+                what = f" in the middle of a packet ({event.unfinished} bytes)" if event.unfinished else ""
+                raise ConnectionClosed(f"the target closed the connection{what}")
+            return event
+
+    async def _receive(self) -> bytes:
+        try:
+            if self.poll_until and trio.current_time() < self.poll_until:
+                return await self._poll_receive()
+            return await self._stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.protocol.close()
+            raise ConnectionClosed(f"connection lost: {exc}") from exc
 
     async def _poll_receive(self) -> bytes:
         """What the peer sent, polling the socket between scheduler passes until `poll_until`, then
@@ -220,24 +215,12 @@ class RSPClient:
                 await trio.lowlevel.checkpoint()
         return await self._stream.receive_some(65536)
 
-    async def _receive_reply(self, request: bytes) -> bytes:
-        """The reply to `request`, keeping unasked stop replies and console output aside."""
-        expects_stop = request == b"?"
+    async def _reply(self) -> bytes:
+        """The payload of the next `Reply` (unasked stops and write-behind replies are kept aside)."""
         while True:
-            payload = await self._receive_packet()
-            if self.deferred and not is_stop_payload(payload):
-                self._take_deferred(payload)
-                continue
-            if not expects_stop and payload[:1] in b"STWXO" and is_stop_payload(payload):
-                event = parse_stop_reply(payload)
-                if isinstance(event, ConsoleOutput):
-                    (self._monitor_output if self._monitor_output is not None else self.console).append(
-                        event.text
-                    )
-                else:
-                    self.pending_stops.append(event)
-                continue
-            return payload
+            event = await self._next_event()
+            if type(event) is Reply:
+                return event.payload
 
     # -- requests --------------------------------------------------------------------------------------
 
@@ -270,55 +253,56 @@ class RSPClient:
         stop reply (they come first), and any that is not `OK` lands in `deferred_errors`.
 
         Returns:
-            The reply payloads, one per request, in order.
+            The reply payloads, one per request, in order (none with `defer`).
+
+        Raises:
+            LocalProtocolError: the target runs, or replies to `begin` are still to be taken.
         """
-        if self.running:
-            raise RuntimeError("cannot send requests while the target runs")
-        if self._outstanding:
-            raise RuntimeError("replies to earlier requests (`begin`) are still to be taken")
-        frames = b"".join(encode_packet(p) for p in payloads)
-        if resume is not None:
-            frames += encode_packet(resume)
-            self.pending_stops.clear()
-            self._interrupting = False
-        self._last_sent = frames
+        self._check_open()
+        if self._begun:
+            raise LocalProtocolError("replies to earlier requests (`begin`) are still to be taken")
+        deferred = defer and resume is not None
+        await self._send(self.protocol.send_requests(payloads, resume, check=deferred))
         replies: list[bytes] = []
-        if defer and resume is not None:
-            await self._send(frames)
-            self.running = True
-            self.deferred.extend(payloads)
+        if deferred:
             return replies
         if self._bounded and timeout is None:
-            await self._exchange(frames, payloads, resume, replies)
+            await self._collect(len(payloads), replies)
             return replies
         with trio.move_on_at(self._deadline(timeout)):
-            await self._exchange(frames, payloads, resume, replies)
+            await self._collect(len(payloads), replies)
             return replies
+        self.protocol.abandon()
         raise TargetTimeout(f"no reply to {payloads[len(replies)][:40]!r} within the time allowed")
+
+    async def _collect(self, count: int, replies: list[bytes]) -> None:
+        for _ in range(count):
+            replies.append(await self._reply())
 
     async def begin(self, payloads: Sequence[bytes]) -> None:
         """Send requests in one write and take their replies later, in order, with `next_reply`
         (to act on the first reply while the others are still on their way)."""
-        if self.running:
-            raise RuntimeError("cannot send requests while the target runs")
-        frames = b"".join(encode_packet(p) for p in payloads)
-        self._last_sent = frames
-        await self._send(frames)
-        self._outstanding.extend(payloads)
+        self._check_open()
+        await self._send(self.protocol.send_requests(payloads))
+        self._begun += len(payloads)
 
     async def next_reply(self, *, timeout: float | None = None) -> bytes:
         """The reply to the oldest request sent with `begin`.
 
         Raises:
             TargetTimeout: no reply in time.
+            LocalProtocolError: no request of `begin` waits for its reply.
         """
-        request = self._outstanding.popleft()
+        if not self._begun:
+            raise LocalProtocolError("no request sent with `begin` waits for a reply")
+        self._begun -= 1
         if self._bounded and timeout is None:
-            return await self._receive_reply(request)
+            return await self._reply()
         with trio.move_on_at(self._deadline(timeout)):
-            return await self._receive_reply(request)
-        self._outstanding.clear()
-        raise TargetTimeout(f"no reply to {request[:40]!r} within the time allowed")
+            return await self._reply()
+        self._begun = 0
+        self.protocol.abandon()
+        raise TargetTimeout("no reply within the time allowed")
 
     async def post(self, payloads: Sequence[bytes]) -> None:
         """Requests whose replies must be `OK`, sent with the next write (write-behind).
@@ -328,19 +312,8 @@ class RSPClient:
         replies are taken on the way to the next reply or stop reply read; any that is not `OK` lands in
         `deferred_errors`.
         """
-        if self.running:
-            raise RuntimeError("cannot send requests while the target runs")
-        self._held.append(b"".join(encode_packet(p) for p in payloads))
-        self.deferred.extend(payloads)
-
-    async def _exchange(
-        self, frames: bytes, payloads: Sequence[bytes], resume: bytes | None, replies: list[bytes]
-    ) -> None:
-        await self._send(frames)
-        if resume is not None:
-            self.running = True
-        for p in payloads:
-            replies.append(await self._receive_reply(p))
+        self._check_open()
+        self.protocol.post(payloads)
 
     @contextmanager
     def bounded(self, seconds: float) -> Iterator[None]:
@@ -356,6 +329,7 @@ class RSPClient:
             finally:
                 self._bounded -= 1
         if scope.cancelled_caught:
+            self.protocol.abandon()
             raise TargetTimeout(f"the target did not answer within {seconds} s")
 
     async def checked(self, payload: bytes, *, timeout: float | None = None) -> bytes:
@@ -371,15 +345,8 @@ class RSPClient:
 
     async def resume(self, payload: bytes) -> None:
         """Send a resume command (`c`, `s`, `vCont;...`); `wait_stop` collects the stop."""
-        if self.running:
-            raise RuntimeError("the target already runs")
-        frame = encode_packet(payload)
-        self._last_sent = frame
-        # A stop that came unasked before this resume describes a stop that is over now.
-        self.pending_stops.clear()
-        self.running = True
-        self._interrupting = False
-        await self._send(frame)
+        self._check_open()
+        await self._send(self.protocol.send_resume(payload))
 
     async def wait_stop(self, *, timeout: float | None = math.inf) -> StopEvent:
         """Wait for the stop reply that ends a resume (or return one that came unasked).
@@ -389,10 +356,9 @@ class RSPClient:
         Raises:
             TargetTimeout: no stop within `timeout` (the target is still running).
         """
-        if self.pending_stops:
-            self.running = False
-            self._interrupting = False
-            return self.pending_stops.popleft()
+        pending = self.protocol.take_pending_stop()
+        if pending is not None:
+            return pending
         if timeout == math.inf or (self._bounded and timeout is None):
             return await self._next_stop()
         with trio.move_on_at(self._deadline(timeout)):
@@ -401,24 +367,12 @@ class RSPClient:
 
     async def _next_stop(self) -> StopEvent:
         while True:
-            payload = await self._receive_packet()
-            event = parse_stop_reply(payload) if is_stop_payload(payload) else None
-            if isinstance(event, ConsoleOutput):
-                self.console.append(event.text)
-                continue
-            if event is None:
-                if self.deferred:
-                    self._take_deferred(payload)
-                # Else a stray reply (say, to a request that timed out): not ours to wait for.
-                continue
-            self.running = False
-            self._interrupting = False
-            return event
-
-    def _take_deferred(self, payload: bytes) -> None:
-        request = self.deferred.popleft()
-        if payload != b"OK":
-            self.deferred_errors.append((request, payload))
+            event = await self._next_event()
+            if type(event) is Stopped:
+                if event.queued:
+                    return self.protocol.take_pending_stop()
+                return event.event
+            # Else a write-behind reply (checked by the protocol), or a stray one: not what we wait for.
 
     async def interrupt(self) -> None:
         """Ask a running target to stop (0x03). The stop arrives through `wait_stop`.
@@ -426,15 +380,14 @@ class RSPClient:
         Safe to call from another task while one waits in `wait_stop`; does nothing when the target is
         stopped or an interrupt is already on its way.
         """
-        if not self.running or self._interrupting:
+        if not self.protocol.running:
             return
         with trio.CancelScope(shield=True):  # as in `_send`: all of it, or nothing
             async with self._send_lock:
-                # Re-check under the lock: the stop may have arrived while we waited for it.
-                if not self.running or self._interrupting or self._closed:
-                    return
-                self._interrupting = True
-                await self._write_all(INTERRUPT)
+                # Asked under the lock: the stop may have arrived while we waited for it.
+                data = self.protocol.send_interrupt()
+                if data:
+                    await self._write_all(data)
 
     async def halt(self, *, timeout: float | None = None) -> StopEvent:
         """Interrupt a running target and wait until it has stopped."""
@@ -450,47 +403,44 @@ class RSPClient:
             RemoteError: the target refused (an unmapped address, say).
         """
         reqs = [
-            b"m%x,%x" % (a, min(MAX_MEMORY_READ, address + length - a))
+            packets.read_memory(a, min(MAX_MEMORY_READ, address + length - a))
             for a in range(address, address + length, MAX_MEMORY_READ)
         ]
         replies = await self.pipeline(reqs)
         out = bytearray()
         for req, reply in zip(reqs, replies, strict=True):
-            raise_for_reply(req, reply)
-            out += bytes.fromhex(reply.decode("ascii"))
+            out += packets.parse_hex_data(reply, req)
         return bytes(out)
 
     async def write_memory(self, address: int, data: bytes) -> None:
         """Write guest memory with `M` (QEMU has no `X`)."""
         for off in range(0, len(data), MAX_MEMORY_READ):
-            chunk = data[off : off + MAX_MEMORY_READ]
-            await self.checked(b"M%x,%x:%s" % (address + off, len(chunk), chunk.hex().encode()))
+            await self.checked(packets.write_memory(address + off, data[off : off + MAX_MEMORY_READ]))
 
     async def read_xfer(self, obj: str, annex: str, *, chunk: int = 0xF00) -> bytes:
         """Read a whole `qXfer:OBJECT:read:ANNEX` object in chunks (`m` more, `l` last)."""
         out = bytearray()
         while True:
-            req = b"qXfer:%s:read:%s:%x,%x" % (obj.encode(), annex.encode(), len(out), chunk)
+            req = packets.xfer_read(obj, annex, len(out), chunk)
             reply = await self.checked(req)
+            if reply[:1] not in (b"m", b"l"):
+                raise RemoteError(None, f"bad qXfer reply {reply[:20]!r}", req)
             out += reply[1:]
             if reply[:1] == b"l":
                 return bytes(out)
-            if reply[:1] != b"m":
-                raise RemoteError(None, f"bad qXfer reply {reply[:20]!r}", req)
 
     async def monitor(self, command: str) -> str:
         """Run a monitor command (`qRcmd`) and return its output text."""
         self._monitor_output = []
         try:
-            req = b"qRcmd," + command.encode().hex().encode()
-            await self.checked(req)
+            await self.checked(packets.monitor(command))
             return b"".join(self._monitor_output).decode(errors="replace")
         finally:
             self._monitor_output = None
 
     async def aclose(self) -> None:
         """Close the stream (does not detach: call `D` first if that is wanted)."""
-        self._closed = True
+        self.protocol.close()
         await self._stream.aclose()
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "encode_notification",
     "encode_packet",
     "escape",
+    "is_hex",
 ]
 
 ACK = b"+"
@@ -45,7 +46,9 @@ _ESCAPE = 0x7D  # '}'
 _RLE = 0x2A  # '*'
 _NEEDS_ESCAPE = re.compile(rb"[#$}*]")
 MAX_PACKET = 1 << 20
-"""Bytes a packet may span before its `$` is taken for garbage (QEMU's PacketSize is 4 KiB)."""
+"""Bytes a packet may span by default before it is dropped as garbage (QEMU's PacketSize is 4 KiB)."""
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+_EVENT_START = re.compile(rb"[$%+\-\x03]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +104,11 @@ Event = Packet | Notification | Ack | Nack | Interrupt | BadChecksum
 _ACK_EVENT = Ack()
 _NACK_EVENT = Nack()
 _INTERRUPT_EVENT = Interrupt()
+
+
+def is_hex(text: bytes) -> bool:
+    """Whether `text` is one or more hex digits and nothing else (no sign, space, `_` or `0x`)."""
+    return bool(text) and not text.translate(None, _HEX_DIGITS)
 
 
 def checksum(data: bytes) -> int:
@@ -160,15 +168,25 @@ def decode_payload(raw: bytes) -> bytes:
 
 
 class Framer:
-    """Turns a byte stream into RSP events.
+    """Turns a byte stream into RSP events, in time linear in the bytes received.
+
+    A packet whose `#` has not come yet is not scanned again from its start when more bytes arrive; a `$`
+    before the `#` starts a new packet (a `$` is never part of a packet's text: binary data escapes it),
+    what came before it is garbage. A packet may span `max_packet` bytes; a longer one is dropped whole,
+    up to its `#` and checksum, as garbage.
 
     Attributes:
         garbage: how many bytes were skipped because they were not part of any event.
+        oversized: how many packets were dropped for being longer than `max_packet`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_packet: int = MAX_PACKET) -> None:
         self._buf = bytearray()
+        self._scanned = 0  # bytes of the packet at the head of `_buf` known to hold no `#`
+        self._dropping = False  # skipping the rest of an oversized packet, up to its `#`
+        self.max_packet = max_packet
         self.garbage = 0
+        self.oversized = 0
 
     def receive_data(self, data: bytes) -> None:
         """Add bytes from the peer (b"" at EOF is accepted and changes nothing)."""
@@ -183,25 +201,60 @@ class Framer:
         """The next complete event, or NEED_DATA."""
         buf = self._buf
         while buf:
+            if self._dropping:
+                end = buf.find(b"#")
+                if end < 0:
+                    self.garbage += len(buf)
+                    buf.clear()
+                    return NEED_DATA
+                self._dropping = False
+                self.garbage += end + 1
+                del buf[: end + 1]  # the checksum digits after it are skipped as garbage below
+                continue
             first = buf[0]
             if first == 0x24 or first == 0x25:  # '$' or '%'
-                end = buf.find(b"#", 1)
-                if end < 0 and len(buf) > MAX_PACKET:
-                    # A `$` whose `#` never came: skip it as garbage rather than buffer forever.
-                    del buf[0]
-                    self.garbage += 1
-                    continue
-                if end < 0 or len(buf) < end + 3:
+                start = self._scanned or 1
+                end = buf.find(b"#", start)
+                # A later `$` (before the `#`, or anywhere if none came) starts the packet that counts.
+                restart = buf.rfind(b"$", start, len(buf) if end < 0 else end)
+                if restart > 0:
+                    self.garbage += restart
+                    del buf[:restart]
+                    end = -1 if end < 0 else end - restart
+                if end < 0:
+                    if len(buf) > self.max_packet:
+                        self.oversized += 1
+                        self.garbage += len(buf)
+                        buf.clear()
+                        self._scanned = 0
+                        self._dropping = True
+                        return NEED_DATA
+                    self._scanned = len(buf)
                     return NEED_DATA
+                self._scanned = end  # the `#` is found: only the checksum may still be missing
+                if len(buf) < end + 3:
+                    return NEED_DATA
+                self._scanned = 0
+                if end > self.max_packet:
+                    self.oversized += 1
+                    self.garbage += end + 3
+                    del buf[: end + 3]
+                    continue
                 return self._take_packet(end, notification=first == 0x25)
-            del buf[0]
             if first == 0x2B:
+                del buf[0]
                 return _ACK_EVENT
             if first == 0x2D:
+                del buf[0]
                 return _NACK_EVENT
             if first == 0x03:
+                del buf[0]
                 return _INTERRUPT_EVENT
-            self.garbage += 1
+            # Garbage: skip the whole run up to the next byte that can start an event.
+            m = _EVENT_START.search(buf)
+            skip = len(buf) if m is None else m.start()
+            self.garbage += skip
+            del buf[:skip]
         return NEED_DATA
 
     def _take_packet(self, end: int, notification: bool) -> Event:
@@ -210,10 +263,9 @@ class Framer:
         cs_text = bytes(buf[end + 1 : end + 3])
         del buf[: end + 3]
         expected = checksum(raw)
-        try:
-            received = int(cs_text, 16)
-        except ValueError:
+        if len(cs_text) != 2 or not is_hex(cs_text):
             return BadChecksum(raw, expected, None)
+        received = int(cs_text, 16)
         if received != expected:
             return BadChecksum(raw, expected, received)
         try:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from .errors import LocalProtocolError, RemoteError, RemoteProtocolError, UnsupportedPacket
+from .framing import is_hex
 from .stop import ThreadId, parse_thread_id
 
 __all__ = [
@@ -354,7 +355,7 @@ def parse_error(reply: bytes) -> RemoteError | None:
         return None
     if reply[1:2] == b".":
         return RemoteError(None, reply[2:].decode(errors="replace"))
-    if len(reply) == 3 and _is_hex(reply[1:3]):
+    if len(reply) == 3 and is_hex(reply[1:3]):
         return RemoteError(int(reply[1:3], 16))
     return None
 
@@ -390,10 +391,6 @@ def check_ok(reply: bytes, request: bytes | None = None) -> None:
         raise RemoteProtocolError(f"expected OK to {(request or b'')[:40]!r}, got {reply[:40]!r}")
 
 
-def _is_hex(text: bytes) -> bool:
-    return bool(text) and all(c in b"0123456789abcdefABCDEF" for c in text)
-
-
 def parse_hex_data(reply: bytes, request: bytes | None = None) -> bytes:
     """The bytes of a hex data reply (`g`, `m`, `p`).
 
@@ -407,7 +404,7 @@ def parse_hex_data(reply: bytes, request: bytes | None = None) -> bytes:
     """
     raise_for_error(reply, request)
     text = reply.replace(b"xx", b"00")
-    if len(text) % 2 or not _is_hex(text):
+    if len(text) % 2 or not is_hex(text):
         raise RemoteProtocolError(f"expected hex data, got {reply[:40]!r}")
     return bytes.fromhex(text.decode("ascii"))
 
@@ -485,6 +482,6 @@ def parse_monitor_output(packet: bytes) -> bytes | None:
     if packet[:1] != b"O" or packet == b"OK" or len(packet) % 2 != 1:
         return None
     hexpart = packet[1:]
-    if hexpart and not _is_hex(hexpart):
+    if hexpart and not is_hex(hexpart):
         return None
     return bytes.fromhex(hexpart.decode("ascii"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import RemoteProtocolError
+from .framing import is_hex
 
 __all__ = [
     "ConsoleOutput",
@@ -127,16 +128,8 @@ def is_stop_payload(payload: bytes) -> bool:
         return False
     kind = payload[0]
     if kind in b"STWX":
-        return payload[1:2].isalnum() and payload[2:3].isalnum() and _is_hex(payload[1:3])
-    return kind == 0x4F and payload != b"OK" and _is_hex(payload[1:])
-
-
-def _is_hex(text: bytes) -> bool:
-    try:
-        int(text, 16)
-    except ValueError:
-        return False
-    return True
+        return is_hex(payload[1:3])
+    return kind == 0x4F and payload != b"OK" and is_hex(payload[1:])
 
 
 def parse_stop_reply(payload: bytes) -> StopEvent:
@@ -183,7 +176,7 @@ def _parse_t(payload: bytes) -> StopReply:
             watch_address = int(value, 16)
         elif name in (b"swbreak", b"hwbreak", b"library", b"replaylog", b"exec", b"fork", b"vfork", b"create"):
             reason = name.decode()
-        elif _is_hex(name):
+        elif is_hex(name):
             registers[int(name, 16)] = value
         # Other names are ignored, as the manual asks of a debugger.
     return StopReply(signal, thread, core, reason, watch_address, registers)

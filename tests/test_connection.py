@@ -10,7 +10,7 @@ from probed.engine.target import Target
 from probed.guest.symbols import SymbolStore
 from probed.testing.qemu import QemuGuest
 from rsp.connection import RSPClient
-from rsp.errors import RemoteError
+from rsp.errors import LocalProtocolError, RemoteError
 from rsp.stop import StopReply, ThreadId
 
 
@@ -150,6 +150,6 @@ async def test_replies_taken_one_by_one_after_one_write(guest):
     turns = symbols.lookup("turns").address
     await client.begin([b"g", b"m%x,4" % turns])
     assert len(await client.next_reply()) == 2 * target.layout.g_size
-    with pytest.raises(RuntimeError):
+    with pytest.raises(LocalProtocolError):
         await client.request(b"g")  # the second reply is still to be taken: it would be taken as this one's
     assert await client.next_reply() == await client.request(b"m%x,4" % turns)
