@@ -61,7 +61,10 @@ __all__ = [
     "WriteRegisters",
     "XferRead",
     "error",
+    "console_output",
+    "current_thread_reply",
     "error_text",
+    "flag",
     "hex_data",
     "ok",
     "packet_name",
@@ -844,6 +847,21 @@ def stop_reply(event: StopEvent) -> bytes:
 def xfer_chunk(data: bytes, last: bool) -> bytes:
     """A `qXfer` read reply: `l` and the last data, or `m` and data with more to come (framing escapes it)."""
     return (b"l" if last else b"m") + data
+
+
+def console_output(text: bytes) -> bytes:
+    """An `O` packet: text for the debugger's console (a monitor command's output, say)."""
+    return b"O" + text.hex().encode()
+
+
+def current_thread_reply(thread: ThreadId) -> bytes:
+    """The reply to `qC`: `QC` and the thread id."""
+    return b"QC" + thread.encode()
+
+
+def flag(value: bool) -> bytes:
+    """`1` or `0`: the reply to `qAttached` (1: attached to something that was running) and like queries."""
+    return b"1" if value else b"0"
 
 
 def thread_list(threads: Iterable[ThreadId]) -> bytes:

@@ -22,6 +22,8 @@ from .framing import is_hex
 from .stop import ThreadId, parse_thread_id
 
 __all__ = [
+    "Z_NAMES",
+    "Z_TYPES",
     "BreakpointType",
     "VContAction",
     "attached",
@@ -41,6 +43,7 @@ __all__ = [
     "parse_thread_list",
     "parse_vcont_actions",
     "parse_xfer_chunk",
+    "qemu_phys_mem_mode",
     "raise_for_error",
     "read_memory",
     "read_register",
@@ -71,6 +74,31 @@ class BreakpointType(IntEnum):
     WRITE = 2
     READ = 3
     ACCESS = 4
+
+    @property
+    def is_watch(self) -> bool:
+        """A watchpoint (types 2..4), not a breakpoint."""
+        return self >= BreakpointType.WRITE
+
+    @property
+    def access(self) -> str:
+        """The access a watchpoint catches (`w`, `r`, `rw`); `x` for a breakpoint."""
+        return _ACCESS[self]
+
+
+_ACCESS = {0: "x", 1: "x", 2: "w", 3: "r", 4: "rw"}
+
+Z_TYPES: dict[str, BreakpointType] = {
+    "break": BreakpointType.SOFTWARE,
+    "hbreak": BreakpointType.HARDWARE,
+    "watch:w": BreakpointType.WRITE,
+    "watch:r": BreakpointType.READ,
+    "watch:rw": BreakpointType.ACCESS,
+}
+"""The one map of hook kinds (as probed names them: `break`, `hbreak`, `watch:ACCESS`) to `Z` types."""
+
+Z_NAMES: dict[BreakpointType, str] = {t: name for name, t in Z_TYPES.items()}
+"""`Z` type to hook kind: the inverse of `Z_TYPES`."""
 
 
 VCONT_ACTIONS = frozenset("cCsStr")
@@ -336,6 +364,11 @@ def attached(pid: int | None = None) -> bytes:
 def halt_reason() -> bytes:
     """`?`: why did the target stop? (QEMU also deletes every breakpoint when it gets this.)"""
     return b"?"
+
+
+def qemu_phys_mem_mode(physical: bool) -> bytes:
+    """`Qqemu.PhyMemMode:1` (or `:0`): QEMU's `m`/`M` on physical (or virtual) addresses, for every client."""
+    return b"Qqemu.PhyMemMode:1" if physical else b"Qqemu.PhyMemMode:0"
 
 
 def start_no_ack() -> bytes:

@@ -7,8 +7,16 @@ GDB must not be able to tell, except that the guest runs a little slower:
   switches it around GDB's own memory accesses only, so the daemon's reads stay virtual.
 - GDB's breakpoints and watchpoints are GDB's: the engine merges them with the probes', hides the stops
   only probes wanted, and hands GDB the stops GDB caused. Hardware kinds draw on the shared slot allocator.
-- Everything else is forwarded while GDB holds the guest stopped, and QEMU's answer (including "not
-  supported") goes back unchanged. QEMU's target description reaches GDB as it is.
+- Packets QEMU answers (`FORWARDED`) are forwarded while GDB holds the guest stopped, and QEMU's answer goes
+  back unchanged; QEMU's target description reaches GDB as it is. Every other packet gets the empty reply
+  ("not supported") here: QEMU would answer it the same way, or not at all (a bare `q`, `v`, `Q`, `F...`),
+  which would stall GDB and the engine until the request timed out.
+- `monitor` commands that end, reset, pause or resume the VM behind the engine's back, or move its gdbstub
+  (`REFUSED_MONITOR`), are refused with an `E` reply and a message saying why, unless the stub was made
+  with `allow_monitor=True` (the daemon's `--gdb-allow-monitor`).
+- A GDB that misbehaves or goes away (a hang-up, a reset, a packet too long, garbage) ends its own session
+  only: GDB's breakpoints go, and the engine and its probes go on. A packet GDB asks for again (`-`) is sent
+  again.
 
 One GDB at a time: a second connection is told so and closed.
 """
@@ -18,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
 from dataclasses import replace
 from typing import Any
 
@@ -26,53 +35,103 @@ import trio
 from probed.engine.api import DebuggerAPI
 from probed.errors import ProbedError, SlotsExhausted
 from probed.gdbside.debugger import DebuggerLink
+from rsp import commands as reply
+from rsp import packets
 from rsp.commands import (
     Attached,
     Continue,
+    CurrentThread,
     Detach,
-    ExtendedMode,
     HaltReason,
     InsertBreakpoint,
     Kill,
     Malformed,
     Monitor,
-    MustReplyEmpty,
     QSupported,
     Query,
     ReadMemory,
+    ReadRegister,
     ReadRegisters,
     RemoveBreakpoint,
     SetThread,
     StartNoAck,
     Step,
+    ThreadAlive,
+    ThreadExtraInfo,
     ThreadInfoFirst,
     ThreadInfoNext,
     VCont,
+    VContQuery,
     VKill,
     WriteMemory,
+    WriteRegister,
+    WriteRegisters,
+    XferRead,
     parse_command,
 )
 from rsp.connection import parse_target, send_now
-from rsp.framing import NEED_DATA, BadChecksum, Framer, Interrupt, Nack, Packet, encode_packet
-from rsp.stop import StopEvent, StopReply, ThreadId, encode_stop_reply
+from rsp.features import build_qsupported_reply
+from rsp.framing import ACK, NACK, NEED_DATA, BadChecksum, Framer, Interrupt, Nack, Packet, encode_packet
+from rsp.stop import StopEvent, StopReply, ThreadId
 
-__all__ = ["GdbSession", "serve_gdb"]
+__all__ = ["FORWARDED", "REFUSED_MONITOR", "GdbSession", "monitor_refusal", "serve_gdb"]
 
 log = logging.getLogger(__name__)
 
-STUB_FEATURES = b"PacketSize=1000;qXfer:features:read+;vContSupported+;QStartNoAckMode+"
-PHYS_MODE = b"Qqemu.PhyMemMode:"
+PACKET_SIZE = 0x1000
+STUB_FEATURES = build_qsupported_reply(
+    {"PacketSize": f"{PACKET_SIZE:x}", "qXfer:features:read": True, "vContSupported": True, "QStartNoAckMode": True}
+)
+MAX_PACKET = 4 * PACKET_SIZE
+"""Bytes a packet from GDB may span (escapes included); GDB keeps to `PacketSize`, a longer one is dropped."""
 HOT_SECONDS = 0.001
+
+FORWARDED = (
+    ReadRegisters, WriteRegisters, ReadRegister, WriteRegister, WriteMemory, SetThread, ThreadAlive,
+    ThreadExtraInfo, VContQuery, CurrentThread,
+)
+"""Commands forwarded to QEMU as they are (when the stub does not answer them itself): what QEMU 7.2 answers."""
+FORWARDED_QUERIES = frozenset({"qqemu.sstepbits", "qqemu.sstep"})
+"""Generic queries QEMU answers (`Qqemu.sstep=` is not one: the engine's steps rely on QEMU's step flags)."""
+
+REFUSED_MONITOR = {
+    "quit": "it ends QEMU",
+    "q": "it ends QEMU",
+    "system_reset": "it resets the guest",
+    "system_powerdown": "it shuts the guest down",
+    "system_wakeup": "it resumes a suspended guest",
+    "stop": "it pauses the guest behind probed's back",
+    "cont": "it resumes the guest behind probed's back",
+    "c": "it resumes the guest behind probed's back",
+    "gdbserver": "it moves or ends the gdbstub probed speaks to",
+    "loadvm": "it replaces the guest's whole state",
+    "migrate": "it moves the guest away and ends it here",
+    "migrate_incoming": "it replaces the guest's whole state",
+}
+"""HMP commands refused through the stub (unless allowed), and why: each ends, resets, pauses or resumes the
+VM behind the engine's back, or takes its gdbstub away. HMP names a command by its first word, exactly."""
+
+
+def monitor_refusal(command: str) -> str | None:
+    """Why the stub refuses this monitor command (None: it may run)."""
+    words = command.split(None, 1)
+    why = REFUSED_MONITOR.get(words[0]) if words else None
+    if why is None:
+        return None
+    return f"probed refuses 'monitor {words[0]}' through its GDB stub: {why} (see --gdb-allow-monitor)"
 
 
 class GdbSession:
     """One attached GDB."""
 
-    def __init__(self, engine: DebuggerAPI, stream: trio.abc.Stream):
+    def __init__(self, engine: DebuggerAPI, stream: trio.abc.Stream, *, allow_monitor: bool = False):
         self.engine = engine
         self.stream = stream
-        self.framer = Framer()
+        self.allow_monitor = allow_monitor
+        self.framer = Framer(max_packet=MAX_PACKET)
         self.ack = True
+        self._ack_owed = False  # the `+` for GDB's last packet, sent in front of the reply when it is quick
+        self._last_frame = b""  # our last packet, for GDB's `-`
         self.phys = False
         self.last_stop: StopEvent = StopReply(5)
         self._send_lock = trio.Lock()
@@ -87,16 +146,43 @@ class GdbSession:
         self._fd = stream.socket.fileno()
 
     async def send(self, data: bytes) -> None:
+        """Write to GDB.
+
+        Raises:
+            trio.BrokenResourceError: GDB is gone (a reset or a hang-up shows as this, never as OSError).
+        """
         if not self._send_lock.locked():
-            sent = send_now(self.stream, data)
+            try:
+                sent = send_now(self.stream, data)
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"GDB is gone: {exc}") from exc
             if sent == len(data):
                 return
             data = data[sent:]
         async with self._send_lock:
-            await self.stream.send_all(data)
+            try:
+                await self.stream.send_all(data)
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"GDB is gone: {exc}") from exc
 
     async def reply(self, payload: bytes) -> None:
-        await self.send(encode_packet(payload))
+        """Send one packet (with the ack GDB is owed in front of it)."""
+        frame = encode_packet(payload)
+        self._last_frame = frame
+        await self.send(self._take_ack() + frame)
+
+    def _take_ack(self) -> bytes:
+        if self._ack_owed:
+            self._ack_owed = False
+            return ACK
+        return b""
+
+    async def flush_ack(self) -> None:
+        """Acknowledge GDB's packet now: what follows takes a while (GDB waits ~2 s for an ack, then
+        sends the packet again)."""
+        if self._ack_owed:
+            self._ack_owed = False
+            await self.send(ACK)
 
     # -- the session ----------------------------------------------------------------------------------
 
@@ -152,16 +238,17 @@ class GdbSession:
                 while (event := self.framer.next_event()) is not NEED_DATA:
                     if isinstance(event, Packet):
                         self._kick()
-                        if self.ack:
-                            await self.send(b"+")
+                        self._ack_owed = self.ack
                         if await self.handle(event.payload):
                             return
                     elif isinstance(event, Interrupt) and self.waiting_stop:
                         await self.engine.debugger_interrupt(self.link)
                     elif isinstance(event, BadChecksum):
-                        await self.send(b"-")
-                    elif isinstance(event, Nack):
-                        log.debug("GDB asked for a packet again")
+                        if self.ack:
+                            await self.send(NACK)
+                    elif isinstance(event, Nack) and self.ack and self._last_frame:
+                        log.debug("GDB asked for our last packet again")
+                        await self.send(self._last_frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
 
@@ -170,6 +257,7 @@ class GdbSession:
         self.waiting_stop = False
         self.last_stop = event
         data = encode_packet(self._stop_payload(event))
+        self._last_frame = data
         if not self._backlogged and not self._send_lock.locked():
             try:
                 data = data[send_now(self.stream, data) :]
@@ -181,7 +269,10 @@ class GdbSession:
 
     async def _send_backlog(self) -> None:
         async for data in self._backlog:
-            await self.send(data)
+            try:
+                await self.send(data)
+            except trio.BrokenResourceError:
+                return  # GDB is gone: the read loop sees it and ends the session
             self._backlogged -= 1
 
     def _current_thread(self) -> ThreadId | None:
@@ -192,7 +283,7 @@ class GdbSession:
         """The stop reply, with the general registers the engine read at the stop: GDB needs no `g`."""
         if isinstance(event, StopReply) and event.thread is not None and event.thread.pid is not None:
             event = replace(event, thread=_for_gdb(event.thread))
-        payload = encode_stop_reply(event)
+        payload = reply.stop_reply(event)
         if not isinstance(event, StopReply) or event.registers:
             return payload
         g = self.link.cached_registers(event.thread)
@@ -214,70 +305,79 @@ class GdbSession:
             if isinstance(cmd, QSupported):
                 await self.reply(STUB_FEATURES)
             elif isinstance(cmd, StartNoAck):
-                await self.reply(b"OK")
+                await self.reply(reply.ok())
                 self.ack = False
             elif isinstance(cmd, HaltReason):
                 await self.reply(self._stop_payload(self.last_stop))
             elif isinstance(cmd, Detach):
-                await self.reply(b"OK")
+                await self.reply(reply.ok())
                 return True
             elif isinstance(cmd, Kill):
                 log.warning("GDB asked to kill the guest: probed detaches GDB instead; the guest runs on")
                 if isinstance(cmd, VKill):
-                    await self.reply(b"OK")
+                    await self.reply(reply.ok())
+                else:
+                    await self.flush_ack()
                 return True
             elif isinstance(cmd, InsertBreakpoint | RemoveBreakpoint):
                 await self._breakpoint(cmd)
             elif isinstance(cmd, Continue | Step | VCont):
                 await self._resume(cmd)
             elif isinstance(cmd, Attached):
-                await self.reply(b"1")  # attached to a running machine: GDB detaches on quit
+                await self.reply(reply.flag(True))  # attached to a running machine: GDB detaches on quit
             elif isinstance(cmd, Query) and cmd.name == "Qqemu.PhyMemMode":
                 self.phys = cmd.args == b"1"
-                await self.reply(b"OK")
+                await self.reply(reply.ok())
             elif isinstance(cmd, Query) and cmd.name == "qqemu.PhyMemMode":
-                await self.reply(b"1" if self.phys else b"0")
+                await self.reply(reply.flag(self.phys))
             elif isinstance(cmd, Monitor):
                 await self._monitor(cmd)
             elif isinstance(cmd, ReadRegisters) and (cached := self.link.registers_for_gdb()) is not None:
                 await self.reply(cached)  # read by the engine at this stop already
             elif isinstance(cmd, ThreadInfoFirst):
                 # vCPUs do not come and go under QEMU: the list read at attach is the list.
-                await self.reply(b"m" + b",".join(_for_gdb(t).encode() for t in engine.target.threads))
-            elif payload == b"qC" and (current := self._current_thread()) is not None:
-                await self.reply(b"QC" + _for_gdb(current).encode())
+                await self.reply(reply.thread_list(_for_gdb(t) for t in engine.target.threads))
+            elif isinstance(cmd, CurrentThread) and (current := self._current_thread()) is not None:
+                await self.reply(reply.current_thread_reply(_for_gdb(current)))
             elif isinstance(cmd, ThreadInfoNext):
-                await self.reply(b"l")
+                await self.reply(reply.thread_list(()))
             elif isinstance(cmd, ReadMemory) and not self.phys:
                 self.link.note_read(cmd.address, cmd.length)
                 cached = self.link.memory.get(cmd.address, cmd.length)
                 if cached is None:
+                    await self.flush_ack()
                     cached = await engine.debugger_read_memory(cmd.address, cmd.length)
                 await self.reply(cached)
             elif isinstance(cmd, ReadMemory | WriteMemory) and self.phys:
-                replies = await engine.debugger_request([PHYS_MODE + b"1", payload, PHYS_MODE + b"0"])
+                await self.flush_ack()
+                replies = await engine.debugger_request(
+                    [packets.qemu_phys_mem_mode(True), payload, packets.qemu_phys_mem_mode(False)]
+                )
                 await self.reply(replies[1])
             elif isinstance(cmd, Malformed):
-                await self.reply(b"E01")
-            elif isinstance(cmd, MustReplyEmpty | ExtendedMode) or payload.startswith((b"vRun", b"vAttach")):
-                await self.reply(b"")  # not for a machine that is already running
-            else:
+                await self.reply(reply.error(1))
+            elif _forwarded(cmd):
                 if isinstance(cmd, SetThread) and cmd.op == "g":
                     self.link.g_thread = cmd.thread
-                (reply,) = await engine.debugger_request([payload])
-                await self.reply(reply)
+                await self.flush_ack()
+                (answer,) = await engine.debugger_request([payload])
+                await self.reply(answer)
+            else:
+                # Not for a machine that runs already (`vRun`, `!`...), or not a packet QEMU answers: "not
+                # supported", as QEMU says, or would not say at all.
+                await self.reply(reply.unsupported())
         except SlotsExhausted as exc:
             log.info("GDB's %r refused: %s", payload[:20], exc)
-            await self.reply(b"E1c")  # ENOSPC: like a machine out of debug registers
+            await self.reply(reply.error(0x1C))  # ENOSPC: like a machine out of debug registers
         except ProbedError as exc:
             log.info("GDB's %r refused: %s", payload[:20], exc)
-            await self.reply(b"E16")
+            await self.reply(reply.error(0x16))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise
         except Exception:
             # A bug of ours: GDB gets an error reply and the session goes on; the log has the details.
             log.exception("GDB's %r failed inside probed", payload[:40])
-            await self.reply(b"E.probed failed on this packet; see the daemon's log")
+            await self.reply(reply.error_text("probed failed on this packet; see the daemon's log"))
         return False
 
     async def _breakpoint(self, cmd: InsertBreakpoint | RemoveBreakpoint) -> None:
@@ -285,7 +385,7 @@ class GdbSession:
             self.engine.debugger_insert(int(cmd.type), cmd.address, cmd.kind)
         else:
             self.engine.debugger_remove(int(cmd.type), cmd.address, cmd.kind)
-        await self.reply(b"OK")
+        await self.reply(reply.ok())
 
     async def _resume(self, cmd: Continue | Step | VCont) -> None:
         if isinstance(cmd, VCont):
@@ -295,15 +395,32 @@ class GdbSession:
             step = isinstance(cmd, Step)
             thread = None
         # The stop reply comes later, from `_send_stop`; meanwhile GDB may only send a Ctrl-C.
+        await self.flush_ack()
         self.waiting_stop = True
         await self.engine.debugger_resume("s" if step else "c", thread)
 
     async def _monitor(self, cmd: Monitor) -> None:
+        refusal = None if self.allow_monitor else monitor_refusal(cmd.command)
+        if refusal is not None:
+            log.warning("GDB's 'monitor %s' refused", cmd.command[:60])
+            await self.reply(reply.console_output(refusal.encode() + b"\n"))
+            await self.reply(reply.error_text(refusal))
+            return
+        await self.flush_ack()
         client = self.engine.target.client
         output = await self.engine.call_stopped(lambda: client.monitor(cmd.command))
         if output:
-            await self.reply(b"O" + output.encode().hex().encode())
-        await self.reply(b"OK")
+            await self.reply(reply.console_output(output.encode()))
+        await self.reply(reply.ok())
+
+
+def _forwarded(cmd: object) -> bool:
+    """Whether QEMU answers this command (so it is forwarded); see `FORWARDED`."""
+    if isinstance(cmd, FORWARDED):
+        return True
+    if isinstance(cmd, XferRead):
+        return cmd.object == "features"
+    return isinstance(cmd, Query) and cmd.name in FORWARDED_QUERIES
 
 
 def _for_gdb(thread: ThreadId) -> ThreadId:
@@ -312,8 +429,16 @@ def _for_gdb(thread: ThreadId) -> ThreadId:
     return ThreadId(thread.tid) if thread.pid is not None else thread
 
 
-async def serve_gdb(engine: Any, listen: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve GDB at `tcp:HOST:PORT` (loopback unless said otherwise) or `unix:PATH`, one at a time."""
+async def serve_gdb(
+    engine: Any, listen: str, *, allow_monitor: bool = False, task_status=trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve GDB at `tcp:HOST:PORT` (loopback unless said otherwise) or `unix:PATH`, one at a time.
+
+    A session's failure, whatever it is, ends that session only (and is logged): the engine goes on.
+
+    Args:
+        allow_monitor: let GDB run every monitor command, `REFUSED_MONITOR` ones included.
+    """
     kind, address = parse_target(listen)
     if kind == "unix":
         listeners = [trio.SocketListener(await _unix_listener(address))]
@@ -324,27 +449,40 @@ async def serve_gdb(engine: Any, listen: str, *, task_status=trio.TASK_STATUS_IG
 
     async def handle(stream: trio.abc.Stream) -> None:
         nonlocal busy
-        async with stream:
-            if busy:
-                await _refuse(stream)
-                return
-            busy = True
-            try:
-                await GdbSession(engine, stream).run()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            finally:
-                busy = False
+        try:
+            async with stream:
+                if busy:
+                    await _refuse(stream)
+                    return
+                busy = True
+                try:
+                    await GdbSession(engine, stream, allow_monitor=allow_monitor).run()
+                finally:
+                    busy = False
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info("a GDB connection ended: %s", exc)
+        except Exception:
+            log.exception("a GDB session failed; the engine goes on")
 
     task_status.started(listeners)
     await trio.serve_listeners(handle, listeners)
 
 
 async def _unix_listener(path: str):
+    """A listening unix socket at `path`, mode 0600; a stale socket there is replaced, anything else is not.
 
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    if os.path.exists(path):
+    Raises:
+        FileExistsError: something that is not a socket is at `path`.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(mode):
+            raise FileExistsError(f"{path} exists and is not a socket: probed will not replace it")
         os.unlink(path)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
         await sock.bind(path)
@@ -356,7 +494,7 @@ async def _unix_listener(path: str):
 
 async def _refuse(stream: trio.abc.Stream) -> None:
     """Tell a second GDB why it cannot attach: its first packet gets an error reply."""
-    framer = Framer()
+    framer = Framer(max_packet=MAX_PACKET)
     with trio.move_on_after(5):
         while True:
             data = await stream.receive_some(4096)
@@ -365,7 +503,8 @@ async def _refuse(stream: trio.abc.Stream) -> None:
             framer.receive_data(data)
             while (event := framer.next_event()) is not NEED_DATA:
                 if isinstance(event, Packet):
-                    await stream.send_all(b"+" + encode_packet(b"E.probed serves one GDB at a time; another is attached"))
+                    message = reply.error_text("probed serves one GDB at a time; another is attached")
+                    await stream.send_all(ACK + encode_packet(message))
                     # Let GDB read it and hang up itself (closing first would only show it a broken pipe).
                     while await stream.receive_some(4096):
                         pass
