@@ -403,8 +403,10 @@ class GdbSession:
         refusal = None if self.allow_monitor else monitor_refusal(cmd.command)
         if refusal is not None:
             log.warning("GDB's 'monitor %s' refused", cmd.command[:60])
+            # GDB shows `O` text as it comes, and takes only `E NN` as an error here (`E.text` would be
+            # read as hex output).
             await self.reply(reply.console_output(refusal.encode() + b"\n"))
-            await self.reply(reply.error_text(refusal))
+            await self.reply(reply.error(1))
             return
         await self.flush_ack()
         client = self.engine.target.client
