@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rsp.client import ClientProtocol, Closed, DeferredReply, Output, Reply, Resend, Stopped, Stray
 from rsp.connection import RSPClient
@@ -208,6 +210,33 @@ def test_a_stop_reply_that_does_not_parse_is_a_remote_protocol_error():
     p.receive_data(encode_packet(b"T05thread:zz;"))
     with pytest.raises(RemoteProtocolError):
         p.next_event()
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(st.sampled_from([b"g", b"?", b"qRcmd,00", b"m0,4"]), max_size=4),
+    st.booleans(),
+    st.binary(max_size=300),
+    st.lists(st.integers(1, 40), max_size=10),
+)
+def test_any_bytes_from_the_peer_give_events_or_a_remote_protocol_error(requests, resume, data, cuts):
+    p = ClientProtocol()
+    p.send_requests(requests, b"c" if resume else None)
+    pos = 0
+    for cut in [*cuts, len(data)]:
+        chunk = data[pos : pos + cut]
+        pos += cut
+        if not chunk:
+            continue  # b"" is the end of the stream
+        p.receive_data(chunk)
+        try:
+            got = events(p)
+        except RemoteProtocolError:
+            return
+        for event in got:
+            assert type(event) in (Reply, DeferredReply, Stopped, Output, Resend, Stray)
+    p.receive_data(b"")
+    assert events(p)[-1] == Closed(p._framer.buffered)
 
 
 # -- the trio client against scripted peers -------------------------------------------------------------

@@ -144,3 +144,61 @@ def test_any_bytes_give_events_never_exceptions_whatever_the_chunking(data, cuts
     got += events(chunked)
     assert got == expected
     assert all(isinstance(e, Packet | Notification | Ack | Nack | Interrupt | BadChecksum) for e in got)
+
+
+_NOT_SPECIAL = st.binary(max_size=30).map(lambda b: bytes(c for c in b if c not in b"$%#+-\x03"))
+
+
+@given(st.lists(st.tuples(_NOT_SPECIAL, st.binary(max_size=200)), max_size=10), st.lists(st.integers(1, 64), max_size=30))
+def test_packets_between_garbage_come_through_whole_whatever_the_chunking(items, cuts):
+    wire = b"".join(garbage + encode_packet(payload) for garbage, payload in items)
+    framer = Framer()
+    got = []
+    pos = 0
+    for cut in [*cuts, len(wire)]:
+        framer.receive_data(wire[pos : pos + cut])
+        pos += cut
+        while (event := framer.next_event()) is not NEED_DATA:
+            got.append(event)
+    framer.receive_data(wire[pos:])
+    while (event := framer.next_event()) is not NEED_DATA:
+        got.append(event)
+    assert got == [Packet(payload) for _, payload in items]
+    assert framer.garbage == sum(len(garbage) for garbage, _ in items)
+
+
+def test_a_flood_of_dollars_is_linear_and_keeps_one_byte():
+    """Megabytes of `$` with no `#`: each `$` starts a packet over, so only the last is kept (the old framer
+    kept them all and scanned them again on every chunk: 2.5 MiB cost the daemon 15 s)."""
+    framer = Framer()
+    chunk = b"$" * 4096
+    for _ in range(2048):  # 8 MiB
+        framer.receive_data(chunk)
+        assert framer.next_event() is NEED_DATA
+        assert framer.buffered == 1
+    framer.receive_data(b"qC#b4")
+    assert framer.next_event() == Packet(b"qC")
+    assert framer.garbage == 8 * 1024 * 1024 - 1
+
+
+def test_a_packet_longer_than_the_limit_is_dropped_up_to_its_checksum():
+    framer = Framer(max_packet=100)
+    framer.receive_data(b"$" + b"a" * 150)
+    assert framer.next_event() is NEED_DATA and framer.buffered == 0
+    framer.receive_data(b"a" * 1000 + b"#00" + encode_packet(b"ok"))
+    assert framer.next_event() == Packet(b"ok")
+    assert framer.oversized == 1
+    # One whose `#` is there already is dropped the same way.
+    framer.receive_data(b"$" + b"b" * 200 + b"#00" + encode_packet(b"ok"))
+    assert framer.next_event() == Packet(b"ok")
+    assert framer.oversized == 2
+
+
+def test_a_long_packet_arriving_byte_by_byte_comes_whole():
+    framer = Framer()
+    wire = encode_packet(b"x" * 5000)
+    for i in range(len(wire) - 1):
+        framer.receive_data(wire[i : i + 1])
+        assert framer.next_event() is NEED_DATA
+    framer.receive_data(wire[-1:])
+    assert framer.next_event() == Packet(b"x" * 5000)
