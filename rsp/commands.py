@@ -10,7 +10,7 @@ zeros, thread ids as `ThreadId.encode` writes them; GDB's `Hg1` comes back as th
 A packet's name (GDB manual, "Packets"): the first byte for the one-letter packets; for `q`/`Q` packets
 everything up to the first `:`, `,` or `;`; for `v` packets everything up to the first `;` or `:`.
 
-Below the commands are the replies a stub sends back (`ok`, `error`, `hex_data`, `stop_reply`...).
+Below the commands are the replies a stub sends back (`ok`, `error`, `stop_reply`, `console_output`...).
 """
 
 from __future__ import annotations
@@ -65,14 +65,12 @@ __all__ = [
     "current_thread_reply",
     "error_text",
     "flag",
-    "hex_data",
     "ok",
     "packet_name",
     "parse_command",
     "stop_reply",
     "thread_list",
     "unsupported",
-    "xfer_chunk",
 ]
 
 
@@ -834,19 +832,9 @@ def error_text(text: str) -> bytes:
     return b"E." + text.encode()
 
 
-def hex_data(data: bytes) -> bytes:
-    """A hex data reply (to `g`, `m`, `p`)."""
-    return data.hex().encode()
-
-
 def stop_reply(event: StopEvent) -> bytes:
     """The payload of a stop reply (`T05thread:01;...`, `W00`, ...); see `rsp.stop.encode_stop_reply`."""
     return encode_stop_reply(event)
-
-
-def xfer_chunk(data: bytes, last: bool) -> bytes:
-    """A `qXfer` read reply: `l` and the last data, or `m` and data with more to come (framing escapes it)."""
-    return (b"l" if last else b"m") + data
 
 
 def console_output(text: bytes) -> bytes:

@@ -239,9 +239,9 @@ def test_reply_builders():
     assert c.error(1) == b"E01"
     assert c.error(0x16) == b"E16"
     assert c.error_text("no slot") == b"E.no slot"
-    assert c.hex_data(b"\x90\xcc") == b"90cc"
-    assert c.xfer_chunk(b"<?xml", last=False) == b"m<?xml"
-    assert c.xfer_chunk(b"", last=True) == b"l"
+    assert c.console_output(b"ok\n") == b"O6f6b0a"
+    assert c.current_thread_reply(ThreadId(2)) == b"QC02"
+    assert (c.flag(True), c.flag(False)) == (b"1", b"0")
     assert c.thread_list([ThreadId(1), ThreadId(2)]) == b"m01,02"
     assert c.thread_list([ThreadId(2, 1)]) == b"mp1.2"
     assert c.thread_list([]) == b"l"
@@ -254,8 +254,8 @@ def test_reply_builders():
 def test_replies_parse_with_the_client_parsers():
     assert packets.parse_error(c.error(0x0E)).code == 0x0E
     assert packets.parse_error(c.error_text("x")).text == "x"
-    assert packets.parse_hex_data(c.hex_data(b"\x01\x02")) == b"\x01\x02"
-    assert packets.parse_xfer_chunk(c.xfer_chunk(b"#$", last=True)) == (b"#$", True)
+    assert packets.parse_monitor_output(c.console_output(b"hi")) == b"hi"
+    assert packets.parse_current_thread(c.current_thread_reply(ThreadId(3))) == ThreadId(3)
     assert packets.parse_thread_list(c.thread_list([ThreadId(4)])) == ([ThreadId(4)], False)
 
 

@@ -326,3 +326,20 @@ def test_qsupported_request_round_trips(features):
 @given(st.dictionaries(FEATURE_NAME, st.one_of(st.booleans(), FEATURE_TEXT), max_size=8))
 def test_qsupported_reply_round_trips(features):
     assert parse_qsupported_reply(build_qsupported_reply(features)) == features
+
+
+def test_one_map_of_hook_kinds_to_z_types():
+    assert {name: int(t) for name, t in packets.Z_TYPES.items()} == {
+        "break": 0, "hbreak": 1, "watch:w": 2, "watch:r": 3, "watch:rw": 4}
+    assert all(packets.Z_NAMES[t] == name for name, t in packets.Z_TYPES.items())
+    assert [t.access for t in BreakpointType] == ["x", "x", "w", "r", "rw"]
+    assert [t.is_watch for t in BreakpointType] == [False, False, True, True, True]
+    assert packets.insert_breakpoint(packets.Z_TYPES["watch:rw"], 0x10, 4) == b"Z4,10,4"
+
+
+def test_is_hex_takes_hex_digits_only():
+    from rsp.framing import is_hex
+
+    assert is_hex(b"0123456789abcdefABCDEF")
+    for text in (b"", b"0x1", b"1_0", b" 1", b"+1", b"-1", b"g"):
+        assert not is_hex(text)
