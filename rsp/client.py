@@ -125,6 +125,9 @@ _CHECK = 1  # a `DeferredReply` event; not OK -> deferred_errors
 _ABANDONED = 2  # given up on: a `Stray` event
 
 
+_MAX_UNACKED = 256
+
+
 class _Expected:
     __slots__ = ("kind", "request")
 
@@ -148,7 +151,9 @@ class ClientProtocol:
         self._framer = Framer() if max_packet is None else Framer(max_packet=max_packet)
         self._ack_owed = False
         self._held: list[bytes] = []  # frames of `post`, written in front of the next write
-        self._unacked: deque[tuple[bytes, _Expected | None]] = deque()  # written, no `+`/`-` yet
+        # Written, no `+`/`-` yet. Bounded: a peer that stopped acknowledging (no-ack mode) must not make it
+        # grow for ever; a `-` is about one of the last packets written, never one of thousands ago.
+        self._unacked: deque[tuple[bytes, _Expected | None]] = deque(maxlen=_MAX_UNACKED)
         self._expected: deque[_Expected] = deque()  # replies still to come, oldest first
         self._interrupting = False
         self._eof = False

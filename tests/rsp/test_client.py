@@ -411,3 +411,12 @@ async def test_an_interrupt_from_another_task_stops_the_wait():
         assert (await client.wait_stop()).signal == 2
     # Nothing but 0x03 went out while the guest ran: no ack rode with it.
     assert b"".join(peer.received).count(b"+") == 0
+
+
+def test_a_peer_that_never_acknowledges_costs_bounded_memory():
+    p = ClientProtocol()
+    for _ in range(10_000):
+        p.send_requests([b"g"])
+        p.receive_data(encode_packet(b"00"))
+        events(p)
+    assert len(p._unacked) <= 256
