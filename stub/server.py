@@ -143,7 +143,8 @@ class GdbSession:
         self.closed = False
         self.waiting_stop = False  # GDB resumed the guest and waits for a stop reply
         self._hot_until = 0.0
-        self._fd = stream.socket.fileno()
+        sock = getattr(stream, "socket", None)  # None for a stream that is not a socket (tests' memory streams)
+        self._fd = sock.fileno() if sock is not None else None
 
     async def send(self, data: bytes) -> None:
         """Write to GDB.
@@ -215,7 +216,7 @@ class GdbSession:
         polls the socket between scheduler passes (other tasks run, and their sockets are polled too),
         and only then sleeps in epoll as usual.
         """
-        while trio.current_time() < self._hot_until:
+        while self._fd is not None and trio.current_time() < self._hot_until:
             try:
                 return os.read(self._fd, 65536)
             except BlockingIOError:
