@@ -22,7 +22,7 @@ from .framing import is_hex
 from .stop import ThreadId, parse_thread_id
 
 __all__ = [
-    "Z_NAMES",
+    "Z_KEYS",
     "Z_TYPES",
     "BreakpointType",
     "VContAction",
@@ -88,17 +88,18 @@ class BreakpointType(IntEnum):
 
 _ACCESS = {0: "x", 1: "x", 2: "w", 3: "r", 4: "rw"}
 
-Z_TYPES: dict[str, BreakpointType] = {
-    "break": BreakpointType.SOFTWARE,
-    "hbreak": BreakpointType.HARDWARE,
-    "watch:w": BreakpointType.WRITE,
-    "watch:r": BreakpointType.READ,
-    "watch:rw": BreakpointType.ACCESS,
+Z_TYPES: dict[tuple[str, str], BreakpointType] = {
+    ("break", "x"): BreakpointType.SOFTWARE,
+    ("hbreak", "x"): BreakpointType.HARDWARE,
+    ("watch", "w"): BreakpointType.WRITE,
+    ("watch", "r"): BreakpointType.READ,
+    ("watch", "rw"): BreakpointType.ACCESS,
 }
-"""The one map of hook kinds (as probed names them: `break`, `hbreak`, `watch:ACCESS`) to `Z` types."""
+"""The one map of (kind, access) as probed names a hook point (`break`/`hbreak` with `x`, `watch` with `w`,
+`r` or `rw`) to the `Z` packet's type."""
 
-Z_NAMES: dict[BreakpointType, str] = {t: name for name, t in Z_TYPES.items()}
-"""`Z` type to hook kind: the inverse of `Z_TYPES`."""
+Z_KEYS: dict[BreakpointType, tuple[str, str]] = {t: key for key, t in Z_TYPES.items()}
+"""`Z` type to (kind, access): the inverse of `Z_TYPES`."""
 
 
 VCONT_ACTIONS = frozenset("cCsStr")

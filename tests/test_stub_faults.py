@@ -10,8 +10,6 @@ import socket
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cli import Daemon
-from test_gdb import Gdb
 
 from rsp.commands import (
     Continue,
@@ -29,6 +27,8 @@ from rsp.commands import (
     parse_command,
 )
 from rsp.framing import NEED_DATA, Framer, Packet, encode_packet
+from tests.daemon import Daemon
+from tests.test_gdb import Gdb
 
 
 @pytest.fixture
@@ -44,8 +44,7 @@ def stubbed(guest_i386, tmp_path):
     yield daemon
     if daemon.proc.poll() is None:
         daemon.proc.kill()
-        daemon.proc.wait()
-    daemon.proc.stderr.close()
+        daemon.wait(timeout=30)
 
 
 class Raw:
@@ -88,7 +87,7 @@ def probe(daemon) -> dict:
 
 def check_gdb_and_exact_counts(daemon) -> None:
     """A real GDB attaches and debugs; while it holds the guest, the probe's hits are the guest's calls."""
-    assert daemon.proc.poll() is None, "".join(daemon.log)
+    assert daemon.proc.poll() is None, daemon.stderr()
     gdb = Gdb(daemon.elf, daemon.gdb_socket)
     try:
         calls, counted = gdb.value("calls"), probe(daemon)
@@ -116,7 +115,7 @@ def test_gdb_clients_that_hang_up_or_reset_end_their_own_session_only(stubbed):
         else:
             client.send(encode_packet(packet)[:-2])  # hang up in the middle of a packet
         client.close()
-    assert stubbed.proc.poll() is None, "".join(stubbed.log)
+    assert stubbed.proc.poll() is None, stubbed.stderr()
     check_gdb_and_exact_counts(stubbed)
 
 

@@ -9,19 +9,21 @@ from types import SimpleNamespace
 import trio
 import trio.testing
 
+from probed.engine.api import DebuggerAPI, protocol_mismatches
 from rsp.framing import NEED_DATA, Framer, Packet, encode_packet
 from rsp.stop import StopReply, ThreadId
 from stub.server import GdbSession
 
 
 class StandInEngine:
-    """The part of the engine a session uses when GDB sends no resume, recording what reaches it."""
+    """The engine as the stub sees it (`DebuggerAPI`), recording what reaches it; GDB resumes nothing here."""
 
     def __init__(self):
         self.forwarded: list[list[bytes]] = []
         self.monitor_commands: list[str] = []
         self.attached = self.detached = 0
         self.target = SimpleNamespace(threads=[ThreadId(1)], client=SimpleNamespace(monitor=self._monitor))
+        self.arch = None
 
     async def _monitor(self, command: str) -> str:
         self.monitor_commands.append(command)
@@ -40,6 +42,25 @@ class StandInEngine:
 
     async def call_stopped(self, fn):
         return await fn()
+
+    async def debugger_read_memory(self, address, length):
+        raise AssertionError("not used here")
+
+    def debugger_insert(self, ztype, address, kind):
+        raise AssertionError("not used here")
+
+    def debugger_remove(self, ztype, address, kind):
+        raise AssertionError("not used here")
+
+    async def debugger_resume(self, action, thread=None):
+        raise AssertionError("not used here")
+
+    async def debugger_interrupt(self, link):
+        raise AssertionError("not used here")
+
+
+def test_the_stand_in_has_the_engines_debugger_api():
+    assert protocol_mismatches(DebuggerAPI, StandInEngine()) == []
 
 
 class Gdb:

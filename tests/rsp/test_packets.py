@@ -329,12 +329,12 @@ def test_qsupported_reply_round_trips(features):
 
 
 def test_one_map_of_hook_kinds_to_z_types():
-    assert {name: int(t) for name, t in packets.Z_TYPES.items()} == {
-        "break": 0, "hbreak": 1, "watch:w": 2, "watch:r": 3, "watch:rw": 4}
-    assert all(packets.Z_NAMES[t] == name for name, t in packets.Z_TYPES.items())
+    assert {key: int(t) for key, t in packets.Z_TYPES.items()} == {
+        ("break", "x"): 0, ("hbreak", "x"): 1, ("watch", "w"): 2, ("watch", "r"): 3, ("watch", "rw"): 4}
+    assert all(packets.Z_KEYS[t] == key for key, t in packets.Z_TYPES.items())
     assert [t.access for t in BreakpointType] == ["x", "x", "w", "r", "rw"]
     assert [t.is_watch for t in BreakpointType] == [False, False, True, True, True]
-    assert packets.insert_breakpoint(packets.Z_TYPES["watch:rw"], 0x10, 4) == b"Z4,10,4"
+    assert packets.insert_breakpoint(packets.Z_TYPES[("watch", "rw")], 0x10, 4) == b"Z4,10,4"
 
 
 def test_is_hex_takes_hex_digits_only():
