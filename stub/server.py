@@ -7,13 +7,13 @@ GDB must not be able to tell, except that the guest runs a little slower:
   switches it around GDB's own memory accesses only, so the daemon's reads stay virtual.
 - GDB's breakpoints and watchpoints are GDB's: the engine merges them with the probes', hides the stops
   only probes wanted, and hands GDB the stops GDB caused. Hardware kinds draw on the shared slot allocator.
-- Packets QEMU answers (`FORWARDED`) are forwarded while GDB holds the guest stopped, and QEMU's answer goes
-  back unchanged; QEMU's target description reaches GDB as it is. Every other packet gets the empty reply
-  ("not supported") here: QEMU would answer it the same way, or not at all (a bare `q`, `v`, `Q`, `F...`),
-  which would stall GDB and the engine until the request timed out.
+- Packets QEMU answers (`stub.policy.FORWARDED`) are forwarded while GDB holds the guest stopped, and
+  QEMU's answer goes back unchanged; QEMU's target description reaches GDB as it is. Every other packet
+  gets the empty reply ("not supported") here: QEMU would answer it the same way, or not at all (a bare
+  `q`, `v`, `Q`, `F...`), which would stall GDB and the engine until the request timed out.
 - `monitor` commands that end, reset, pause or resume the VM behind the engine's back, or move its gdbstub
-  (`REFUSED_MONITOR`), are refused with an `E` reply and a message saying why, unless the stub was made
-  with `allow_monitor=True` (the daemon's `--gdb-allow-monitor`).
+  (`stub.policy.REFUSED_MONITOR`), are refused with an `E` reply and a message saying why, unless the stub
+  was made with `allow_monitor=True` (the daemon's `--gdb-allow-monitor`).
 - A GDB that misbehaves or goes away (a hang-up, a reset, a packet too long, garbage) ends its own session
   only: GDB's breakpoints go, and the engine and its probes go on. A packet GDB asks for again (`-`) is sent
   again.
@@ -50,31 +50,26 @@ from rsp.commands import (
     QSupported,
     Query,
     ReadMemory,
-    ReadRegister,
     ReadRegisters,
     RemoveBreakpoint,
     SetThread,
     StartNoAck,
     Step,
-    ThreadAlive,
-    ThreadExtraInfo,
     ThreadInfoFirst,
     ThreadInfoNext,
     VCont,
-    VContQuery,
     VKill,
     WriteMemory,
-    WriteRegister,
-    WriteRegisters,
-    XferRead,
     parse_command,
 )
 from rsp.connection import parse_target, send_now
 from rsp.features import build_qsupported_reply
 from rsp.framing import ACK, NACK, NEED_DATA, BadChecksum, Framer, Interrupt, Nack, Packet, encode_packet
 from rsp.stop import StopEvent, StopReply, ThreadId
+from stub.policy import forwarded, monitor_refusal
 
-__all__ = ["FORWARDED", "REFUSED_MONITOR", "GdbSession", "monitor_refusal", "serve_gdb"]
+__all__ = ["GdbSession", "serve_gdb"]
+
 
 log = logging.getLogger(__name__)
 
@@ -85,41 +80,6 @@ STUB_FEATURES = build_qsupported_reply(
 MAX_PACKET = 4 * PACKET_SIZE
 """Bytes a packet from GDB may span (escapes included); GDB keeps to `PacketSize`, a longer one is dropped."""
 HOT_SECONDS = 0.001
-
-FORWARDED = (
-    ReadRegisters, WriteRegisters, ReadRegister, WriteRegister, WriteMemory, SetThread, ThreadAlive,
-    ThreadExtraInfo, VContQuery, CurrentThread,
-)
-"""Commands forwarded to QEMU as they are (when the stub does not answer them itself): what QEMU 7.2 answers."""
-FORWARDED_QUERIES = frozenset({"qqemu.sstepbits", "qqemu.sstep"})
-"""Generic queries QEMU answers (`Qqemu.sstep=` is not one: the engine's steps rely on QEMU's step flags)."""
-
-REFUSED_MONITOR = {
-    "quit": "it ends QEMU",
-    "q": "it ends QEMU",
-    "system_reset": "it resets the guest",
-    "system_powerdown": "it shuts the guest down",
-    "system_wakeup": "it resumes a suspended guest",
-    "stop": "it pauses the guest behind probed's back",
-    "cont": "it resumes the guest behind probed's back",
-    "c": "it resumes the guest behind probed's back",
-    "gdbserver": "it moves or ends the gdbstub probed speaks to",
-    "loadvm": "it replaces the guest's whole state",
-    "migrate": "it moves the guest away and ends it here",
-    "migrate_incoming": "it replaces the guest's whole state",
-}
-"""HMP commands refused through the stub (unless allowed), and why: each ends, resets, pauses or resumes the
-VM behind the engine's back, or takes its gdbstub away. HMP names a command by its first word, exactly."""
-
-
-def monitor_refusal(command: str) -> str | None:
-    """Why the stub refuses this monitor command (None: it may run)."""
-    words = command.split(None, 1)
-    why = REFUSED_MONITOR.get(words[0]) if words else None
-    if why is None:
-        return None
-    return f"probed refuses 'monitor {words[0]}' through its GDB stub: {why} (see --gdb-allow-monitor)"
-
 
 class GdbSession:
     """One attached GDB."""
@@ -357,7 +317,7 @@ class GdbSession:
                 await self.reply(replies[1])
             elif isinstance(cmd, Malformed):
                 await self.reply(reply.error(1))
-            elif _forwarded(cmd):
+            elif forwarded(cmd):
                 if isinstance(cmd, SetThread) and cmd.op == "g":
                     self.link.g_thread = cmd.thread
                 await self.flush_ack()
@@ -415,15 +375,6 @@ class GdbSession:
         if output:
             await self.reply(reply.console_output(output.encode()))
         await self.reply(reply.ok())
-
-
-def _forwarded(cmd: object) -> bool:
-    """Whether QEMU answers this command (so it is forwarded); see `FORWARDED`."""
-    if isinstance(cmd, FORWARDED):
-        return True
-    if isinstance(cmd, XferRead):
-        return cmd.object == "features"
-    return isinstance(cmd, Query) and cmd.name in FORWARDED_QUERIES
 
 
 def _for_gdb(thread: ThreadId) -> ThreadId:

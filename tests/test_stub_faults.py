@@ -171,7 +171,7 @@ class GdbWithTarget(Gdb):
 
 
 def test_monitor_commands_that_end_or_reset_the_guest_are_refused(stubbed):
-    from stub.server import REFUSED_MONITOR
+    from stub.policy import REFUSED_MONITOR
 
     gdb = GdbWithTarget(stubbed.elf, stubbed.gdb_socket)
     try:
