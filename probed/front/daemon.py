@@ -18,7 +18,9 @@ import logging
 import signal
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
+from typing import TextIO
 
 import trio
 
@@ -82,12 +84,12 @@ def _size(text: str) -> int:
     return value
 
 
-async def write_events(engine: Engine, path: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Append each hit record to `path` as a JSON line (flushed once per batch).
+async def write_events(engine: Engine, out: TextIO, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Append each hit record to `out` as a JSON line (flushed once per batch).
 
-    The file is opened without following a symlink and made owner-only (see `open_private_append`).
+    The daemon opens the file without following a symlink and owner-only (see `open_private_append`).
     """
-    with engine.hub.subscribe(maxsize=65536, max_bytes=SUBSCRIPTION_BYTES) as sub, open_private_append(path) as out:
+    with engine.hub.subscribe(maxsize=65536, max_bytes=SUBSCRIPTION_BYTES) as sub:
         task_status.started()
         async for record in sub:
             out.write(encode_record(record) + "\n")
@@ -169,14 +171,15 @@ async def run(args: argparse.Namespace) -> None:
                     buffer=args.buffer)
     engine.hub.buffer_bytes = args.buffer_bytes
     state = ProbeState(engine, state_path) if state_path is not None else None
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with ExitStack() as files, trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        events = files.enter_context(open_private_append(args.events)) if args.events else None
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)
             if state is not None:
                 await _restore(engine, state, saved, hold=args.stopped)
                 nursery.start_soon(state.watch)
-            if args.events:
-                await nursery.start(write_events, engine, args.events)
+            if events is not None:
+                await nursery.start(write_events, engine, events)
             await nursery.start(partial_serve_control(engine, control, state, args.max_record_bytes))
             if serve_gdb is not None:
                 listeners = await nursery.start(serve_gdb, engine, gdb_listen, **_gdb_options(serve_gdb, args.gdb_allow_monitor))

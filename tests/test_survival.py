@@ -1,0 +1,173 @@
+"""The daemon's own death and its peers' misbehaviour, on a real QEMU guest with real probed processes.
+
+QMP (`query-status`) says whether the guest's CPUs run, without the gdbstub's `?` (which would clear the
+breakpoints the test looks for).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from probed.testing.daemon import DaemonProcess, qmp_args, qmp_status, rss_bytes, wait_for
+from probed.testing.qemu import QemuGuest
+
+
+class Guest:
+    def __init__(self, qemu: QemuGuest, qmp: Path, tmp: Path):
+        self.qemu, self.qmp, self.tmp = qemu, qmp, tmp
+        self.control = tmp / "ctl" / "control.sock"
+        self.events = tmp / "hits.jsonl"
+
+    def daemon(self, *extra: str, ready: bool = True) -> DaemonProcess:
+        return DaemonProcess(self.qemu.target, self.control, "--symbols", str(self.qemu.elf), *extra, ready=ready)
+
+    def running(self) -> bool:
+        return qmp_status(self.qmp)["running"]
+
+
+@pytest.fixture
+def guest() -> Iterator[Guest]:
+    # A short directory: unix socket paths must fit in 108 bytes.
+    with tempfile.TemporaryDirectory(prefix="psv") as tmp:
+        qmp = Path(tmp) / "qmp.sock"
+        qemu = QemuGuest("i386", extra_args=qmp_args(qmp))
+        try:
+            qemu.start()
+            yield Guest(qemu, qmp, Path(tmp))
+        finally:
+            qemu.close()
+
+
+def _records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_kill9_then_restart_rearms_probes_and_resumes_the_guest(guest):
+    with guest.daemon("--events", str(guest.events)) as first:
+        first.ctl("add", "-n", "calls", "probe_target", "c=@calls:u32")
+        first.ctl("add", "-n", "other", "elsewhere", "x=$arg1:u32")
+        first.ctl("disable", "other")
+        before = _records(first.ctl("events", "--probe", "calls", "--count", "5", "--json").stdout)
+        assert [r["pre"]["c"] for r in before] == list(range(before[0]["pre"]["c"], before[0]["pre"]["c"] + 5))
+        listed = first.json("list")
+        first.kill()
+    # The seed fact: a daemon killed outright leaves the guest stopped (at its next breakpoint).
+    assert guest.running() is False
+    assert stat_mode(guest.events) == 0o600
+    last_before = max(r["pre"]["c"] for r in _records(guest.events.read_text()) if r["name"] == "calls")
+
+    with guest.daemon("--events", str(guest.events)) as second:
+        wait_for(guest.running, timeout=10)
+        after = _records(second.ctl("events", "--probe", "calls", "--count", "5", "--json").stdout)
+        relisted = second.json("list")
+        assert [(p["id"], p["name"], p["spec"], p["state"]) for p in relisted] == [
+            (p["id"], p["name"], p["spec"], p["state"]) for p in listed
+        ]
+        assert [p["state"] for p in relisted] == ["enabled", "disabled"]
+        # The count goes on from where the guest stopped: no call missed, none run without the probe.
+        cs = [r["pre"]["c"] for r in after]
+        assert cs == list(range(cs[0], cs[0] + 5))
+        assert last_before <= cs[0] <= last_before + 1
+        assert [r["seq"] for r in after] == [1, 2, 3, 4, 5]
+        assert "2 probe(s) re-added" in second.text()
+        assert second.stop() == 0
+    assert guest.running() is True
+
+
+def test_restart_without_state_clears_the_dead_daemons_breakpoints(guest):
+    with guest.daemon("--no-state") as first:
+        first.ctl("add", "probe_target")
+        first.ctl("events", "--count", "3", "--json")
+        first.kill()
+    assert guest.running() is False
+    with guest.daemon("--no-state") as second:
+        wait_for(guest.running, timeout=10)
+        second.ctl("add", "-n", "e", "elsewhere")
+        second.ctl("events", "--probe", "e", "--count", "20", "--json")
+        second.ctl("disable", "e")
+        stats = second.json("stats")
+        # Every stop was a hit of the new probe, or an interrupt for the add (and for the disable, unless it
+        # came while a hit held the guest): nothing stopped the guest at the old probe_target breakpoint, which
+        # the guest passes once before each elsewhere() call.
+        assert stats["stops"] - stats["hits"] in (1, 2) and stats["hits"] >= 20
+        assert not (guest.control.parent / "state.json").exists()
+        assert second.stop() == 0
+
+
+def test_control_connections_that_send_garbage_or_hang_up_do_not_end_the_daemon(guest):
+    with guest.daemon() as daemon:
+        daemon.ctl("add", "-n", "calls", "probe_target", "c=@calls:u32")
+        wait_for(guest.running, timeout=10)
+
+        def send(data: bytes, *, read: bool = False) -> bytes:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(guest.control))
+                s.sendall(data)
+                if read:
+                    s.shutdown(socket.SHUT_WR)
+                    return s.makefile("rb").read()
+                return b""
+
+        assert b"-32700" in send(b"\xff\xfe\x00garbage\n", read=True)
+        assert b"-32600" in send(b"[1, 2, 3]\n", read=True)
+        send(b'{"jsonrpc": "2.0", "id": 1, "method": "add", "params": {"spec": "elsew')  # cut mid-request
+        send(b'{"jsonrpc": "2.0", "id": 1, "method": "add", "params": {"spec": "elsewhere", "name": "e"}}\n')  # gone before the reply
+        send(b'{"jsonrpc": "2.0", "id": 2, "method": "events", "params": {"follow": true}}\n')  # a follower that leaves
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            send(b"x" * (8 << 20))  # a line past the limit: the daemon hangs up on it
+        assert daemon.proc.poll() is None
+        status = daemon.json("status")
+        assert status["probes"] in (1, 2)  # the request cut before its reply may or may not have been done
+        records = _records(daemon.ctl("events", "--probe", "calls", "--count", "3", "--json").stdout)
+        assert len(records) == 3  # the guest runs and the probe fires
+        assert daemon.stop() == 0
+    assert guest.running() is True
+
+
+def test_names_with_control_characters_or_all_digits_are_refused(guest):
+    refused = [
+        ("123", "all digits"),
+        ("٣٤", "all digits"),  # Arabic-Indic digits: int() reads them as 34
+        ("bad\nname", "U+000A"),
+        ("\x1b[31mred", "U+001B"),
+        ("evil\u202etxt", "U+202E RIGHT-TO-LEFT OVERRIDE"),
+        ("zero\u200bwidth", "U+200B ZERO WIDTH SPACE"),
+        ("two words", "U+0020 SPACE"),
+    ]
+    with guest.daemon("--no-state") as daemon:
+        for name, reason in refused:
+            out = daemon.ctl("add", "-n", name, "probe_target", check=1)
+            assert reason in out.stderr, (name, out.stderr)
+            assert "\x1b" not in out.stderr and "\u202e" not in out.stderr and "\n" not in out.stderr.strip()
+        assert daemon.json("list") == []
+        daemon.ctl("add", "-n", "caf\u00e9_2", "probe_target")  # letters of any script are fine
+        wait_for(guest.running, timeout=10)
+        assert daemon.stop() == 0
+
+
+def test_a_64_by_4k_record_probe_keeps_memory_bounded(guest):
+    big = [f"f{i}=+0(%sp):u32[1024]" for i in range(64)]
+    with guest.daemon("--no-state", "--buffer-bytes", "8M") as daemon:
+        too_big = [f"f{i}=+0(%sp):u64[1024]" for i in range(64)]
+        out = daemon.ctl("add", "probe_target", *too_big, check=1)
+        assert "over the limit of 1048576" in out.stderr and "u64[1024]" in out.stderr
+        daemon.ctl("add", "-n", "big", "probe_target", *big)
+        baseline = rss_bytes(daemon.proc.pid)
+        # 8 MiB hold about 11 of these records (~730 KB of JSON each); 60 hits would be ~44 MB unbounded.
+        wait_for(lambda: daemon.json("list")[0]["hits"] >= 60, timeout=90, interval=0.5)
+        stats = daemon.json("stats")
+        assert stats["buffer_bytes"] <= 8 << 20 and stats["buffer_dropped"] >= 40
+        grown = rss_bytes(daemon.proc.pid) - baseline
+        assert grown < 40 << 20, f"RSS grew by {grown >> 20} MiB"
+        assert daemon.stop() == 0
+
+
+def stat_mode(path: Path) -> int:
+    return os.stat(path).st_mode & 0o777
