@@ -97,15 +97,15 @@ def main() -> int:
                 daemon.ctl(*probe)
             follower = Follower(control)
             follower.start()
-            daemon.ctl("resume")
             began = time.monotonic()
+            daemon.ctl("resume")
             rows = []
             print(f"soak: {args.arch} guest, {len(PROBES)} probes, {args.duration:g} s, a row every {args.interval:g} s",
                   flush=True)
             header = (f"{'t (s)':>6} {'RSS MiB':>8} {'hits':>10} {'hits/s':>8} {'records':>10} {'missed':>7} "
                       f"{'ring MiB':>8} {'followed':>10} {'seq gaps':>8}")
             print(header, flush=True)
-            last_hits, last_t = daemon.json("stats")["hits"], time.monotonic()
+            last_hits, last_t = 0, began
             while True:
                 now = time.monotonic()
                 t = now - began
@@ -115,7 +115,8 @@ def main() -> int:
                            missed=stats["missed"], ring=stats.get("buffer_bytes", 0) / 2**20,
                            followed=follower.received, gaps=follower.gaps)
                 rows.append(row)
-                print(f"{row['t']:6.0f} {row['rss']:8.1f} {row['hits']:10d} {row['rate']:8.0f} {row['records']:10d} "
+                rate = f"{row['rate']:8.0f}" if len(rows) > 1 else f"{'-':>8}"
+                print(f"{row['t']:6.0f} {row['rss']:8.1f} {row['hits']:10d} {rate} {row['records']:10d} "
                       f"{row['missed']:7d} {row['ring']:8.1f} {row['followed']:10d} {row['gaps']:8d}", flush=True)
                 last_hits, last_t = stats["hits"], now
                 if t >= args.duration:
