@@ -50,9 +50,14 @@ def _records(text: str) -> list[dict]:
 
 
 def test_kill9_then_restart_rearms_probes_and_resumes_the_guest(guest):
-    with guest.daemon("--events", str(guest.events)) as first:
-        first.ctl("add", "-n", "calls", "probe_target", "c=@calls:u32")
-        first.ctl("add", "-n", "other", "elsewhere", "x=$arg1:u32")
+    # A second symbol file, loaded at a wrong bias and then moved: the restarted daemon must use the new bias.
+    other = guest.tmp / "other.elf"
+    other.write_bytes(guest.qemu.elf.read_bytes())
+    args = ("--events", str(guest.events), "--symbols", f"{other}@0x1000")
+    with guest.daemon(*args) as first:
+        first.ctl("symbols", "other@0")
+        first.ctl("add", "-n", "calls", "guest:probe_target", "c=@calls:u32")
+        first.ctl("add", "-n", "other", "other:elsewhere", "x=$arg1:u32")
         first.ctl("disable", "other")
         before = _records(first.ctl("events", "--probe", "calls", "--count", "5", "--json").stdout)
         assert [r["pre"]["c"] for r in before] == list(range(before[0]["pre"]["c"], before[0]["pre"]["c"] + 5))
@@ -63,12 +68,13 @@ def test_kill9_then_restart_rearms_probes_and_resumes_the_guest(guest):
     assert stat_mode(guest.events) == 0o600
     last_before = max(r["pre"]["c"] for r in _records(guest.events.read_text()) if r["name"] == "calls")
 
-    with guest.daemon("--events", str(guest.events)) as second:
+    with guest.daemon(*args) as second:
         wait_for(guest.running, timeout=10)
+        assert {f["name"]: f["bias"] for f in second.json("symbols")} == {"guest": "0x0", "other": "0x0"}
         after = _records(second.ctl("events", "--probe", "calls", "--count", "5", "--json").stdout)
         relisted = second.json("list")
-        assert [(p["id"], p["name"], p["spec"], p["state"]) for p in relisted] == [
-            (p["id"], p["name"], p["spec"], p["state"]) for p in listed
+        assert [(p["id"], p["name"], p["spec"], p["address"], p["state"]) for p in relisted] == [
+            (p["id"], p["name"], p["spec"], p["address"], p["state"]) for p in listed
         ]
         assert [p["state"] for p in relisted] == ["enabled", "disabled"]
         # The count goes on from where the guest stopped: no call missed, none run without the probe.
