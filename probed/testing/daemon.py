@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["DaemonProcess", "qmp_args", "qmp_status", "rss_bytes", "wait_for"]
+__all__ = ["DaemonProcess", "qmp", "qmp_args", "qmp_pc", "qmp_read_u32", "qmp_status", "rss_bytes", "wait_for"]
 
 
 class DaemonProcess:
@@ -104,21 +104,43 @@ def qmp_args(path: Path) -> Sequence[str]:
     return ["-qmp", f"unix:{path},server=on,wait=off"]
 
 
-def qmp_status(path: Path, timeout: float = 10) -> dict:
-    """QMP's `query-status` (`{"running": bool, "status": "running" | "debug" | ...}`)."""
+def qmp(path: Path, command: str, arguments: dict | None = None, timeout: float = 10):
+    """One QMP command's `return` value."""
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(timeout)
         sock.connect(str(path))
         f = sock.makefile("rwb")
         f.readline()  # the greeting
-        for command in ("qmp_capabilities", "query-status"):
-            f.write(json.dumps({"execute": command}).encode() + b"\n")
+        for execute, args in (("qmp_capabilities", None), (command, arguments)):
+            f.write(json.dumps({"execute": execute, **({"arguments": args} if args else {})}).encode() + b"\n")
             f.flush()
             while True:
                 reply = json.loads(f.readline())
-                if "return" in reply or "error" in reply:
+                if "error" in reply:
+                    raise RuntimeError(f"QMP {execute}: {reply['error']}")
+                if "return" in reply:
                     break  # events (STOP, RESUME...) may come first
         return reply["return"]
+
+
+def qmp_status(path: Path, timeout: float = 10) -> dict:
+    """QMP's `query-status` (`{"running": bool, "status": "running" | "debug" | ...}`)."""
+    return qmp(path, "query-status", timeout=timeout)
+
+
+def qmp_read_u32(path: Path, address: int) -> int:
+    """A 32-bit word of guest physical memory, through the monitor's `xp` (not through the gdbstub)."""
+    out = qmp(path, "human-monitor-command", {"command-line": f"xp /1wx {address:#x}"})
+    return int(out.split()[-1], 16)
+
+
+def qmp_pc(path: Path) -> int:
+    """The first vCPU's program counter, through the monitor's `info registers`."""
+    out = qmp(path, "human-monitor-command", {"command-line": "info registers"})
+    for word in out.split():
+        if word.startswith(("EIP=", "RIP=")):
+            return int(word[4:], 16)
+    raise RuntimeError(f"no EIP/RIP in: {out[:200]}")
 
 
 def rss_bytes(pid: int) -> int:
