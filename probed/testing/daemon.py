@@ -74,13 +74,27 @@ class DaemonProcess:
         """probectl's `--json` output of a verb, parsed."""
         return json.loads(self.ctl(*args, "--json").stdout)
 
-    def wait(self, timeout: float = 30) -> int:
+    def call(self, method: str, params: dict | None = None) -> object:
+        """One JSON-RPC request on the control socket, in this process (no probectl to start); its result.
+
+        Raises:
+            probed.front.cli.DaemonError: the daemon answered with an error.
+        """
+        from probed.front.cli import Client
+
+        client = Client(self.control)
+        try:
+            return client.call(method, params)
+        finally:
+            client.close()
+
+    def wait(self, timeout: float = 90) -> int:
         """Wait for it to exit; its exit code."""
         code = self.proc.wait(timeout=timeout)
         self._reader.join(timeout)
         return code
 
-    def stop(self, timeout: float = 30) -> int:
+    def stop(self, timeout: float = 90) -> int:
         """SIGTERM, then wait for it."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
