@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import TextIO
 
@@ -180,24 +181,17 @@ async def run(args: argparse.Namespace) -> None:
                 nursery.start_soon(state.watch)
             if events is not None:
                 await nursery.start(write_events, engine, events)
-            await nursery.start(partial_serve_control(engine, control, state, args.max_record_bytes))
+            await nursery.start(partial(serve_control, engine, control, state=state,
+                                        max_record_bytes=args.max_record_bytes))
             if serve_gdb is not None:
-                listeners = await nursery.start(serve_gdb, engine, gdb_listen, **_gdb_options(serve_gdb, args.gdb_allow_monitor))
+                options = _gdb_options(serve_gdb, args.gdb_allow_monitor)
+                listeners = await nursery.start(partial(serve_gdb, engine, gdb_listen, **options))
                 log.info("serving GDB on %s", ", ".join(_where(lst) for lst in listeners))
             log.info("ready: control socket %s (%.2f s after start)", control, time.monotonic() - began)
             async for signum in signals:
                 log.info("%s: removing breakpoints, resuming the guest, detaching", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
-
-
-def partial_serve_control(engine: Engine, control: Path, state: ProbeState | None, max_record_bytes: int):
-    """`serve_control` with its options bound, for `nursery.start`."""
-
-    async def serve(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        await serve_control(engine, control, state=state, max_record_bytes=max_record_bytes, task_status=task_status)
-
-    return serve
 
 
 async def _restore(engine: Engine, state: ProbeState, saved: dict | None, *, hold: bool) -> None:
