@@ -75,6 +75,8 @@ def test_kill9_then_restart_rearms_probes_and_resumes_the_guest(guest):
         first.ctl("add", "-n", "calls", "guest:probe_target", "c=@calls:u32")
         first.ctl("add", "-n", "other", "other:elsewhere", "x=$arg1:u32")
         first.ctl("disable", "other")
+        first.ctl("add", "-n", "gone", "guest:elsewhere")
+        first.ctl("rm", "gone")
         before = _records(first.ctl("events", "--probe", "calls", "--count", "5", "--json").stdout)
         assert [r["pre"]["c"] for r in before] == list(range(before[0]["pre"]["c"], before[0]["pre"]["c"] + 5))
         listed = first.json("list")
