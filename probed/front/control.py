@@ -12,11 +12,9 @@ error"). No request, however bad, ends the server or the connection.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
-import socket as stdsocket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -26,8 +24,12 @@ import trio
 from probed import __version__
 from probed.engine.api import EngineAPI
 from probed.errors import ProbedError
+from probed.front.names import check_probe_name
+from probed.front.paths import SocketInUse, make_private_dir
+from probed.front.paths import prepare_socket_path as prepare_unix_path
 from probed.guest.symbols import parse_file_arg
 from probed.records.events import encode_record
+from probed.records.size import MAX_RECORD_BYTES, check_record_size
 
 __all__ = [
     "API_VERSION",
@@ -44,17 +46,7 @@ API_VERSION = 1
 PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR = -32700, -32600, -32601, -32602, -32603
 MAX_LINE = 1 << 20
 EVENTS_BUFFER = 4096  # records a streaming client may fall behind before it misses some
-
-
-class SocketInUse(ProbedError):
-    """Another daemon already listens on the control socket."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        super().__init__(f"another daemon listens on {path}; stop it or use --control")
-
-    def data(self) -> dict[str, Any]:
-        return {**super().data(), "path": str(self.path)}
+STATE_CHANGES = frozenset({"add", "watch", "rm", "enable", "disable", "symbols"})  # methods that change the state file
 
 
 class InvalidParams(Exception):
@@ -73,28 +65,19 @@ def default_control_path() -> Path:
 
 
 def prepare_socket_path(path: Path) -> None:
-    """Make the socket's owner-only directory; refuse a live daemon's socket; remove a stale one.
+    """Make the socket's owner-only directory (or check it); refuse a live daemon's socket or a non-socket;
+    remove a stale socket.
 
     Args:
         path: where the control socket is to be bound.
 
     Raises:
         SocketInUse: something accepts connections there.
-        OSError: the directory cannot be made, or the path is not usable.
+        UnsafePath: the directory is not the user's alone, or something other than a socket is at `path`.
+        OSError: the directory cannot be made.
     """
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.exists() or path.is_socket():
-        probe = stdsocket.socket(stdsocket.AF_UNIX)
-        try:
-            probe.connect(str(path))
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                raise
-            path.unlink(missing_ok=True)  # stale: left by a daemon that died, nobody listens
-        else:
-            raise SocketInUse(path)
-        finally:
-            probe.close()
+    make_private_dir(path.parent)
+    prepare_unix_path(path)
 
 
 class ControlServer:
@@ -102,10 +85,14 @@ class ControlServer:
 
     Args:
         engine: anything with `probed.engine.api.EngineAPI` (the engine, or a test's stand-in).
+        state: the `probed.front.state.ProbeState` to keep in step with every change, if any.
+        max_record_bytes: a probe whose worst-case hit record is larger is refused at `add`.
     """
 
-    def __init__(self, engine: EngineAPI):
+    def __init__(self, engine: EngineAPI, *, state: Any = None, max_record_bytes: int = MAX_RECORD_BYTES):
         self.engine = engine
+        self.state = state
+        self.max_record_bytes = max_record_bytes
         self.methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "version": self.version,
             "add": self.add,
@@ -127,6 +114,7 @@ class ControlServer:
         return {"api": API_VERSION, "version": __version__}
 
     async def add(self, params: dict[str, Any]) -> dict[str, Any]:
+        self._check_new_probe(params)
         probe = await self.engine.add_probe(
             _text(params, "spec", required=True),
             name=_text(params, "name"),
@@ -136,9 +124,11 @@ class ControlServer:
             priority=_integer(params, "priority", 0),
             hw=bool(params.get("hw")),
         )
+        self._remember(probe, "break", params)
         return probe.info()
 
     async def watch(self, params: dict[str, Any]) -> dict[str, Any]:
+        self._check_new_probe(params)
         probe = await self.engine.add_watch(
             _text(params, "spec", required=True),
             length=_integer(params, "length", None),
@@ -149,6 +139,7 @@ class ControlServer:
             condition=_text(params, "condition"),
             priority=_integer(params, "priority", 0),
         )
+        self._remember(probe, "watch", params)
         return probe.info()
 
     async def rm(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -171,7 +162,11 @@ class ControlServer:
         return [p.info() for p in self.engine.probes()]
 
     async def stats(self, params: dict[str, Any]) -> dict[str, Any]:
-        return self.engine.stats()
+        stats = self.engine.stats()
+        hub_stats = getattr(self.engine.hub, "stats", None)
+        if hub_stats is not None:
+            stats = {**stats, **{f"buffer_{k}": v for k, v in hub_stats().items()}}
+        return stats
 
     async def status(self, params: dict[str, Any]) -> dict[str, Any]:
         return self.engine.status()
@@ -194,6 +189,38 @@ class ControlServer:
     async def resume(self, params: dict[str, Any]) -> dict[str, Any]:
         await self.engine.resume()
         return {"state": "running"}
+
+    # -- checks before a probe is added, and the state file after a change -----------------------------
+
+    def _check_new_probe(self, params: dict[str, Any]) -> None:
+        """Refuse a bad name, and fetch args whose worst-case record is over the limit, before the engine
+        stops the guest for the probe."""
+        name = _text(params, "name")
+        if name is not None:
+            check_probe_name(name)
+        arch = getattr(self.engine, "arch", None)
+        if arch is None:
+            return  # not attached (the engine says so), or a stand-in engine
+        from probed.lang.fetch import parse_fetchargs
+
+        fields = []
+        for key in ("pre", "post"):
+            args = _fetchargs(params, key)
+            if args:
+                fields += parse_fetchargs(args, arch, self.engine.symbols).fields_spec
+        check_record_size(fields, self.max_record_bytes)
+
+    def _remember(self, probe: Any, kind: str, params: dict[str, Any]) -> None:
+        if self.state is not None:
+            self.state.added(probe, kind, params)
+
+    def _save_state(self) -> None:
+        if self.state is None:
+            return
+        try:
+            self.state.changed()
+        except OSError as exc:  # the change is made; only its saving failed: say so, keep serving
+            log.error("cannot write the state file %s: %s", self.state.path, exc)
 
     # -- connections --------------------------------------------------------------------------------
 
@@ -247,6 +274,9 @@ class ControlServer:
             log.exception("control method %s failed", method)
             await _send(stream, _error(rid, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
             return
+        finally:
+            if method in STATE_CHANGES:
+                self._save_state()  # also after a refusal: a half-done change is saved as it stands
         await _send(stream, {"jsonrpc": "2.0", "id": rid, "result": result})
 
     async def _events(self, stream: trio.abc.Stream, reader: _LineReader, rid: Any, params: dict[str, Any]) -> None:
@@ -408,12 +438,17 @@ async def _send_event(stream: trio.abc.Stream, record: dict[str, Any]) -> None:
     await stream.send_all(line.encode())
 
 
-async def serve_control(engine: EngineAPI, path: str | os.PathLike, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve_control(
+    engine: EngineAPI, path: str | os.PathLike, *, state: Any = None, max_record_bytes: int = MAX_RECORD_BYTES,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve the control socket at `path` (owner-only) until cancelled; removes the socket file at exit.
 
     Args:
         engine: what the requests act on (see `ControlServer`).
-        path: the socket's path; its directory is made owner-only if it does not exist.
+        path: the socket's path; its directory is made owner-only if it does not exist (and refused if it
+            is not the user's alone).
+        state, max_record_bytes: see `ControlServer`.
         task_status: `started(path)` once the socket listens.
 
     Raises:
@@ -431,7 +466,7 @@ async def serve_control(engine: EngineAPI, path: str | os.PathLike, *, task_stat
     try:
         os.chmod(path, 0o600)
         sock.listen(16)
-        server = ControlServer(engine)
+        server = ControlServer(engine, state=state, max_record_bytes=max_record_bytes)
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, server.handle, [trio.SocketListener(sock)])
             task_status.started(path)

@@ -2,15 +2,26 @@
 
 SIGINT and SIGTERM end it cleanly: every breakpoint it set is removed, the guest resumes, it detaches and
 exits 0.
+
+A daemon that dies without that (SIGKILL, the OOM killer) leaves the guest stopped at its next breakpoint.
+The state file (`--state`, beside the control socket by default) is what brings it back: a restarted probed
+attaches (QEMU's `?` drops the breakpoints the dead one left), re-adds the saved probes while the guest is
+still stopped, and resumes it. Run it under a supervisor that restarts it (docs/operations.md: systemd's
+`Restart=always`).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import signal
 import sys
+import time
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
+from typing import TextIO
 
 import trio
 
@@ -18,7 +29,12 @@ from probed import __version__
 from probed.engine.engine import Engine
 from probed.errors import ProbedError, Unsupported
 from probed.front.control import default_control_path, prepare_socket_path, serve_control
-from probed.records.events import encode_record
+from probed.front.paths import UnsafePath, check_loopback, make_private_dir, open_private_append
+from probed.front.paths import prepare_socket_path as prepare_unix_path
+from probed.front.state import ProbeState, default_state_path, read_state
+from probed.records.events import BUFFER_BYTES, SUBSCRIPTION_BYTES, encode_record
+from probed.records.size import MAX_RECORD_BYTES
+from rsp.connection import parse_target
 
 log = logging.getLogger("probed")
 
@@ -34,15 +50,47 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stopped", action="store_true", help="keep the guest stopped until `probectl resume`")
     ap.add_argument("--hw-slots", type=int, default=4, metavar="N", help="hardware debug-register slots (default 4)")
     ap.add_argument("--buffer", type=int, default=65536, metavar="N", help="hit records kept for `probectl events`")
-    ap.add_argument("--gdb-listen", metavar="ADDR", help="serve GDB here: tcp:127.0.0.1:PORT or unix:PATH")
+    ap.add_argument("--buffer-bytes", type=_size, default=BUFFER_BYTES, metavar="BYTES",
+                    help="bytes of hit records (JSON) kept for `probectl events` (default 64M; K, M, G suffixes)")
+    ap.add_argument("--max-record-bytes", type=_size, default=MAX_RECORD_BYTES, metavar="BYTES",
+                    help="refuse a probe whose hit record could be larger than this (default 1M)")
+    state = ap.add_mutually_exclusive_group()
+    state.add_argument("--state", type=Path, metavar="FILE",
+                       help="keep the probes in this file and re-add them at start (default: state.json beside "
+                            "the control socket)")
+    state.add_argument("--no-state", action="store_true", help="keep no state file: probes live as long as the daemon")
+    ap.add_argument("--gdb-listen", metavar="ADDR", nargs="?", const="unix:",
+                    help="serve GDB here: unix:PATH, or tcp:127.0.0.1:PORT (loopback); alone, a unix socket "
+                         "gdb.sock beside the control socket")
+    ap.add_argument("--gdb-allow-remote", action="store_true",
+                    help="let --gdb-listen bind a TCP address other than loopback (anyone who reaches it can read "
+                         "and write guest memory)")
+    ap.add_argument("--gdb-allow-monitor", action="store_true",
+                    help="let GDB's `monitor` commands that end, reset or stop the guest through the stub")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--version", action="version", version=f"probed {__version__}")
     return ap
 
 
-async def write_events(engine: Engine, path: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Append each hit record to `path` as a JSON line (flushed once per batch)."""
-    with engine.hub.subscribe(maxsize=65536) as sub, path.open("a", encoding="utf-8") as out:
+def _size(text: str) -> int:
+    """`65536`, `64K`, `64M`, `1G` as bytes (argparse type)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        value = int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 65536, 64K, 64M)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be positive, not {text!r}")
+    return value
+
+
+async def write_events(engine: Engine, out: TextIO, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Append each hit record to `out` as a JSON line (flushed once per batch).
+
+    The daemon opens the file without following a symlink and owner-only (see `open_private_append`).
+    """
+    with engine.hub.subscribe(maxsize=65536, max_bytes=SUBSCRIPTION_BYTES) as sub:
         task_status.started()
         async for record in sub:
             out.write(encode_record(record) + "\n")
@@ -65,34 +113,100 @@ def _gdb_server():
     return serve_gdb
 
 
+def gdb_address(listen: str, control: Path, allow_remote: bool) -> str:
+    """Where GDB is served: `unix:` alone is `gdb.sock` beside the control socket; a unix path is made
+    ready like the control socket's (only a stale socket is removed); TCP must be loopback unless allowed.
+
+    Raises:
+        UnsafePath: a non-loopback address without `allow_remote`, or something not a socket at the path.
+        SocketInUse: something listens at the unix path.
+    """
+    if listen == "unix:":
+        listen = f"unix:{control.parent / 'gdb.sock'}"
+    try:
+        kind, address = parse_target(listen)
+    except ValueError as exc:
+        raise UnsafePath(listen, str(exc)) from None
+    if kind == "unix":
+        prepare_unix_path(Path(address))
+    elif not check_loopback(address[0]) and not allow_remote:
+        raise UnsafePath(listen, "not a loopback address: anyone who reaches it could read and write guest memory "
+                                 "and run monitor commands; use unix:PATH, or pass --gdb-allow-remote")
+    elif not check_loopback(address[0]):
+        log.warning("serving GDB on %s: every host that reaches it can debug the guest", listen)
+    return listen
+
+
+def _gdb_options(serve_gdb, allow_monitor: bool) -> dict[str, bool]:
+    """`allow_monitor` for a stub that takes it; a stub without it has no monitor filter to pass it to."""
+    if "allow_monitor" in inspect.signature(serve_gdb).parameters:
+        return {"allow_monitor": allow_monitor}
+    if allow_monitor:
+        log.warning("--gdb-allow-monitor: this stub filters no monitor commands")
+    return {}
+
+
 async def run(args: argparse.Namespace) -> None:
     """Run the engine, the control socket, the events file and the GDB server until SIGINT or SIGTERM.
+
+    With a state file, the engine attaches with the guest held stopped, the saved probes are re-added, and
+    only then does the guest run (unless `--stopped`).
 
     Raises:
         ProbedError: the target cannot be attached, or it went away, or the control socket is taken.
         OSError: the control socket or events file cannot be made.
     """
+    began = time.monotonic()
     serve_gdb = _gdb_server() if args.gdb_listen else None
     if args.gdb_listen and serve_gdb is None:
         raise Unsupported("--gdb-listen: not implemented yet")
-    engine = Engine(args.target, symbol_files=args.symbols, stopped=args.stopped, hw_slots=args.hw_slots,
-                    buffer=args.buffer)
     control = args.control or default_control_path()
-    prepare_socket_path(control)  # refuse a second daemon before touching the target
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    prepare_socket_path(control)  # refuse a second daemon, or an unsafe directory, before touching the target
+    gdb_listen = gdb_address(args.gdb_listen, control, args.gdb_allow_remote) if serve_gdb is not None else None
+    state_path = None if args.no_state else (args.state or default_state_path(control))
+    saved = None
+    if state_path is not None:
+        make_private_dir(state_path.parent)
+        saved = read_state(state_path)
+    engine = Engine(args.target, symbol_files=args.symbols, stopped=args.stopped or bool(saved), hw_slots=args.hw_slots,
+                    buffer=args.buffer)
+    engine.hub.buffer_bytes = args.buffer_bytes
+    state = ProbeState(engine, state_path) if state_path is not None else None
+    with ExitStack() as files, trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        events = files.enter_context(open_private_append(args.events)) if args.events else None
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)
-            if args.events:
-                await nursery.start(write_events, engine, args.events)
-            await nursery.start(serve_control, engine, control)
+            if state is not None:
+                await _restore(engine, state, saved, hold=args.stopped)
+                nursery.start_soon(state.watch)
+            if events is not None:
+                await nursery.start(write_events, engine, events)
+            await nursery.start(partial(serve_control, engine, control, state=state,
+                                        max_record_bytes=args.max_record_bytes))
             if serve_gdb is not None:
-                listeners = await nursery.start(serve_gdb, engine, args.gdb_listen)
+                options = _gdb_options(serve_gdb, args.gdb_allow_monitor)
+                listeners = await nursery.start(partial(serve_gdb, engine, gdb_listen, **options))
                 log.info("serving GDB on %s", ", ".join(_where(lst) for lst in listeners))
-            log.info("ready: control socket %s", control)
+            log.info("ready: control socket %s (%.2f s after start)", control, time.monotonic() - began)
             async for signum in signals:
                 log.info("%s: removing breakpoints, resuming the guest, detaching", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
+
+
+async def _restore(engine: Engine, state: ProbeState, saved: dict | None, *, hold: bool) -> None:
+    """Re-add the saved probes while the guest is held, then let it run (unless `--stopped` holds it)."""
+    try:
+        if saved:
+            restored, errors = await state.restore(saved)
+            for error in errors:
+                log.error("state file %s: not restored: %s", state.path, error)
+            log.info("state file %s: %d probe(s) re-added", state.path, restored)
+        else:
+            state.changed()
+    finally:
+        if saved and not hold:
+            await engine.resume()  # whatever happened above: never leave the guest stopped because of us
 
 
 def _where(listener) -> str:

@@ -3,6 +3,11 @@
 A slow reader never stalls the guest: each subscription has a bounded buffer, and a record that does not
 fit is dropped for that subscriber and counted (`Subscription.missed`, and the probe's `missed`, as kprobes
 counts `nmissed`).
+
+Both are bounded in bytes as well as in records, the bytes being those of each record's JSON: the ring keeps
+records encoded (so its memory is close to its byte count) and drops the oldest to make room; a
+subscription drops the new record when it would go over its bytes (it always takes one record when empty,
+so a record larger than its bound still reaches a reader that keeps up).
 """
 
 from __future__ import annotations
@@ -16,7 +21,12 @@ from typing import Any
 
 import trio
 
-__all__ = ["EventHub", "HitRecord", "RECORD_KINDS", "Subscription", "encode_record"]
+__all__ = ["BUFFER_BYTES", "EventHub", "HitRecord", "RECORD_KINDS", "SUBSCRIPTION_BYTES", "Subscription", "encode_record"]
+
+BUFFER_BYTES = 64 << 20
+"""The ring buffer's default bound, in bytes of JSON."""
+SUBSCRIPTION_BYTES = 16 << 20
+"""A subscription's default bound, in bytes of JSON."""
 
 RECORD_KINDS = ("break", "watch", "return", "user")
 """What hit: a breakpoint probe, a watchpoint, a function's return (return probes), a user-space probe."""
@@ -86,38 +96,54 @@ class Subscription:
     Attributes:
         probe: the probe id it follows, or None for all.
         missed: records dropped because the reader was behind.
+        maxsize: how many records it holds at most.
+        max_bytes: how many bytes of JSON it holds at most.
+        queued_bytes: bytes of JSON held now.
     """
 
-    def __init__(self, hub: EventHub, probe: int | None, maxsize: int):
+    def __init__(self, hub: EventHub, probe: int | None, maxsize: int, max_bytes: int = SUBSCRIPTION_BYTES):
         self._hub = hub
         self.probe = probe
         self.missed = 0
-        self._send, self._receive = trio.open_memory_channel[dict[str, Any]](maxsize)
+        self.maxsize = maxsize
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0
+        self._queued = 0
+        # Unbounded channel: the bounds are kept here, in records and in bytes.
+        self._send, self._receive = trio.open_memory_channel[tuple[dict[str, Any], int]](float("inf"))
 
-    def _offer(self, record: dict[str, Any]) -> bool:
-        try:
-            self._send.send_nowait(record)
-        except trio.WouldBlock:
+    def _offer(self, record: dict[str, Any], size: int) -> bool:
+        if self._queued >= self.maxsize or (self._queued and self.queued_bytes + size > self.max_bytes):
             self.missed += 1
             return False
+        try:
+            self._send.send_nowait((record, size))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return True
+        self._queued += 1
+        self.queued_bytes += size
         return True
+
+    def _taken(self, item: tuple[dict[str, Any], int]) -> dict[str, Any]:
+        record, size = item
+        self._queued -= 1
+        self.queued_bytes -= size
+        return record
 
     async def receive(self) -> dict[str, Any]:
         """The next record (waits for one)."""
-        return await self._receive.receive()
+        return self._taken(await self._receive.receive())
 
     def receive_nowait(self) -> dict[str, Any]:
         """The next record if one is buffered; raises trio.WouldBlock otherwise."""
-        return self._receive.receive_nowait()
+        return self._taken(self._receive.receive_nowait())
 
     def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> dict[str, Any]:
         try:
-            return await self._receive.receive()
+            return self._taken(await self._receive.receive())
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
 
@@ -137,42 +163,69 @@ class EventHub:
     """Keeps the newest records and hands every new one to each subscription.
 
     Args:
-        buffer: how many records the ring buffer keeps.
+        buffer: how many records the ring buffer keeps at most.
         on_missed: called with a record's probe id each time a subscriber drops it.
+        buffer_bytes: how many bytes of JSON the ring buffer keeps at most.
+
+    Attributes:
+        published: records published so far.
+        dropped: records that left the ring buffer to make room (still sent to subscribers).
+        ring_bytes: bytes of JSON in the ring buffer now.
     """
 
-    def __init__(self, buffer: int = 65536, on_missed: Callable[[int], None] | None = None):
-        self._ring: deque[dict[str, Any]] = deque(maxlen=buffer)
+    def __init__(self, buffer: int = 65536, on_missed: Callable[[int], None] | None = None,
+                 buffer_bytes: int = BUFFER_BYTES):
+        self._ring: deque[tuple[int, str]] = deque()
+        self.buffer = buffer
+        self.buffer_bytes = buffer_bytes
+        self.ring_bytes = 0
         self._subscriptions: set[Subscription] = set()
         self._on_missed = on_missed
         self.published = 0
+        self.dropped = 0
 
     def publish(self, record: dict[str, Any]) -> None:
         """Add a record: into the ring, and to every subscription that wants it."""
-        self._ring.append(record)
+        line = encode_record(record)
+        size = len(line)
         self.published += 1
+        ring = self._ring
+        while ring and (len(ring) >= self.buffer or self.ring_bytes + size > self.buffer_bytes):
+            self.ring_bytes -= len(ring.popleft()[1])
+            self.dropped += 1
+        if size <= self.buffer_bytes and self.buffer > 0:
+            ring.append((record["probe"], line))
+            self.ring_bytes += size
+        else:
+            self.dropped += 1
         for sub in self._subscriptions:
             if sub.probe is not None and sub.probe != record["probe"]:
                 continue
-            if not sub._offer(record) and self._on_missed is not None:
+            if not sub._offer(record, size) and self._on_missed is not None:
                 self._on_missed(record["probe"])
 
     def recent(self, probe: int | None = None) -> list[dict[str, Any]]:
-        """The records still in the ring buffer, oldest first."""
-        if probe is None:
-            return list(self._ring)
-        return [r for r in self._ring if r["probe"] == probe]
+        """The records still in the ring buffer, oldest first (decoded from their JSON)."""
+        return [json.loads(line) for pid, line in self._ring if probe is None or pid == probe]
 
-    def subscribe(self, probe: int | None = None, maxsize: int = 1024) -> Subscription:
-        """A new subscription to records published from now on."""
-        sub = Subscription(self, probe, maxsize)
+    def subscribe(self, probe: int | None = None, maxsize: int = 1024, max_bytes: int = SUBSCRIPTION_BYTES) -> Subscription:
+        """A new subscription to records published from now on (at most `maxsize` records and `max_bytes`
+        bytes of JSON waiting for its reader)."""
+        sub = Subscription(self, probe, maxsize, max_bytes)
         self._subscriptions.add(sub)
         return sub
 
-    def follow(self, probe: int | None = None, maxsize: int = 1024) -> tuple[Subscription, list[dict[str, Any]]]:
+    def follow(
+        self, probe: int | None = None, maxsize: int = 1024, max_bytes: int = SUBSCRIPTION_BYTES
+    ) -> tuple[Subscription, list[dict[str, Any]]]:
         """A subscription and the ring's records so far, taken together: a record is in exactly one."""
-        sub = self.subscribe(probe, maxsize)
+        sub = self.subscribe(probe, maxsize, max_bytes)
         return sub, self.recent(probe)
+
+    def stats(self) -> dict[str, int]:
+        """The ring buffer's fill and bounds, for `probectl stats`."""
+        return {"records": len(self._ring), "bytes": self.ring_bytes, "max_bytes": self.buffer_bytes,
+                "dropped": self.dropped}
 
     def close(self) -> None:
         """End every subscription (readers see the end of their stream)."""
