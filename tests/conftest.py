@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from probed.testing.qemu import QemuGuest
-from tests.linux.conftest_linux import linux_guest  # noqa: F401  (the session's Linux guest)
+from tests.linux.conftest_linux import linux_guest, linux_kaslr_guest  # noqa: F401  (the session's Linux guests)
 
 DEFAULT_TIME_LIMIT = float(os.environ.get("PROBED_TEST_TIME_LIMIT", "120"))
 

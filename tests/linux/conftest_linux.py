@@ -24,3 +24,21 @@ def linux_guest(tmp_path_factory):
         yield guest
     finally:
         guest.close()
+
+
+@pytest.fixture(scope="session")
+def linux_kaslr_guest(tmp_path_factory):
+    """A running Linux guest with KASLR on (no `nokaslr`) and two CPUs, its workload plus the module loop
+    (dummy.ko loaded, /proc/net/dev read 5 times, unloaded, over and over). `.kallsyms` is this boot's
+    own /proc/kallsyms. Skips if the Debian packages cannot be had; QEMU is killed at teardown.
+    """
+    try:
+        files = fetch_linux()
+    except LinuxUnavailable as exc:
+        pytest.skip(f"no Debian kernel for the Linux guest: {exc}")
+    guest = LinuxGuest(files, tmp_path_factory.mktemp("linux-kaslr-guest"), kaslr=True, smp=2,
+                       module_loop=True).start()
+    try:
+        yield guest
+    finally:
+        guest.close()

@@ -13,7 +13,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["PackagesUnavailable", "DebianPackages", "fetch_packages"]
+__all__ = ["PackagesUnavailable", "DebianPackages", "fetch_module", "fetch_packages"]
 
 METAPACKAGE = "linux-image-amd64"
 BUSYBOX = "busybox-static"
@@ -118,3 +118,38 @@ def fetch_packages(cache: Path) -> DebianPackages:
     shutil.rmtree(work)
     manifest.write_text(json.dumps(asdict(fetched), indent=1) + "\n")
     return fetched
+
+
+def fetch_module(cache: Path, packages: DebianPackages, relative: str) -> Path:
+    """One module of the kernel package (e.g. "kernel/drivers/net/dummy.ko"), unpacked into `cache` once.
+
+    The first fetch_packages() keeps only /boot; a module is taken from the same kernel package (same
+    Debian version, so its vermagic matches the kernel) when first asked for.
+
+    Returns:
+        The .ko's path under `cache/modules/`.
+
+    Raises:
+        PackagesUnavailable: apt cannot download the package, or the module is not in it.
+    """
+    inside = f"./lib/modules/{packages.kernel_release}/{relative}"
+    out = cache / "modules" / Path(relative).name
+    if out.exists():
+        return out
+    work = cache / f"download-module-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        package = f"linux-image-{packages.kernel_release}={packages.kernel_package_version}"
+        got = _run(["apt-get", "download", package], cwd=work)
+        debs = sorted(work.glob("linux-image-*.deb"))
+        if got.returncode != 0 or len(debs) != 1:
+            raise PackagesUnavailable(f"apt-get download {package} failed: {got.stderr.strip()[-400:]}")
+        _unpack(debs[0], work / "tree", only=inside)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copyfile(work / "tree" / inside, tmp)
+        tmp.replace(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out

@@ -1,8 +1,9 @@
 """A real Linux guest for tests: Debian 12's x86_64 kernel and a busybox initramfs under QEMU, cached.
 
 `fetch_linux()` downloads and builds what is needed once into `.cache/linux/`; `LinuxGuest(...).start()` boots
-it (nokaslr, so addresses are link addresses) and returns once the guest runs its workload, with the kernel's
-/proc/kallsyms on the host. The dump is cached next to the kernel and reused while the kernel file is the same.
+it (nokaslr by default, so addresses are link addresses; `kaslr=True` for a randomized base) and returns once the
+guest runs its workload, with the kernel's /proc/kallsyms on the host. A nokaslr dump is cached next to the
+kernel and reused while the kernel file is the same; a KASLR boot always dumps its own (its addresses move).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from probed.testing.qemu import CACHE, QemuGuest
 
-from .download import DebianPackages, PackagesUnavailable, fetch_packages
+from .download import DebianPackages, PackagesUnavailable, fetch_module, fetch_packages
 from .initramfs import HOSTNAME, build_initramfs
 from .kallsyms import decode_dump
 from .kernel_image import KernelImageError, write_exports_map
@@ -25,7 +26,8 @@ from .uprogs import build_uprogs
 __all__ = ["LINUX_CACHE", "HOSTNAME", "LinuxUnavailable", "LinuxBootError", "LinuxFiles", "LinuxGuest", "fetch_linux"]
 
 LINUX_CACHE = CACHE / "linux"
-APPEND = "console=ttyS0 nokaslr quiet panic=-1"
+APPEND = "console=ttyS0 quiet panic=-1"
+MODULE = "kernel/drivers/net/dummy.ko"  # no dependencies; `cat /proc/net/dev` calls its dummy_get_stats64
 CONSOLE_INIT = "PROBED INIT"
 CONSOLE_KERNEL = "PROBED KERNEL "
 CONSOLE_READY = "WORKLOAD START"
@@ -46,7 +48,8 @@ class LinuxFiles:
         vmlinuz: the kernel (bzImage).
         system_map: the kernel's exported symbols in System.map format (the package's own System.map is a
             placeholder; see kernel_image.py).
-        initramfs: the busybox initramfs (newc cpio).
+        initramfs: the busybox initramfs (newc cpio), with the module as /lib/modules/dummy.ko.
+        module: the module from the same kernel package (dummy.ko), on the host.
         version: the kernel release (`uname -r`), e.g. "6.1.0-56-amd64".
         packages: what was downloaded (Debian version, .deb sizes).
     """
@@ -56,6 +59,7 @@ class LinuxFiles:
     initramfs: Path
     version: str
     packages: DebianPackages
+    module: Path
 
 
 def fetch_linux(cache: Path = LINUX_CACHE) -> LinuxFiles:
@@ -71,8 +75,9 @@ def fetch_linux(cache: Path = LINUX_CACHE) -> LinuxFiles:
         system_map = write_exports_map(vmlinuz, cache / f"exports-{packages.kernel_release}.map")
     except KernelImageError as exc:
         raise LinuxUnavailable(f"cannot read {vmlinuz}: {exc}") from exc
-    initramfs = build_initramfs(packages.busybox(cache), cache, build_uprogs(cache))
-    return LinuxFiles(vmlinuz, system_map, initramfs, packages.kernel_release, packages)
+    module = fetch_module(cache, packages, MODULE)
+    initramfs = build_initramfs(packages.busybox(cache), cache, build_uprogs(cache), [module])
+    return LinuxFiles(vmlinuz, system_map, initramfs, packages.kernel_release, packages, module)
 
 
 def _sha256(path: Path) -> str:
@@ -87,6 +92,9 @@ class LinuxGuest:
         workdir: where the raw serial capture of the dump goes.
         fresh_kallsyms: dump /proc/kallsyms even if a dump of this very kernel file is cached.
         memory: guest RAM.
+        kaslr: boot with a randomized kernel base (no `nokaslr`); the dump is then this boot's own.
+        smp: virtual CPUs.
+        module_loop: the workload also loads and unloads dummy.ko in a loop (see init.sh).
 
     Attributes:
         kallsyms: the dump, in /proc/kallsyms format (a cache file; valid after start()).
@@ -95,21 +103,28 @@ class LinuxGuest:
         boot_seconds: from starting QEMU to the workload running.
     """
 
-    def __init__(self, files: LinuxFiles, workdir: Path, *, fresh_kallsyms: bool = False, memory: str = "512M"):
+    def __init__(self, files: LinuxFiles, workdir: Path, *, fresh_kallsyms: bool = False, memory: str = "512M",
+                 kaslr: bool = False, smp: int = 1, module_loop: bool = False):
         self.files = files
-        self.kallsyms = files.vmlinuz.parent.parent / f"kallsyms-{files.version}.txt"
-        self._kallsyms_kernel = self.kallsyms.with_suffix(".kernel")  # sha256 of the vmlinuz it came from
+        self.kaslr = kaslr
+        if kaslr:
+            self.kallsyms = Path(workdir) / "kallsyms.txt"
+            self._kallsyms_kernel = Path(workdir) / "kallsyms.kernel"
+        else:
+            self.kallsyms = files.vmlinuz.parent.parent / f"kallsyms-{files.version}.txt"
+            self._kallsyms_kernel = self.kallsyms.with_suffix(".kernel")  # sha256 of the vmlinuz it came from
         self._kernel_sha = _sha256(files.vmlinuz)
-        self.kallsyms_reused = not fresh_kallsyms and self._cached_dump_matches()
+        self.kallsyms_reused = not kaslr and not fresh_kallsyms and self._cached_dump_matches()
         self._capture = Path(workdir) / "ttyS1.bin"
         self._shell_path = Path(workdir) / "shell.sock"
         self._shell: GuestShell | None = None
-        append = APPEND + (" probed.kallsyms=skip" if self.kallsyms_reused else "")
+        append = APPEND + ("" if kaslr else " nokaslr") + (" probed.kallsyms=skip" if self.kallsyms_reused else "")
+        append += " probed.modloop" if module_loop else ""
         self.qemu = QemuGuest(
             "x86_64", kernel=files.vmlinuz, initrd=files.initramfs, append=append, memory=memory, stopped=False,
-            extra_args=["-serial", f"file:{self._capture}",
-                        "-chardev", f"socket,id=shell,path={self._shell_path},server=on,wait=off",
-                        "-serial", "chardev:shell"],
+            smp=smp, extra_args=["-serial", f"file:{self._capture}",
+                                 "-chardev", f"socket,id=shell,path={self._shell_path},server=on,wait=off",
+                                 "-serial", "chardev:shell"],
         )
         self.kernel_version = ""
         self.boot_seconds = 0.0

@@ -3,6 +3,8 @@
 #   console (ttyS0): "PROBED INIT", "PROBED KERNEL <uname -r>", "WORKLOAD START"
 #   ttyS1:           gzip of /proc/kallsyms, then a line "PROBED KALLSYMS END"
 # Kernel argument probed.kallsyms=skip leaves out the dump (the host has it cached for this very kernel).
+# Kernel argument probed.modloop: a second loop loads /lib/modules/dummy.ko, reads /proc/net/dev exactly
+# MODLOOP_READS times (each read calls dummy_get_stats64 once, for dummy0), unloads it, and starts over.
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -31,6 +33,24 @@ stty -F /dev/ttyS2 raw -echo
         echo "PROBED DONE $rc"
     done < /dev/ttyS2 > /dev/ttyS2
 ) &
+MODLOOP_READS=5
+case " $(cat /proc/cmdline) " in
+*" probed.modloop "*)
+    (
+        while true; do
+            insmod /lib/modules/dummy.ko
+            i=0
+            while [ $i -lt $MODLOOP_READS ]; do
+                cat /proc/net/dev > /dev/null
+                usleep 100000
+                i=$((i + 1))
+            done
+            rmmod dummy
+            usleep 300000
+        done
+    ) &
+    ;;
+esac
 echo "WORKLOAD START"
 # Deterministic file and process work for probes to see, at a modest pace.
 while true; do

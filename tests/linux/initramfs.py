@@ -42,7 +42,8 @@ def newc_archive(entries: list[tuple[str, int, bytes]]) -> bytes:
     return bytes(out)
 
 
-def build_initramfs(busybox: Path, cache: Path, programs: dict[str, bytes] | None = None) -> Path:
+def build_initramfs(busybox: Path, cache: Path, programs: dict[str, bytes] | None = None,
+                    modules: list[Path] = ()) -> Path:
     """The initramfs for this busybox and the current init.sh, built into `cache` if not there yet.
 
     Args:
@@ -50,6 +51,7 @@ def build_initramfs(busybox: Path, cache: Path, programs: dict[str, bytes] | Non
         cache: directory for `initramfs-<hash>.cpio`; ones unused for a day are removed (not sooner: other
             checkouts sharing the cache may be booting theirs).
         programs: more executables for /bin, by name.
+        modules: kernel modules to carry as /lib/modules/NAME.ko (for the workload's insmod).
 
     Returns:
         The archive's path.
@@ -59,6 +61,9 @@ def build_initramfs(busybox: Path, cache: Path, programs: dict[str, bytes] | Non
     entries += [("bin/busybox", _FILE, busybox_bytes), ("init", _FILE, init),
                 ("etc/hostname", 0o100644, HOSTNAME.encode() + b"\n")]
     entries += [(f"bin/{name}", _FILE, data) for name, data in sorted((programs or {}).items())]
+    if modules:
+        entries += [("lib", _DIR, b""), ("lib/modules", _DIR, b"")]
+        entries += [(f"lib/modules/{m.name}", 0o100644, m.read_bytes()) for m in modules]
     digest = hashlib.sha256(repr([(n, m, hashlib.sha256(d).hexdigest()) for n, m, d in entries]).encode())
     out = cache / f"initramfs-{digest.hexdigest()[:12]}.cpio"
     if not out.exists():
