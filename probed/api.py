@@ -35,6 +35,7 @@ import trio
 
 from probed.engine.engine import Engine
 from probed.engine.probes import Probe
+from probed.guest.linux.kernel import LinuxKernel, use_linux
 from probed.lang.context import HitContext
 from probed.records.events import Subscription
 
@@ -42,7 +43,8 @@ __all__ = ["Engine", "HitContext", "Probe", "Subscription", "attach"]
 
 
 @asynccontextmanager
-async def attach(target: str, *, symbols: Sequence[str] = (), **options) -> AsyncIterator[Engine]:
+async def attach(target: str, *, symbols: Sequence[str] = (), linux: bool | LinuxKernel = False,
+                 **options) -> AsyncIterator[Engine]:
     """Attach an engine to `target` for the duration of the block.
 
     On exit every probe's breakpoint is removed, the guest resumes, and the connection is closed.
@@ -50,11 +52,16 @@ async def attach(target: str, *, symbols: Sequence[str] = (), **options) -> Asyn
     Args:
         target: `tcp:HOST:PORT` or `unix:PATH` of QEMU's gdbstub.
         symbols: symbol files, `PATH[@BIAS]`.
+        linux: the guest is an x86_64 Linux kernel (`probed --linux`): True, or a configured
+            `probed.guest.linux.kernel.LinuxKernel` (its cache, progress callback). Its KASLR slide is found,
+            symbol files are rebased, or symbols are read from the guest; modules are followed.
         **options: passed to `Engine` (`stopped`, `hw_slots`, `buffer`, `fault_limit`).
     """
     try:
         async with trio.open_nursery() as nursery:
             engine = Engine(target, symbol_files=symbols, **options)
+            if linux:
+                use_linux(engine, linux if isinstance(linux, LinuxKernel) else None)
             await nursery.start(engine.run)
             try:
                 yield engine

@@ -99,6 +99,10 @@ class Engine:
         self.break_hits = BreakHits(self)
         self.watch = WatchHelper(self)
         self.gdb = GdbSide(self)
+        # Guest-model hooks: each `await hook(engine)` runs once after attaching, the guest still stopped,
+        # before the engine reports started (e.g. probed.guest.linux.kernel.LinuxKernel.setup).
+        self.attach_hooks: list[Callable[[Engine], Awaitable[None]]] = []
+        self.linux: Any = None  # probed.guest.linux.kernel.LinuxKernel, for a Linux guest
 
     # -- properties ---------------------------------------------------------------------------------
 
@@ -151,6 +155,8 @@ class Engine:
             self.code_mode = CodeMode(self.target)
             self.guest.move(Event.ATTACHED)
             log.info("attached to %s (%s, %d cpu)", self.target_address, self.arch.name, len(self.target.threads))
+            for hook in self.attach_hooks:
+                await hook(self)
             task_status.started()
             await service.loop()
         except ConnectionClosed as exc:
@@ -444,6 +450,7 @@ class Engine:
             "probes": len(self.table),
             "hook_points": len(self.table.points),
             "symbol_files": [f.name for f in self.symbols.files()],
+            **(self.linux.status() if self.linux is not None else {}),
         }
 
     def hooks(self, glob: str = "*") -> list[dict[str, Any]]:

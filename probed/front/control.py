@@ -182,7 +182,7 @@ class ControlServer:
             moved = await self.engine.set_bias(name, bias)
             return {"file": name, "bias": bias, "moved": [p.info() for p in moved]}
         return [
-            {"name": f.name, "path": str(f.path), "bias": f"{f.bias:#x}", "symbols": len(f)}
+            {"name": f.name, "path": str(f.path), "bias": f"{f.bias:#x}", "symbols": len(f), **_slide_of(self.engine, f)}
             for f in self.engine.symbols.files()
         ]
 
@@ -376,6 +376,14 @@ class _LineReader:
             return False
         self._buf += data
         return True
+
+
+def _slide_of(engine: Any, sf: Any) -> dict[str, str]:
+    """`{"slide": "0x..."}` for the Linux kernel's symbol files (the KASLR slide the daemon found), else {}."""
+    linux = getattr(engine, "linux", None)
+    if linux is None or linux.slide is None or not linux.is_kernel_file(sf.name):
+        return {}
+    return {"slide": f"{linux.slide:#x}"}
 
 
 def _text(params: dict[str, Any], key: str, *, required: bool = False) -> str | None:

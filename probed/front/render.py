@@ -64,7 +64,8 @@ def print_table(command: str, result: Any) -> None:
             moved = ", ".join(f"{p['name']} -> {p['address']}" for p in result["moved"]) or "no probes"
             print(f"{result['file']} relocated by {result['bias']:#x}; moved: {moved}")
         else:
-            _rows(("name", "path", "bias", "symbols"), result, "no symbol files")
+            slide = ("slide",) if any("slide" in row for row in result) else ()
+            _rows(("name", "path", "bias", "symbols", *slide), result, "no symbol files")
     elif command == "stats":
         counters = dict(result)
         slots = counters.pop("slots", [])

@@ -8,24 +8,26 @@ from __future__ import annotations
 
 import bisect
 import difflib
+import gc
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import NamedTuple
 
 from probed.errors import BadSpec, NotFound, UnknownSymbol
 
-__all__ = ["Location", "Symbol", "SymbolFile", "SymbolStore", "parse_file_arg", "parse_number"]
+__all__ = ["Location", "Symbol", "SymbolFile", "SymbolStore", "no_gc_pauses", "parse_file_arg", "parse_number"]
 
 _CODE_LETTERS = frozenset("tTwW")
 _SYMBOLIZE_LOOKBACK = 16  # distinct addresses symbolize looks back over for an enclosing symbol
 _MAP_LINE = re.compile(rb"^([0-9a-fA-F]+)\s+([a-zA-Z?])\s+(\S+)(?:\s+\[(\S+)\])?")
 
 
-@dataclass(frozen=True)
-class Symbol:
-    """A symbol at its biased address."""
+class Symbol(NamedTuple):
+    """A symbol at its biased address (a named tuple: a kernel has ~100,000 and they are made in bulk)."""
 
     name: str
     address: int
@@ -70,6 +72,19 @@ def parse_file_arg(arg: str) -> tuple[str, int]:
         raise BadSpec(arg, f"bad bias {bias!r} (decimal or 0x hex)") from None
 
 
+@contextmanager
+def no_gc_pauses():
+    """No garbage collection while ~100,000 symbols are made at once: every young-generation pass would
+    walk them all again (they are made in seconds otherwise, on a busy host)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class SymbolFile:
     """One loaded symbol file: its symbols at link addresses, and a bias added to each."""
 
@@ -87,6 +102,7 @@ class SymbolFile:
         self._raw = raw  # (name, link address, size, kind), sorted by address
         # The image's allocated sections (link address, size, writable), from an ELF's section headers.
         self.sections = sections or []
+        self._made: tuple[int, list[Symbol]] | None = None  # (bias, symbols at that bias), made when first asked
 
     @classmethod
     def load(cls, path: str | Path, bias: int = 0, name: str | None = None) -> SymbolFile:
@@ -103,7 +119,8 @@ class SymbolFile:
             raise NotFound(f"symbol file {path} ({exc.strerror})") from None
         is_elf = head == b"\x7fELF"
         try:
-            raw = _load_elf(path) if is_elf else _load_map(path)
+            with no_gc_pauses():
+                raw = _load_elf(path) if is_elf else _load_map(path)
         except Exception as exc:  # pyelftools raises several types on a damaged ELF
             raise BadSpec(str(path), f"cannot read symbols: {exc}") from None
         if not raw and is_elf:
@@ -115,10 +132,28 @@ class SymbolFile:
         sections = _elf_sections(path) if is_elf else []
         return cls(name or path.stem.split(".")[0] or path.name, path, raw, bias, sections)
 
+    @classmethod
+    def from_entries(
+        cls, name: str, origin: str, entries: list[tuple[str, int, int, str]], bias: int = 0
+    ) -> SymbolFile:
+        """A file made from symbols read elsewhere (a kernel's kallsyms tables in guest memory, a module).
+
+        Args:
+            name: how specs name it (`name:sym`).
+            origin: where the symbols came from, shown where a path would be.
+            entries: (name, link address, size or 0, "code" or "data"); a size of 0 extends to the next symbol.
+            bias: added to every address.
+        """
+        with no_gc_pauses():
+            return cls(name, Path(origin), _fill_sizes(list(entries)), bias)
+
     def symbols(self) -> Iterator[Symbol]:
         """Every symbol of the file at its current bias, by address."""
-        for name, addr, size, kind in self._raw:
-            yield Symbol(name, addr + self.bias, size, kind, self.name)
+        if self._made is None or self._made[0] != self.bias:
+            bias, name = self.bias, self.name
+            with no_gc_pauses():
+                self._made = (bias, [Symbol(n, addr + bias, size, kind, name) for n, addr, size, kind in self._raw])
+        return iter(self._made[1])
 
     def __len__(self) -> int:
         return len(self._raw)
@@ -232,6 +267,21 @@ class SymbolStore:
         self._invalidate()
         return sf
 
+    def add(self, sf: SymbolFile) -> SymbolFile:
+        """Add a file made elsewhere (`SymbolFile.from_entries`), replacing one of the same name."""
+        self._files[sf.name] = sf
+        self._invalidate()
+        return sf
+
+    def remove_file(self, name: str) -> None:
+        """Forget a file (a module that was unloaded); nothing happens if there is none by that name."""
+        if self._files.pop(name, None) is not None:
+            self._invalidate()
+
+    def has_file(self, name: str) -> bool:
+        """Whether a file by that name is loaded."""
+        return name in self._files
+
     def files(self) -> list[SymbolFile]:
         """The loaded files, in load order."""
         return list(self._files.values())
@@ -280,18 +330,20 @@ class SymbolStore:
     def _index(self) -> dict[str, list[Symbol]]:
         if self._by_name is None:
             by_name: dict[str, list[Symbol]] = {}
-            for sf in self._files.values():
-                for sym in sf.symbols():
-                    by_name.setdefault(sym.name, []).append(sym)
+            with no_gc_pauses():
+                for sf in self._files.values():
+                    for sym in sf.symbols():
+                        by_name.setdefault(sym.name, []).append(sym)
             self._by_name = by_name
         return self._by_name
 
     def _address_index(self) -> list[Symbol]:
         if self._sorted is None:
-            syms = [s for sf in self._files.values() for s in sf.symbols()]
-            # At one address prefer code, then the name with the fewest leading underscores
-            # (`startup_64` over `_text`, `ksys_read` over `__ksys_read`).
-            syms.sort(key=lambda s: (s.address, s.kind != "code", len(s.name) - len(s.name.lstrip("_"))))
+            with no_gc_pauses():
+                syms = [s for sf in self._files.values() for s in sf.symbols()]
+                # At one address prefer code, then the name with the fewest leading underscores
+                # (`startup_64` over `_text`, `ksys_read` over `__ksys_read`).
+                syms.sort(key=lambda s: (s.address, s.kind != "code", len(s.name) - len(s.name.lstrip("_"))))
             self._sorted = syms
             self._addrs = [s.address for s in syms]
         return self._sorted
