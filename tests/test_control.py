@@ -82,6 +82,7 @@ class StandInEngine:
         condition: str | None = None,
         priority: int = 0,
         hw: bool = False,
+        internal: bool = False,
     ) -> StandInProbe:
         kw = {"name": name, "pre": pre, "post": post, "condition": condition, "priority": priority, "hw": hw}
         return self._add("add_probe", spec, kw)

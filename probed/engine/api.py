@@ -49,6 +49,7 @@ class EngineAPI(Protocol):
         condition: str | None = None,
         priority: int = 0,
         hw: bool = False,
+        internal: bool = False,
     ) -> ProbeInfo: ...
 
     async def add_watch(

@@ -31,7 +31,7 @@ from probed.engine.slots import SlotAllocator
 from probed.engine.state import Event, GuestState
 from probed.engine.target import Target
 from probed.engine.watch import WatchHelper
-from probed.errors import BadSpec, ProbedError, TargetError
+from probed.errors import BadSpec, NotFound, ProbedError, TargetError
 from probed.gdbside.debugger import DebuggerLink
 from probed.gdbside.side import GdbSide
 from probed.guest.symbols import Location, SymbolStore, parse_file_arg
@@ -258,8 +258,12 @@ class Engine:
         condition: str | None = None,
         priority: int = 0,
         hw: bool = False,
+        internal: bool = False,
     ) -> Probe:
         """Add a breakpoint probe at `sym`, `sym+off`, `file:sym+off` or `0xADDR`.
+
+        On a Linux guest, `MOD:SYM+off` of a module that is not loaded makes a pending probe, set when the
+        module loads (and taken out when it unloads).
 
         Args:
             pre: fetch args (list of `NAME=FETCHARG[:TYPE]`) or a callable `fn(ctx)`, run before the
@@ -268,17 +272,33 @@ class Engine:
                 post phase.
             condition: a filter over the fetched names; a hit is reported only when it holds.
             hw: use a hardware breakpoint (takes a debug-register slot).
+            internal: a guest model's own hook (not listed by `probes()`, publishes no records).
 
         Raises:
             UnknownSymbol, BadSpec, FetchSyntaxError, FilterSyntaxError, SlotsExhausted, TargetError.
         """
         self._require_attached()
-        location = self.symbols.resolve(spec)
+        location, pending = self._resolve_or_pending(spec)
+        if pending and hw:
+            raise BadSpec(spec, "a hardware probe needs its module loaded (its slot is taken when it is set)")
         pre_h = make_handler(pre, self.arch, self.symbols)
         post_h = make_handler(post, self.arch, self.symbols)
         cond = self._condition(condition, pre_h, post_h)
 
-        return await self._add(location, spec, name, pre=pre_h, post=post_h, condition=cond, priority=priority, hw=hw)
+        return await self._add(location, spec, name, pre=pre_h, post=post_h, condition=cond, priority=priority, hw=hw,
+                               pending=pending, internal=internal)
+
+    def _resolve_or_pending(self, spec: str) -> tuple[Location, str | None]:
+        """The spec's location, or for `MOD:SYM+off` of a module not loaded yet (when the guest model knows
+        modules), a location without an address and why it waits."""
+        try:
+            return self.symbols.resolve(spec), None
+        except NotFound:
+            modules = getattr(self.linux, "modules", None)
+            waiting = modules.pending_location(spec) if modules is not None else None
+            if waiting is None:
+                raise
+            return waiting
 
     async def add_watch(
         self,
@@ -308,7 +328,8 @@ class Engine:
         """Create and install a probe while the guest is stopped."""
 
         async def apply() -> Probe:
-            await self._check_readable(location.address)
+            if not fields.get("pending"):
+                await self._check_readable(location.address)
             probe = Probe(
                 id=self.table.new_id(),
                 name=self._new_name(name, location.symbol and _short(location) or f"{location.address:#x}"),
@@ -318,6 +339,9 @@ class Engine:
             )
             if probe.kind == "watch":
                 probe.last_value = await self.watch.current_value(probe)
+            if probe.pending:
+                self.table.add(probe)  # installed when its module loads
+                return probe
             await self.breakpoints.install(probe)
             return probe
 
@@ -341,7 +365,7 @@ class Engine:
         """Remove every probe; returns how many there were."""
 
         async def apply() -> int:
-            probes = list(self.table)
+            probes = [p for p in self.table if not p.internal]
             for p in probes:
                 self.table.remove(p)
             await self.breakpoints.reconcile()
@@ -356,6 +380,9 @@ class Engine:
         async def apply() -> None:
             probe = self.table.find(ref)
             if probe.enabled:
+                return
+            if probe.pending:
+                probe.enabled, probe.disabled_reason = True, None
                 return
             breakpoints = self.breakpoints
             point = self.table.points[probe.point_key]
@@ -414,9 +441,16 @@ class Engine:
 
         return await self.call_stopped(apply)
 
+    async def reconcile_now(self) -> None:
+        """Install and remove breakpoints to match the probe table now, from inside a handler (the guest is
+        stopped): a guest model that set probes at a hit (a module's, as it loads) has them before the guest
+        runs on."""
+        self.breakpoints.dirty = False
+        await self.breakpoints.reconcile()
+
     def probes(self) -> list[Probe]:
-        """Every probe, by id."""
-        return list(self.table)
+        """The users' probes, by id (not the guest model's internal hooks)."""
+        return [p for p in self.table if not p.internal]
 
     def find_probe(self, ref: int | str) -> Probe:
         """A probe by id or name. Raises NotFound."""

@@ -162,6 +162,8 @@ class HitPipeline:
                 probe.filtered += 1
                 self._explain(probe, values)
                 return
+        if probe.internal:
+            return  # a guest model's own hook: its handler did its work
         self.records += 1
         self.engine.hub.publish(record.as_dict())
 

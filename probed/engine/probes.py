@@ -47,6 +47,10 @@ class Probe:
     fault_run: int = 0
     filtered: int = 0
     last_value: int | None = None  # watchpoints: the last value seen at the address
+    # Why the probe has no address yet (its module is not loaded): it waits, uninstalled, until a guest
+    # model (probed.guest.linux.modules) resolves it and clears this.
+    pending: str | None = None
+    internal: bool = False  # the daemon's own (a guest model's hook): not listed, no hit records
     order: int = field(default=0, repr=False)
 
     @property
@@ -55,6 +59,8 @@ class Probe:
 
     @property
     def state(self) -> str:
+        if self.pending:
+            return f"pending: {self.pending}"
         if self.enabled:
             return "enabled"
         return f"disabled: {self.disabled_reason}" if self.disabled_reason else "disabled"
@@ -62,6 +68,8 @@ class Probe:
     @property
     def point_key(self) -> tuple[str, int, int, str]:
         """What makes two probes share one hook point (and one breakpoint or watchpoint)."""
+        if self.pending:
+            return ("pending", self.id, 0, "x")  # a point of its own that is never installed
         if self.kind == "watch":
             return ("watch", self.address, self.length, self.access)
         return ("hbreak" if self.hw else "break", self.address, 0, "x")
@@ -96,8 +104,8 @@ class HookPoint:
         return self.key[1]
 
     def active(self) -> list[Probe]:
-        """The enabled probes, in the order their handlers run."""
-        return [p for p in self.probes if p.enabled]
+        """The enabled probes that have an address, in the order their handlers run."""
+        return [p for p in self.probes if p.enabled and not p.pending]
 
     def add(self, probe: Probe) -> None:
         self.probes.append(probe)

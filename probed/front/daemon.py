@@ -32,6 +32,7 @@ from probed.front.control import default_control_path, prepare_socket_path, serv
 from probed.front.paths import UnsafePath, check_loopback, make_private_dir, open_private_append
 from probed.front.paths import prepare_socket_path as prepare_unix_path
 from probed.front.state import ProbeState, default_state_path, read_state
+from probed.guest.linux.kernel import LinuxKernel, is_linux_kernel, use_linux
 from probed.records.events import BUFFER_BYTES, SUBSCRIPTION_BYTES, encode_record
 from probed.records.size import MAX_RECORD_BYTES
 from rsp.connection import parse_target
@@ -45,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--target", required=True, help="QEMU's gdbstub: tcp:HOST:PORT or unix:PATH")
     ap.add_argument("--symbols", action="append", default=[], metavar="FILE[@BIAS]",
                     help="ELF, System.map or kallsyms dump; repeatable")
+    ap.add_argument("--linux", action="store_true",
+                    help="the guest is an x86_64 Linux kernel: find its KASLR slide, rebase --symbols files (or "
+                         "read its symbols from guest memory without one), follow its modules (see docs/linux.md); "
+                         "implied when a --symbols file is a Linux kernel's")
+    ap.add_argument("--kallsyms-cache", type=Path, metavar="DIR",
+                    help="where kernel symbols read from guests are cached by build (default $PROBED_CACHE/kallsyms "
+                         "or ~/.cache/probed/kallsyms)")
+    ap.add_argument("--no-kallsyms-cache", action="store_true", help="read the kernel's symbols from the guest every time")
     ap.add_argument("--control", type=Path, default=None, help=f"control socket (default {default_control_path()})")
     ap.add_argument("--events", type=Path, metavar="FILE.jsonl", help="append every hit record to this file")
     ap.add_argument("--stopped", action="store_true", help="keep the guest stopped until `probectl resume`")
@@ -102,6 +111,33 @@ async def write_events(engine: Engine, out: TextIO, *, task_status=trio.TASK_STA
             out.flush()
         if sub.missed:
             log.warning("the events file missed %d records (writer too slow)", sub.missed)
+
+
+class LinuxProgress:
+    """A rich progress bar on stderr while the kernel's symbols are read from the guest (only if it is a
+    terminal: logs stay clean)."""
+
+    def __init__(self) -> None:
+        self._bar = None
+        self._task = None
+
+    def update(self, what: str, done: int, total: int) -> None:
+        if self._bar is None:
+            from rich.console import Console
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+            console = Console(stderr=True)
+            self._bar = Progress(TextColumn("probed: reading the kernel's {task.description} from the guest"),
+                                 BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console,
+                                 transient=True, disable=not console.is_terminal)
+            self._bar.start()
+            self._task = self._bar.add_task(what, total=total)
+        self._bar.update(self._task, completed=done, total=total)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
 
 
 def _gdb_server():
@@ -172,10 +208,19 @@ async def run(args: argparse.Namespace) -> None:
                     buffer=args.buffer)
     engine.hub.buffer_bytes = args.buffer_bytes
     state = ProbeState(engine, state_path) if state_path is not None else None
+    progress = None
+    if args.linux or is_linux_kernel(engine.symbols):
+        progress = LinuxProgress()
+        cache = False if args.no_kallsyms_cache else args.kallsyms_cache
+        use_linux(engine, LinuxKernel(cache=cache, progress=progress.update))
     with ExitStack() as files, trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         events = files.enter_context(open_private_append(args.events)) if args.events else None
         async with trio.open_nursery() as nursery:
-            await nursery.start(engine.run)
+            try:
+                await nursery.start(engine.run)
+            finally:
+                if progress is not None:
+                    progress.close()
             if state is not None:
                 await _restore(engine, state, saved, hold=args.stopped)
                 nursery.start_soon(state.watch)
