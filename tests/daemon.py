@@ -20,7 +20,8 @@ class Daemon:
         self.control = tmp_path / "ctl" / "control.sock"
         self.events = tmp_path / "hits.jsonl"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "probed.front.daemon", "--target", guest.target, "--symbols", str(guest.elf),
+            [sys.executable, "-m", "probed.front.daemon", "--target", guest.target,
+             *(["--symbols", str(guest.elf)] if guest.elf else []),
              "--control", str(self.control), "--events", str(self.events), *extra],
             stderr=subprocess.PIPE, text=True,
         )

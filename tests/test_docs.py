@@ -35,9 +35,9 @@ def test_the_docs_have_examples():
     assert len(probectl_lines("guest")) >= 8 and len(probectl_lines("linux")) >= 5 and blocks("python")
 
 
-def run_examples(guest, tmp_path, tag: str) -> None:
+def run_examples(guest, tmp_path, tag: str, *daemon_args: str) -> None:
     """Each `probectl` line of the docs' blocks tagged `tag`, against a daemon on `guest`: all exit 0."""
-    daemon = Daemon(guest, tmp_path)
+    daemon = Daemon(guest, tmp_path, *daemon_args)
     try:
         for doc, args in probectl_lines(tag):
             out = daemon.ctl(*args, check=None)
@@ -57,6 +57,15 @@ def test_probectl_examples_on_linux(linux_guest, tmp_path):
         elf = linux_guest.kallsyms
 
     run_examples(Kernel, tmp_path, "linux")
+
+
+def test_probectl_examples_on_linux_with_kaslr_and_no_symbol_file(linux_kaslr_guest, tmp_path):
+    class Kernel:  # `probed --linux` with no symbol file: the kernel's own kallsyms
+        target = linux_kaslr_guest.target
+        elf = None
+
+    assert len(probectl_lines("linux-kaslr")) >= 6
+    run_examples(Kernel, tmp_path, "linux-kaslr", "--linux", "--kallsyms-cache", str(tmp_path / "kallsyms"))
 
 
 def test_python_examples(guest_i386):

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from linux.kallsyms import read_symbols
 
 from probed.api import attach
 from probed.errors import TargetError
 from probed.guest.linux.kaslr import LINK_TEXT, KernelMismatch
 from probed.guest.linux.kernel import KERNEL_FILE, LinuxKernel
+from tests.linux.kallsyms import read_symbols
 
 pytestmark = [pytest.mark.linux, pytest.mark.time_limit(180)]
 
