@@ -481,7 +481,7 @@ class Engine:
             "guest": self.guest.state.value,
             "cpus": len(self.target.threads) if self.target else 0,
             "uptime_s": round(time.monotonic() - self._started, 3),
-            "probes": len(self.table),
+            "probes": len(self.probes()),
             "hook_points": len(self.table.points),
             "symbol_files": [f.name for f in self.symbols.files()],
             **(self.linux.status() if self.linux is not None else {}),
