@@ -80,7 +80,7 @@ class Probe:
             "id": self.id,
             "name": self.name,
             "spec": self.spec,
-            "address": f"{self.address:#x}",
+            "address": None if self.pending else f"{self.address:#x}",
             "hits": self.hits,
             "missed": self.missed,
             "faults": self.faults,

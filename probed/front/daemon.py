@@ -133,6 +133,8 @@ class LinuxProgress:
             self._bar.start()
             self._task = self._bar.add_task(what, total=total)
         self._bar.update(self._task, completed=done, total=total)
+        if done >= total:
+            self.close()  # before the daemon logs what it found
 
     def close(self) -> None:
         if self._bar is not None:

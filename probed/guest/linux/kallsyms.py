@@ -204,7 +204,7 @@ async def read_kallsyms(
         nonlocal done
         done += count
         if progress:
-            progress(done, max(expected, done))
+            progress(done, max(expected, done + 1))  # complete only once everything is read
 
     offsets_raw = bytearray()
     for at in range(tables.offsets, tables.offsets + offsets_size, NAMES_CHUNK):
@@ -242,6 +242,8 @@ async def read_kallsyms(
     else:
         raise KallsymsError(f"no kallsyms_token_table/token_index after the markers at {markers_at:#x}")
     advance(4 * marker_count + 3 * n + table_size + 512)
+    if progress:
+        progress(done, done)
     tables = KallsymsTables(text, tables.offsets, tables.relative_base, n, tables.names, markers_at,
                             token_table_at, token_index_at)
     out = KernelSymbols(text, tables=tables, token_table=tokens_raw[:table_size])

@@ -237,7 +237,7 @@ class ModuleTracker:
             armed = self._arm(name)
             await self.engine.reconcile_now()  # set before the module's init runs
             self._record("load", name)
-            log.info("linux: module %s loaded; %d pending probe(s) set", name, armed)
+            log.debug("linux: module %s loaded; %d pending probe(s) set", name, armed)
 
     async def _on_unload(self, ctx) -> None:
         mod = ctx.regs["rdi"]
@@ -249,4 +249,4 @@ class ModuleTracker:
         moved = self._disarm(name)
         await self.engine.reconcile_now()  # out before its memory is freed
         self._record("unload", name)
-        log.info("linux: module %s unloaded; %d probe(s) wait for it again", name, moved)
+        log.debug("linux: module %s unloaded; %d probe(s) wait for it again", name, moved)
