@@ -68,6 +68,8 @@ class LinuxKernel:
         cache: the host's cache of kernel symbol tables (None: the default directory; False: no cache).
         progress: called as symbols are read (what, done, total), for a progress bar.
         modules: follow loaded modules and module load/unload.
+        memory: makes the guest-memory reader from the engine (default: the gdbstub's `m` packets,
+            `RspMemory`); a faster reader of guest RAM plugs in here.
 
     Attributes (after setup):
         text: the running kernel's `_text`.
@@ -78,7 +80,7 @@ class LinuxKernel:
     """
 
     def __init__(self, *, cache: SymbolCache | Path | bool | None = None, progress: Progress | None = None,
-                 modules: bool = True):
+                 modules: bool = True, memory: Callable[[Any], GuestMemory] | None = None):
         if cache is False:
             self.cache = None
         elif isinstance(cache, SymbolCache):
@@ -95,6 +97,7 @@ class LinuxKernel:
         self.setup_seconds = 0.0
         self.modules = None  # a probed.guest.linux.modules.ModuleTracker once set up
         self.memory: GuestMemory | None = None
+        self._make_memory = memory or (lambda engine: RspMemory(engine.target))
         self.kernel_files: list[str] = []
 
     async def setup(self, engine) -> None:
@@ -106,7 +109,7 @@ class LinuxKernel:
             TargetError: not an x86_64 Linux kernel.
         """
         started = time.monotonic()
-        memory = self.memory = RspMemory(engine.target)
+        memory = self.memory = self._make_memory(engine)
         self.text = await find_kernel_text(memory)
         self.slide = self.text - LINK_TEXT
         kernel_files = [sf for sf in engine.symbols.files() if file_text(sf) is not None]
