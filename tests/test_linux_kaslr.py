@@ -99,11 +99,23 @@ async def test_a_file_of_another_build_is_refused(linux_kaslr_guest, tmp_path):
             pass
 
 
+async def test_an_export_list_is_checked_against_the_kernels_kallsyms(linux_kaslr_guest, tmp_path):
+    # The exported symbols of the bzImage (link addresses, no linux_banner, no __start___ksymtab): the only
+    # check left is the kernel's own table.
+    exports = str(linux_kaslr_guest.system_map)
+    kernel = LinuxKernel(cache=tmp_path, modules=False)
+    async with attach(linux_kaslr_guest.target, symbols=[exports], linux=kernel) as engine:
+        (sf,) = engine.symbols.files()
+        assert sf.bias == kernel.slide == _slide(linux_kaslr_guest)
+        assert len(kernel.evidence) == 1 and kernel.evidence[0].split(": ", 1)[1].startswith("kallsyms: ")
+        assert engine.symbols.lookup("filp_open").address == read_symbols(linux_kaslr_guest.kallsyms)["filp_open"]
+
+
 async def test_a_file_that_cannot_be_checked_is_refused(linux_kaslr_guest, tmp_path):
     bare = tmp_path / "System.map-bare"
     bare.write_text("ffffffff81000000 T _text\nffffffff81000100 T some_function\n")
-    with pytest.raises(TargetError, match="cannot check that it is the running kernel"):
-        async with attach(linux_kaslr_guest.target, symbols=[str(bare)], linux=LinuxKernel(cache=False)):
+    with pytest.raises(TargetError, match="only 1 names in common .* cannot check that it is the running kernel"):
+        async with attach(linux_kaslr_guest.target, symbols=[str(bare)], linux=LinuxKernel(cache=tmp_path)):
             pass
 
 

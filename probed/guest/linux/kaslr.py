@@ -20,7 +20,8 @@ from probed.errors import TargetError
 from probed.guest.linux.memory import GuestMemory, read_batch
 from probed.guest.symbols import SymbolFile
 
-__all__ = ["KERNEL_MAP", "LINK_TEXT", "KernelMismatch", "find_kernel_text", "file_text", "check_file"]
+__all__ = ["KERNEL_MAP", "LINK_TEXT", "KernelMismatch", "check_against_kallsyms", "check_file", "file_text",
+           "find_kernel_text"]
 
 KERNEL_MAP = 0xFFFF_FFFF_8000_0000  # __START_KERNEL_map
 KERNEL_MAP_SIZE = 1 << 30  # KERNEL_IMAGE_SIZE with KASLR
@@ -28,6 +29,8 @@ ALIGN = 2 << 20  # CONFIG_PHYSICAL_ALIGN on x86_64 distribution kernels
 LINK_TEXT = 0xFFFF_FFFF_8100_0000  # _text of an x86_64 kernel linked at the default 16 MiB
 _KSYM = struct.Struct("<iii")  # struct kernel_symbol with PREL32 relocations: value, name, namespace
 _KSYM_CHECKS = 8
+KALLSYMS_MIN = 100
+KALLSYMS_AGREE = 0.99
 
 
 class KernelMismatch(TargetError):
@@ -82,9 +85,11 @@ async def check_file(memory: GuestMemory, sf: SymbolFile, slide: int, banner: by
     - `__start___ksymtab`: the first exported symbols' entries (relative offsets, the same whatever the
       slide) name symbols the file puts exactly where the entries point.
 
+    Returns:
+        What was checked; no checks when the file has neither symbol (see `check_against_kallsyms`).
+
     Raises:
         KernelMismatch: a check failed (the message says which, and what was found).
-        TargetError: the file has neither symbol, so nothing can be checked.
     """
     checks: list[str] = []
     where = _address(sf, "linux_banner")
@@ -104,12 +109,41 @@ async def check_file(memory: GuestMemory, sf: SymbolFile, slide: int, banner: by
     ksymtab = _address(sf, "__start___ksymtab")
     if ksymtab is not None:
         checks.append(await _check_ksymtab(memory, sf, slide, ksymtab))
-    if not checks:
-        raise TargetError(
-            f"{sf.path} has neither linux_banner nor __start___ksymtab: cannot check that it is the running "
-            "kernel (use a full System.map, a /proc/kallsyms dump or a vmlinux, or no file with --linux)"
-        )
     return Evidence(tuple(checks))
+
+
+def check_against_kallsyms(sf: SymbolFile, slide: int, kernel: list[tuple[str, str, int]]) -> Evidence:
+    """Check `sf` (moved by `slide`) against the kernel's own symbol table: for a file with nothing else to
+    check by (an export list, a partial map). Names that occur once on each side must sit at the same
+    address, at least `KALLSYMS_AGREE` of them, and there must be `KALLSYMS_MIN` such names.
+
+    Raises:
+        KernelMismatch: too many disagree.
+        TargetError: too few names in common to tell.
+    """
+    counts: dict[str, int] = {}
+    for name, _, _ in kernel:
+        counts[name] = counts.get(name, 0) + 1
+    live = {name: address for name, _, address in kernel if counts[name] == 1}
+    mine: dict[str, list[int]] = {}
+    for sym in sf.symbols():
+        mine.setdefault(sym.name, []).append(sym.address - sf.bias + slide)
+    common = sorted(n for n, where in mine.items() if len(where) == 1 and n in live)
+    if len(common) < KALLSYMS_MIN:
+        raise TargetError(
+            f"{sf.path} has no linux_banner or __start___ksymtab, and only {len(common)} names in common with the "
+            "running kernel's kallsyms: cannot check that it is the running kernel (use a full System.map, a "
+            "/proc/kallsyms dump or a vmlinux, or no file with --linux)"
+        )
+    agree = sum(mine[n][0] == live[n] for n in common)
+    if agree < KALLSYMS_AGREE * len(common):
+        wrong = next(n for n in common if mine[n][0] != live[n])
+        raise KernelMismatch(
+            f"{sf.path} is not the running kernel: only {agree} of {len(common)} symbols are where the guest's "
+            f"kallsyms has them (+slide {slide:#x}; e.g. {wrong} at {mine[wrong][0]:#x}, the guest has it at "
+            f"{live[wrong]:#x})"
+        )
+    return Evidence((f"kallsyms: {agree} of {len(common)} symbols where the guest has them",))
 
 
 async def _check_ksymtab(memory: GuestMemory, sf: SymbolFile, slide: int, ksymtab: int) -> str:

@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from probed.guest.linux.kallsyms import KernelSymbols, read_kallsyms
-from probed.guest.linux.kaslr import LINK_TEXT, check_file, file_text, find_kernel_text
+from probed.guest.linux.kaslr import (
+    LINK_TEXT,
+    check_against_kallsyms,
+    check_file,
+    file_text,
+    find_kernel_text,
+)
 from probed.guest.linux.memory import GuestMemory, RspMemory, read_batch
 from probed.guest.linux.symcache import SymbolCache
 from probed.guest.symbols import SymbolFile, SymbolStore, no_gc_pauses
@@ -112,12 +118,12 @@ class LinuxKernel:
         memory = self.memory = self._make_memory(engine)
         self.text = await find_kernel_text(memory)
         self.slide = self.text - LINK_TEXT
-        kernel_files = [sf for sf in engine.symbols.files() if file_text(sf) is not None]
+        kernel_files = [sf for sf in engine.symbols.files() if file_text(sf) is not None or _in_kernel_window(sf)]
         if kernel_files:
             for sf in kernel_files:
                 await self._rebase(memory, engine.symbols, sf)
             self.kernel_files = [sf.name for sf in kernel_files]
-            self.source = "file"
+            self.source = "file"  # (checked against the kernel's kallsyms when it has nothing else to check by)
         else:
             with no_gc_pauses():
                 await self._load_kallsyms(memory, engine.symbols)
@@ -131,13 +137,29 @@ class LinuxKernel:
                  self.source, self.setup_seconds)
 
     async def _rebase(self, memory: GuestMemory, symbols: SymbolStore, sf: SymbolFile) -> None:
-        bias = self.text - file_text(sf)
-        banner = _elf_banner(sf)
-        evidence = await check_file(memory, sf, bias, banner)
+        text = file_text(sf)
+        if text is None:
+            # No _text to anchor on (an export list): the slide that puts most names where the kernel's own
+            # kallsyms has them, then checked like any file with nothing else to check by.
+            bias = _likeliest_bias(sf, (await self._kernel_table(memory)).symbols)
+            evidence = check_against_kallsyms(sf, bias, (await self._kernel_table(memory)).symbols)
+        else:
+            bias = self.text - text
+            evidence = await check_file(memory, sf, bias, _elf_banner(sf))
+            if not evidence.checks:
+                evidence = check_against_kallsyms(sf, bias, (await self._kernel_table(memory)).symbols)
         symbols.set_bias(sf.name, bias)
         self.evidence += [f"{sf.name}: {line}" for line in evidence.checks]
 
     async def _load_kallsyms(self, memory: GuestMemory, symbols: SymbolStore) -> None:
+        table = await self._kernel_table(memory)
+        self.percpu = {name: value for name, _, value in table.absolute}
+        self.kernel_files = [KERNEL_FILE]
+        symbols.add(SymbolFile.from_entries(KERNEL_FILE, f"<guest kallsyms, {len(table.symbols)} symbols>",
+                                            kernel_entries(table, LINK_TEXT), bias=self.slide))
+
+    async def _kernel_table(self, memory: GuestMemory) -> KernelSymbols:
+        """The kernel's kallsyms, from the host's cache or read from the guest (and then cached)."""
         table = await self.cache.lookup(memory, self.text) if self.cache is not None else None
         if table is not None:
             self.source = "cache"
@@ -153,10 +175,7 @@ class LinuxKernel:
                         self.cache.store(table, banner, banner_at)
                     except OSError as exc:
                         log.warning("linux: cannot cache the kernel symbols in %s: %s", self.cache.directory, exc)
-        self.percpu = {name: value for name, _, value in table.absolute}
-        self.kernel_files = [KERNEL_FILE]
-        symbols.add(SymbolFile.from_entries(KERNEL_FILE, f"<guest kallsyms, {len(table.symbols)} symbols>",
-                                            kernel_entries(table, LINK_TEXT), bias=self.slide))
+        return table
 
     def is_kernel_file(self, name: str) -> bool:
         """Whether the symbol file `name` describes the kernel itself (not a module)."""
@@ -172,6 +191,26 @@ class LinuxKernel:
         if self.modules is not None:
             out["modules"] = self.modules.loaded_names()
         return out
+
+
+def _in_kernel_window(sf: SymbolFile) -> bool:
+    """Whether most of a file's symbols lie in the x86_64 kernel image window (a kernel's file without _text)."""
+    inside = sum(0xFFFF_FFFF_8000_0000 <= s.address - sf.bias < 0xFFFF_FFFF_C000_0000 for s in sf.symbols())
+    return inside > len(sf) // 2
+
+
+def _likeliest_bias(sf: SymbolFile, kernel: list[tuple[str, str, int]]) -> int:
+    """The commonest (kernel address - file link address) over names found once in each."""
+    live: dict[str, int | None] = {}
+    for name, _, address in kernel:
+        live[name] = None if name in live else address
+    votes: dict[int, int] = {}
+    for sym in sf.symbols():
+        address = live.get(sym.name)
+        if address is not None:
+            delta = address - (sym.address - sf.bias)
+            votes[delta] = votes.get(delta, 0) + 1
+    return max(votes, key=votes.get) if votes else 0
 
 
 def _elf_banner(sf: SymbolFile) -> bytes | None:
