@@ -28,11 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from linux.guest import LinuxGuest, fetch_linux  # noqa: E402
 
 from probed.front.cli import Client  # noqa: E402
+from tests.linux.guest import LinuxGuest, fetch_linux  # noqa: E402
 
 
 def attach_seconds(target: str, workdir: Path, *extra: str) -> tuple[float, float | None]:
