@@ -11,9 +11,15 @@ import signal
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from probed.testing.qemu import QemuGuest
 from tests.linux.conftest_linux import linux_guest, linux_kaslr_guest  # noqa: F401  (the session's Linux guests)
+
+# Property tests are judged by their examples, not their speed: a per-example deadline only measures how
+# busy the host is (CI shares 2 cores with QEMU guests).
+settings.register_profile("probed", deadline=None)
+settings.load_profile("probed")
 
 DEFAULT_TIME_LIMIT = float(os.environ.get("PROBED_TEST_TIME_LIMIT", "120"))
 
