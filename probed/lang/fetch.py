@@ -2,8 +2,11 @@
 
     NAME=FETCHARG[:TYPE]     or     FETCHARG[:TYPE]   (named arg1, arg2, ... by position)
 
-FETCHARG: `%REG`, `@ADDR`, `@SYM[+|-OFF]`, `$stack`, `$stackN`, `$argN`, `+|-[u]OFF(FETCHARG)`, `\\IMM`.
-TYPE: `u8..u64`, `s8..s64`, `x8..x64`, `string`, `ustring`, `symbol`, and arrays `TYPE[N]`.
+FETCHARG: `%REG`, `@ADDR`, `@SYM[+|-OFF]`, `$stack`, `$stackN`, `$argN`, `+|-[u]OFF(FETCHARG)`, `\\IMM`,
+`\\"STRING"`, and with the kernel's types (BTF, Linux guests): `$comm`, `$pid`, `$tid`, a parameter by
+name (`filename`), `$arg*` (every parameter), member chains `how->flags`, `a->b.c`, `$arg2->f`.
+TYPE: `u8..u64`, `s8..s64`, `x8..x64`, `char`, `string`, `ustring`, `symbol`, `symstr`, bitfields
+`b<width>@<offset>/<container bits>`, and arrays `TYPE[N]` (`string[N]`: N char pointers there).
 
 Memory is read breadth-first: every field's next read goes into one batch (one write of `m` packets to the
 target), so independent dereferences cost one round trip and a double dereference two.
@@ -12,98 +15,59 @@ target), so independent dereferences cost one round trip and a double dereferenc
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from probed.errors import FetchSyntaxError
 
-__all__ = ["FetchField", "FetchProgram", "parse_fetchargs", "parse_fetcharg"]
+from . import typed
+from .program import STRING_MAX, FetchProgram, Unfetched, read_c_string
+from .tree import Arg, Deref, FetchField, FieldType, Imm, Memory, Node, Reg, StackEntry, StackPointer, StrImm
 
-STRING_MAX = 256
-PAGE = 4096
+__all__ = [
+    "STRING_MAX", "FetchEnv", "FetchField", "FetchProgram", "TypesNeeded", "parse_fetchargs", "parse_fetcharg",
+    "read_c_string", "Node", "Unfetched",
+]
+
+MAX_DEPTH = 64  # nested dereferences and member accesses in one fetch arg (the kernel allows far fewer)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NUMBER = re.compile(r"0[xX][0-9a-fA-F]+|[0-9]+")
 _SYMBOL = re.compile(r"[A-Za-z_.][A-Za-z0-9_.$]*")
-_SPECIAL = re.compile(r"\$(stack|arg|retval|comm)([0-9]*)")
-_TYPE = re.compile(r"^(?:(?P<int>[usx])(?P<bits>8|16|32|64)|(?P<other>string|ustring|symbol))(?:\[(?P<n>[0-9]+)\])?$")
-
-# -- the syntax tree ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Reg:
-    name: str
+_SPECIAL = re.compile(r"\$(stack|arg|retval|comm|pid|tid)([0-9]*)")
+_TYPE = re.compile(
+    r"^(?:(?P<int>[usx])(?P<bits>8|16|32|64)|(?P<other>string|ustring|symbol|symstr|char)"
+    r"|b(?P<bw>[0-9]+)@(?P<bo>[0-9]+)/(?P<bc>[0-9]+))(?:\[(?P<n>[0-9]+)\])?$"
+)
+_TYPES_HELP = "u8..u64, s8..s64, x8..x64, char, string, ustring, symbol, symstr, bW@O/C, TYPE[N]"
 
 
 @dataclass(frozen=True)
-class Imm:
-    value: int
+class FetchEnv:
+    """What a fetch arg may refer to beyond registers and memory.
+
+    Attributes:
+        function: the probed function (parameter names and `$argN` types come from its BTF prototype).
+        at_entry: the probe is at the function's first instruction (parameters by name only there).
+        types: the kernel's types (probed.guest.linux.kernel_types.KernelTypes), or None.
+        types_error: why `types` is None, if they were looked for ("" if nobody asked yet).
+    """
+
+    function: str | None = None
+    at_entry: bool = True
+    types: Any = None
+    types_error: str = ""
 
 
-@dataclass(frozen=True)
-class StackPointer:
-    pass
-
-
-@dataclass(frozen=True)
-class StackEntry:
-    index: int
-
-
-@dataclass(frozen=True)
-class Arg:
-    index: int
-
-
-@dataclass(frozen=True)
-class Memory:
-    """`@ADDR` or `@SYM+OFF`: the memory at a fixed address."""
-
-    address: int
-
-
-@dataclass(frozen=True)
-class Deref:
-    """`+OFF(inner)`: the memory at inner's value plus OFF."""
-
-    offset: int
-    inner: Any
-
-
-Node = Reg | Imm | StackPointer | StackEntry | Arg | Memory | Deref
-
-
-@dataclass(frozen=True)
-class FieldType:
-    """How a field is read and rendered."""
-
-    kind: str  # "u", "s", "x", "string", "ustring", "symbol"
-    size: int  # bytes per element (strings: 0)
-    count: int | None  # array length, or None
-
-    @property
-    def is_string(self) -> bool:
-        return self.kind in ("string", "ustring")
-
-
-@dataclass(frozen=True)
-class FetchField:
-    """One parsed fetch arg: its field name, what to fetch, its type, and the text it came from."""
-
-    name: str
-    node: Node
-    type: FieldType
-    text: str
-
-
-# -- parsing ------------------------------------------------------------------------------------------
+class TypesNeeded(FetchSyntaxError):
+    """A fetch arg uses the kernel's types and none were given: load them and parse again (the message
+    stands as the error when they cannot be had)."""
 
 
 class _Parser:
-    def __init__(self, text: str, start: int, end: int, arch: Any, symbols: Any):
+    def __init__(self, text: str, start: int, end: int, arch: Any, symbols: Any, env: FetchEnv):
         self.text, self.pos, self.end = text, start, end
-        self.arch, self.symbols = arch, symbols
+        self.arch, self.symbols, self.env = arch, symbols, env
 
     def fail(self, reason: str, at: int | None = None) -> FetchSyntaxError:
         return FetchSyntaxError(self.text, (self.pos if at is None else at) + 1, reason)
@@ -118,7 +82,48 @@ class _Parser:
         self.pos = m.end()
         return int(m.group(0), 0)
 
-    def fetcharg(self) -> Node:
+    def types(self, what: str, at: int) -> Any:
+        """The kernel's types, or the error saying `what` needs them."""
+        env = self.env
+        if env.types is not None:
+            return env.types
+        if env.types_error:
+            raise self.fail(f"{what} needs the kernel's types (BTF): {env.types_error}", at)
+        raise TypesNeeded(self.text, at + 1, f"{what} needs the kernel's types (BTF), and none are loaded")
+
+    def typed(self, problem: typed.TypeProblem, at: int) -> FetchSyntaxError:
+        return self.fail(str(problem), at)
+
+    # -- the grammar ---------------------------------------------------------------------------------
+
+    def fetcharg(self, depth: int = 0) -> Node | typed.Typed:
+        """One FETCHARG: a node, or a Typed one when BTF says what it points at."""
+        if depth > MAX_DEPTH:
+            raise self.fail(f"more than {MAX_DEPTH} nested dereferences")
+        value = self.primary(depth)
+        hops = 0
+        while self.text.startswith(("->", "."), self.pos) and self.pos < self.end:
+            op = "->" if self.text.startswith("->", self.pos) else "."
+            at = self.pos
+            self.pos += len(op)
+            m = _NAME.match(self.text, self.pos, self.end)
+            if not m:
+                raise self.fail(f"expected a member name after {op}")
+            hops += 1
+            if depth + hops > MAX_DEPTH:
+                raise self.fail(f"more than {MAX_DEPTH} nested dereferences", at)
+            if not isinstance(value, typed.Typed):
+                raise self.fail(f"{op} needs a typed value: a parameter by name, or $argN of a function the "
+                                "kernel's BTF knows", at)
+            types = self.types(f"{op}{m.group(0)}", at)
+            try:
+                value = typed.member(types, value, op, m.group(0), Deref)
+            except typed.TypeProblem as exc:
+                raise self.typed(exc, m.start()) from None
+            self.pos = m.end()
+        return value
+
+    def primary(self, depth: int) -> Node | typed.Typed:
         c = self.peek()
         start = self.pos
         if not c:
@@ -134,38 +139,9 @@ class _Parser:
             except KeyError as exc:
                 raise self.fail(str(exc).strip("'\""), start + 1) from None
         if c == "@":
-            self.pos += 1
-            if self.text.startswith(("0x", "0X"), self.pos) or self.peek().isdigit():
-                return Memory(self.number("an address"))
-            m = _SYMBOL.match(self.text, self.pos, self.end)
-            if not m:
-                raise self.fail("expected an address or a symbol after @")
-            self.pos = m.end()
-            offset = 0
-            if self.peek() and self.peek() in "+-":
-                sign = -1 if self.peek() == "-" else 1
-                self.pos += 1
-                offset = sign * self.number("an offset")
-            if self.symbols is None:
-                raise self.fail("no symbols are loaded to resolve @SYM", start + 1)
-            try:
-                sym = self.symbols.lookup(m.group(0))
-            except Exception as exc:  # UnknownSymbol: keep its close matches in the message
-                raise self.fail(str(exc), start + 1) from None
-            return Memory(sym.address + offset)
+            return self.memory(start)
         if c == "$":
-            m = _SPECIAL.match(self.text, self.pos, self.end)
-            if not m:
-                raise self.fail("expected $stack, $stackN or $argN")
-            self.pos = m.end()
-            what, n = m.group(1), m.group(2)
-            if what == "stack":
-                return StackEntry(int(n)) if n else StackPointer()
-            if what == "arg" and n and int(n) >= 1:
-                return Arg(int(n))
-            if what == "arg":
-                raise self.fail("$arg needs a number from 1", start)
-            raise self.fail(f"${what} is not available for guest probes", start)
+            return self.special(start)
         if c in "+-":
             sign = -1 if c == "-" else 1
             self.pos += 1
@@ -175,22 +151,103 @@ class _Parser:
             if self.peek() != "(":
                 raise self.fail("expected ( after the offset")
             self.pos += 1
-            inner = self.fetcharg()
+            inner = self.fetcharg(depth + 1)
             if self.peek() != ")":
                 raise self.fail("expected )")
             self.pos += 1
-            return Deref(offset, inner)
+            return Deref(offset, inner.node if isinstance(inner, typed.Typed) else inner)
         if c == "\\":
             self.pos += 1
+            if self.peek() == '"':
+                close = self.text.find('"', self.pos + 1, self.end)
+                if close < 0:
+                    raise self.fail("unterminated string immediate (\\\"...\")")
+                value = self.text[self.pos + 1 : close]
+                self.pos = close + 1
+                return StrImm(value)
             sign = 1
             if self.peek() == "-":
                 sign, self.pos = -1, self.pos + 1
             return Imm(sign * self.number("an immediate number"))
-        raise self.fail(f"unexpected {c!r}: a fetch arg starts with %, @, $, +, - or \\")
+        m = _NAME.match(self.text, self.pos, self.end)
+        if m:
+            return self.parameter(m, start)
+        raise self.fail(f"unexpected {c!r}: a fetch arg starts with %, @, $, +, -, \\ or a parameter name")
+
+    def memory(self, start: int) -> Node:
+        self.pos += 1
+        if self.text.startswith(("0x", "0X"), self.pos) or self.peek().isdigit():
+            return Memory(self.number("an address"))
+        m = _SYMBOL.match(self.text, self.pos, self.end)
+        if not m:
+            raise self.fail("expected an address or a symbol after @")
+        self.pos = m.end()
+        offset = 0
+        if self.peek() and self.peek() in "+-":
+            sign = -1 if self.peek() == "-" else 1
+            self.pos += 1
+            offset = sign * self.number("an offset")
+        if self.symbols is None:
+            raise self.fail("no symbols are loaded to resolve @SYM", start + 1)
+        try:
+            sym = self.symbols.lookup(m.group(0))
+        except Exception as exc:  # UnknownSymbol: keep its close matches in the message
+            raise self.fail(str(exc), start + 1) from None
+        return Memory(sym.address + offset)
+
+    def special(self, start: int) -> Node | typed.Typed:
+        m = _SPECIAL.match(self.text, self.pos, self.end)
+        if not m:
+            raise self.fail("expected $stack, $stackN, $argN, $comm, $pid or $tid")
+        self.pos = m.end()
+        what, n = m.group(1), m.group(2)
+        if what == "stack":
+            return StackEntry(int(n)) if n else StackPointer()
+        if what == "arg" and n and int(n) >= 1:
+            index = int(n)
+            ctype = typed.argument_type(self.env.types, self.env.function, index)
+            if ctype is None and self.env.types is None and self.text.startswith(("->", "."), self.pos):
+                self.types(f"$arg{index}{self.text[self.pos:self.pos + 2]}", self.pos)
+            return typed.Typed(Arg(index), ctype, False, text=f"$arg{index}") if ctype is not None else Arg(index)
+        if what == "arg":
+            raise self.fail("$arg needs a number from 1", start)
+        if what in ("comm", "pid", "tid") and not n:
+            return self.task_field(what, start)
+        raise self.fail(f"${what}{n} is not available for guest probes", start)
+
+    def task_field(self, what: str, start: int) -> Node:
+        """`$comm`, `$pid` (the thread group: what ps shows), `$tid`: fields of the CPU's current task."""
+        types = self.types(f"${what}", start)
+        current = types.current
+        if current is None:
+            raise self.fail(f"${what}: cannot find the current task: {types.current_error}", start)
+        try:
+            register = self.arch.resolve_register(current.register)
+        except KeyError:
+            raise self.fail(f"${what}: the target reports no {current.register} register", start) from None
+        task = Deref(current.percpu_offset, Reg(register))  # value: the task_struct pointer
+        offset = {"comm": current.comm, "pid": current.tgid, "tid": current.pid}[what]
+        return Deref(offset, task)
+
+    def parameter(self, m: re.Match, start: int) -> typed.Typed:
+        name = m.group(0)
+        self.pos = m.end()
+        types = self.types(f"the parameter name {name!r}", start)
+        if not self.env.at_entry:
+            raise self.fail(f"{name!r}: parameters by name only at a function's entry (offset 0); use a "
+                            "register there", start)
+        try:
+            return typed.parameter(types, self.env.function, name, Arg)
+        except typed.TypeProblem as exc:
+            raise self.typed(exc, start) from None
 
 
 def _split_type(text: str, start: int) -> int:
-    """Index of the `:` that starts the type (outside parentheses), or -1."""
+    """Index of the `:` that starts the type (outside parentheses and string immediates), or -1."""
+    if text.startswith('\\"', start):
+        close = text.find('"', start + 2)
+        tail = text.find(":", close + 1) if close >= 0 else -1
+        return tail
     depth = 0
     for i in range(len(text) - 1, start - 1, -1):
         ch = text[i]
@@ -203,13 +260,49 @@ def _split_type(text: str, start: int) -> int:
     return -1
 
 
-def parse_fetcharg(text: str, position: int, arch: Any, symbols: Any = None) -> FetchField:
+def _parse_type(text: str, colon: int, word: int) -> FieldType:
+    tm = _TYPE.match(text[colon + 1 :])
+    if not tm:
+        raise FetchSyntaxError(text, colon + 2, f"unknown type {text[colon + 1:]!r} ({_TYPES_HELP})")
+    count = int(tm.group("n")) if tm.group("n") else None
+    if count is not None and not 1 <= count <= 1024:
+        raise FetchSyntaxError(text, colon + 2, "array length must be 1..1024")
+    if tm.group("int"):
+        return FieldType(tm.group("int"), int(tm.group("bits")) // 8, count)
+    if tm.group("bw"):
+        width, shift, container = int(tm.group("bw")), int(tm.group("bo")), int(tm.group("bc"))
+        if container not in (8, 16, 32, 64) or not 1 <= width or shift + width > container:
+            raise FetchSyntaxError(text, colon + 2, "a bitfield is b<width>@<offset>/<container> with container "
+                                   "8, 16, 32 or 64 and width + offset within it")
+        if count is not None:
+            raise FetchSyntaxError(text, colon + 2, "arrays of bitfields are not supported")
+        return FieldType("bitfield", container // 8, None, width, shift)
+    other = tm.group("other")
+    if other in ("symbol", "symstr"):
+        return FieldType(other, word, count)
+    if other == "char":
+        return FieldType("char", 1, count)
+    return FieldType(other, 0, count)
+
+
+def _auto_name(text: str, position: int) -> str:
+    """An unnamed field's name: a parameter or member chain names itself (`how->flags` is how_flags),
+    `$comm`/`$pid`/`$tid` are comm/pid/tid, anything else is argN by position."""
+    body = text[: _split_type(text, 0)] if _split_type(text, 0) >= 0 else text
+    candidate = re.sub(r"->|\.", "_", body.removeprefix("$") if body in ("$comm", "$pid", "$tid") else body)
+    if _NAME.fullmatch(candidate) and not body.startswith(("$", "%", "@", "+", "-", "\\")):
+        return candidate
+    return candidate if body in ("$comm", "$pid", "$tid") else f"arg{position}"
+
+
+def parse_fetcharg(text: str, position: int, arch: Any, symbols: Any = None, env: FetchEnv | None = None) -> FetchField:
     """Parse one `NAME=FETCHARG[:TYPE]`.
 
     Raises:
-        FetchSyntaxError: with the 1-based column of the problem in `text`.
+        FetchSyntaxError: with the 1-based column of the problem in `text` (TypesNeeded when it needs BTF).
     """
-    name = f"arg{position}"
+    env = env or FetchEnv()
+    name = ""
     start = 0
     m = _NAME.match(text)
     if m and text[m.end() : m.end() + 1] == "=":
@@ -218,236 +311,79 @@ def parse_fetcharg(text: str, position: int, arch: Any, symbols: Any = None) -> 
         raise FetchSyntaxError(text, 1, "a field name is a C identifier")
     colon = _split_type(text, start)
     end = colon if colon >= 0 else len(text)
-    parser = _Parser(text, start, end, arch, symbols)
-    node = parser.fetcharg()
+    parser = _Parser(text, start, end, arch, symbols, env)
+    value = parser.fetcharg()
     if parser.pos != end:
         raise parser.fail("unexpected text after the fetch arg")
+    name = name or _auto_name(text, position)
     word = arch.word_size
-    ftype = FieldType("x", word, None)
+    node = value.node if isinstance(value, typed.Typed) else value
+    task = text[start:end] in ("$comm", "$pid", "$tid")
     if colon >= 0:
-        tm = _TYPE.match(text[colon + 1 :])
-        if not tm:
-            raise FetchSyntaxError(
-                text, colon + 2, f"unknown type {text[colon + 1:]!r} (u8..u64, s8..s64, x8..x64, string, symbol, TYPE[N])"
-            )
-        count = int(tm.group("n")) if tm.group("n") else None
-        if tm.group("int"):
-            ftype = FieldType(tm.group("int"), int(tm.group("bits")) // 8, count)
-        elif tm.group("other") == "symbol":
-            ftype = FieldType("symbol", word, count)
-        else:
-            if count is not None:
-                raise FetchSyntaxError(text, colon + 2, "arrays of strings are not supported")
-            ftype = FieldType(tm.group("other"), 0, None)
-        if count is not None and not isinstance(node, Memory | Deref | StackEntry):
-            raise FetchSyntaxError(text, start + 1, "an array needs a memory fetch arg (@ADDR or +OFF(...))")
-        if count is not None and not 1 <= count <= 1024:
-            raise FetchSyntaxError(text, colon + 2, "array length must be 1..1024")
+        ftype = _parse_type(text, colon, word)
+        if task and ftype != _task_type(text[start:end]) and text[start:end] == "$comm":
+            raise FetchSyntaxError(text, colon + 2, "$comm is a string; any other type is invalid")
+        if isinstance(value, typed.Typed) and ftype.is_string and ftype.count is None:
+            try:
+                node = typed.string_node(env.types, value, Deref)
+            except typed.TypeProblem as exc:
+                raise FetchSyntaxError(text, colon + 2, str(exc)) from None
+    elif isinstance(value, typed.Typed):
+        try:
+            ftype = typed.default_type(env.types, value, FieldType, word)
+        except typed.TypeProblem as exc:
+            raise FetchSyntaxError(text, start + 1, str(exc)) from None
+    elif isinstance(node, StrImm):
+        ftype = FieldType("string", 0, None)
+    else:
+        ftype = _task_type(text[start:end]) if task else FieldType("x", word, None)
+    if isinstance(node, StrImm) and not ftype.is_string:
+        raise FetchSyntaxError(text, colon + 2, "a string immediate is a string; any other type is invalid")
+    if ftype.count is not None and not isinstance(node, Memory | Deref | StackEntry):
+        raise FetchSyntaxError(text, start + 1, "an array needs a memory fetch arg (@ADDR or +OFF(...))")
+    if ftype.kind == "bitfield" and not isinstance(node, Memory | Deref | StackEntry):
+        raise FetchSyntaxError(text, start + 1, "a bitfield needs a memory fetch arg (@ADDR or +OFF(...))")
     return FetchField(name, node, ftype, text)
 
 
-def parse_fetchargs(args: Sequence[str], arch: Any, symbols: Any = None) -> FetchProgram:
+def _task_type(body: str) -> FieldType:
+    return FieldType("string", 0, None) if body == "$comm" else FieldType("s", 4, None)
+
+
+def parse_fetchargs(args: Sequence[str], arch: Any, symbols: Any = None, env: FetchEnv | None = None) -> FetchProgram:
     """Parse a handler's fetch args.
 
     Args:
-        args: `NAME=FETCHARG[:TYPE]` or `FETCHARG[:TYPE]` strings (unnamed ones become `argN`, N its position).
+        args: `NAME=FETCHARG[:TYPE]` or `FETCHARG[:TYPE]` strings (unnamed ones become `argN`, N its position;
+            `$arg*` stands for every parameter of the function, by name).
         arch: register names, word size and calling convention of the target.
         symbols: resolves `@SYM`; None if no symbol files are loaded.
+        env: the probed function and the kernel's types, for `$comm`, parameter names and member chains.
 
     Returns:
         The program; its `fields` are the names in argument order.
 
     Raises:
-        FetchSyntaxError: the first arg that does not parse (its text and column), or a repeated name.
+        FetchSyntaxError: the first arg that does not parse (its text and column), or a repeated name;
+            TypesNeeded (a subclass) when an arg needs the kernel's types and `env` has none.
     """
+    env = env or FetchEnv()
     fields = []
     seen: set[str] = set()
-    for i, text in enumerate(args, start=1):
-        f = parse_fetcharg(text, i, arch, symbols)
+    expanded: list[str] = []
+    for text in args:
+        if text == "$arg*":
+            types = _Parser(text, 0, len(text), arch, symbols, env).types("$arg*", 0)
+            proto = types.params(env.function) if env.function else None
+            if proto is None:
+                raise FetchSyntaxError(text, 1, f"$arg*: the kernel's BTF has no prototype for {env.function}")
+            expanded += [p.name for p in proto[1] if p.name]
+        else:
+            expanded.append(text)
+    for i, text in enumerate(expanded, start=1):
+        f = parse_fetcharg(text, i, arch, symbols, env)
         if f.name in seen:
             raise FetchSyntaxError(text, 1, f"field {f.name!r} appears twice")
         seen.add(f.name)
         fields.append(f)
     return FetchProgram(tuple(fields), arch)
-
-
-# -- evaluation ---------------------------------------------------------------------------------------
-
-_Read = tuple[int, int]
-_Gen = Generator[_Read, "bytes | Exception", Any]
-
-
-def read_c_string(
-    read: Callable[[int, int], Generator[_Read, Any, bytes]], address: int, limit: int, fault: type[Exception]
-) -> Generator[_Read, Any, str]:
-    """A NUL-terminated string (at most `limit` bytes, UTF-8 with replacement), read through `read`.
-
-    The first read stops at the page boundary, so a string at the end of a mapped page is not lost to an
-    unmapped next page. A `fault` on a later read ends the string there; on the first, it is raised.
-    Sans-IO: `read` is a generator that yields `(address, length)` and gets the bytes back.
-    """
-    out = bytearray()
-    while len(out) < limit:
-        chunk = min(limit - len(out), PAGE - (address % PAGE))
-        try:
-            data = yield from read(address, chunk)
-        except fault:
-            if out:
-                break
-            raise
-        nul = data.find(b"\0")
-        if nul >= 0:
-            out += data[:nul]
-            break
-        out += data
-        address += chunk
-    return out.decode("utf-8", errors="replace")
-
-
-class Unfetched(str):
-    """The value of a field that could not be fetched on a hit: its message, e.g. `<no register rip>`.
-
-    A `str` (records show the message), marked so that filters treat it as unknown, never as a string.
-    """
-
-
-class _FieldError(Exception):
-    """A field that cannot be fetched on this hit; its value becomes the message, e.g. `<fault reading 0x0: E14>`."""
-
-
-def _fault(address: int, cause: Exception) -> _FieldError:
-    return _FieldError(f"<fault reading {address:#x}: {cause}>")
-
-
-def _register(regs: Mapping[str, int], name: str) -> int:
-    try:
-        return regs[name]
-    except KeyError:
-        raise _FieldError(f"<no register {name}>") from None
-
-
-def _uses_registers(node: Node) -> bool:
-    if isinstance(node, Reg | StackPointer | StackEntry | Arg):
-        return True
-    return isinstance(node, Deref) and _uses_registers(node.inner)
-
-
-def _uses_memory(node: Node, arch: Any) -> bool:
-    if isinstance(node, Memory | Deref | StackEntry):
-        return True
-    return isinstance(node, Arg) and arch.arg_location(node.index)[0] == "stack"
-
-
-class FetchProgram:
-    """Parsed fetch args, ready to run on hit contexts.
-
-    Attributes:
-        fields: the field names, in argument order.
-        needs_registers: evaluation calls `ctx.registers()` (a `g` packet per hit).
-        needs_memory: evaluation calls `ctx.read_many` (at least one batch of `m` packets per hit).
-    """
-
-    def __init__(self, fields: tuple[FetchField, ...], arch: Any):
-        self.fields_spec = fields
-        self.arch = arch
-        self.fields = tuple(f.name for f in fields)
-        self.needs_registers = any(_uses_registers(f.node) for f in fields)
-        self.needs_memory = any(_uses_memory(f.node, arch) or f.type.is_string for f in fields)
-
-    async def evaluate(self, ctx: Any) -> dict[str, Any]:
-        """Fetch every field, reading memory breadth-first (one `read_many` per round of dereferences).
-
-        Args:
-            ctx: the hit: `await ctx.registers()` (a mapping of register name to value),
-                `await ctx.read_many([(address, length), ...])` (bytes or an Exception per request, in order)
-                and `ctx.symbolize(address)` (a "sym+0xoff" string or None).
-
-        Returns:
-            Field name to value, in argument order: an int (`u`/`s`), a "0x.." string (`x`), a string, a
-            symbol name, or a list of those (arrays). A field that cannot be fetched on this hit gets a
-            `<fault reading ADDR: ...>` (or `<no register ...>`) string instead; the other fields are unaffected.
-        """
-        regs = await ctx.registers() if self.needs_registers else {}
-        gens = {f.name: self._field(f, regs, ctx) for f in self.fields_spec}
-        results: dict[str, Any] = {}
-        pending: dict[str, _Read] = {}
-        for name, gen in gens.items():
-            self._advance(name, gen, None, pending, results)
-        while pending:
-            names = list(pending)
-            replies = await ctx.read_many([pending[n] for n in names])
-            pending = {}
-            for name, reply in zip(names, replies, strict=True):
-                self._advance(name, gens[name], reply, pending, results)
-        return {f.name: results[f.name] for f in self.fields_spec}
-
-    @staticmethod
-    def _advance(name: str, gen: _Gen, reply: Any, pending: dict[str, _Read], results: dict[str, Any]) -> None:
-        try:
-            pending[name] = gen.send(reply) if reply is not None else next(gen)
-        except StopIteration as stop:
-            results[name] = stop.value
-        except _FieldError as error:
-            results[name] = Unfetched(error)
-
-    def _read(self, address: int, length: int) -> Generator[_Read, Any, bytes]:
-        data = yield (address & ((1 << (8 * self.arch.word_size)) - 1), length)
-        if isinstance(data, Exception):
-            raise _fault(address, data)
-        return data
-
-    def _value(self, node: Node, regs: Mapping[str, int]) -> Generator[_Read, Any, int]:
-        word = self.arch.word_size
-        if isinstance(node, Reg):
-            return _register(regs, node.name)
-        if isinstance(node, Imm):
-            return node.value
-        if isinstance(node, StackPointer):
-            return _register(regs, self.arch.sp)
-        if isinstance(node, Arg):
-            where, loc = self.arch.arg_location(node.index)
-            if where == "reg":
-                return _register(regs, loc)
-            return int.from_bytes((yield from self._read(_register(regs, self.arch.sp) + loc, word)), "little")
-        address = yield from self._address(node, regs)
-        return int.from_bytes((yield from self._read(address, word)), "little")
-
-    def _address(self, node: Node, regs: Mapping[str, int]) -> Generator[_Read, Any, int]:
-        if isinstance(node, Memory):
-            return node.address
-        if isinstance(node, StackEntry):
-            return _register(regs, self.arch.sp) + node.index * self.arch.word_size
-        assert isinstance(node, Deref)
-        return (yield from self._value(node.inner, regs)) + node.offset
-
-    def _field(self, f: FetchField, regs: Mapping[str, int], ctx: Any) -> Generator[_Read, Any, Any]:
-        t = f.type
-        located = isinstance(f.node, Memory | Deref | StackEntry)
-        if t.is_string:
-            if located and not isinstance(f.node, StackEntry):
-                address = yield from self._address(f.node, regs)
-            else:
-                address = yield from self._value(f.node, regs)
-            return (yield from self._string(address))
-        if located:
-            address = yield from self._address(f.node, regs)
-            data = yield from self._read(address, t.size * (t.count or 1))
-            values = [int.from_bytes(data[i : i + t.size], "little") for i in range(0, len(data), t.size)]
-        else:
-            values = [(yield from self._value(f.node, regs))]
-        rendered = [self._render(v, t, ctx) for v in values]
-        return rendered if t.count is not None else rendered[0]
-
-    def _string(self, address: int) -> Generator[_Read, Any, str]:
-        return (yield from read_c_string(self._read, address, STRING_MAX, _FieldError))
-
-    def _render(self, value: int, t: FieldType, ctx: Any) -> Any:
-        bits = 8 * t.size
-        value &= (1 << bits) - 1
-        if t.kind == "u":
-            return value
-        if t.kind == "s":
-            return value - (1 << bits) if value >> (bits - 1) else value
-        if t.kind == "symbol":
-            return ctx.symbolize(value) or f"{value:#x}"
-        return f"{value:#x}"

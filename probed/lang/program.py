@@ -1,0 +1,217 @@
+"""Running parsed fetch args on a hit: every field a generator of reads, advanced breadth-first in batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Mapping
+from typing import Any
+
+from .tree import Arg, Deref, FetchField, FieldType, Imm, Memory, Node, Reg, StackEntry, StackPointer, StrImm
+
+__all__ = ["PAGE", "STRING_MAX", "FetchProgram", "Unfetched", "read_c_string"]
+
+STRING_MAX = 256
+PAGE = 4096
+
+_Read = tuple[int, int]
+_Gen = Generator[_Read, "bytes | Exception", Any]
+
+
+def read_c_string(
+    read: Callable[[int, int], Generator[_Read, Any, bytes]], address: int, limit: int, fault: type[Exception]
+) -> Generator[_Read, Any, str]:
+    """A NUL-terminated string (at most `limit` bytes, UTF-8 with replacement), read through `read`.
+
+    The first read stops at the page boundary, so a string at the end of a mapped page is not lost to an
+    unmapped next page. A `fault` on a later read ends the string there; on the first, it is raised.
+    Sans-IO: `read` is a generator that yields `(address, length)` and gets the bytes back.
+    """
+    out = bytearray()
+    while len(out) < limit:
+        chunk = min(limit - len(out), PAGE - (address % PAGE))
+        try:
+            data = yield from read(address, chunk)
+        except fault:
+            if out:
+                break
+            raise
+        nul = data.find(b"\0")
+        if nul >= 0:
+            out += data[:nul]
+            break
+        out += data
+        address += chunk
+    return out.decode("utf-8", errors="replace")
+
+
+class Unfetched(str):
+    """The value of a field that could not be fetched on a hit: its message, e.g. `<no register rip>`.
+
+    A `str` (records show the message), marked so that filters treat it as unknown, never as a string.
+    """
+
+
+class _FieldError(Exception):
+    """A field that cannot be fetched on this hit; its value becomes the message, e.g. `<fault reading 0x0: E14>`."""
+
+
+def _fault(address: int, cause: Exception) -> _FieldError:
+    return _FieldError(f"<fault reading {address:#x}: {cause}>")
+
+
+def _register(regs: Mapping[str, int], name: str) -> int:
+    try:
+        return regs[name]
+    except KeyError:
+        raise _FieldError(f"<no register {name}>") from None
+
+
+def _uses_registers(node: Node) -> bool:
+    if isinstance(node, Reg | StackPointer | StackEntry | Arg):
+        return True
+    return isinstance(node, Deref) and _uses_registers(node.inner)
+
+
+def _uses_memory(node: Node, arch: Any) -> bool:
+    if isinstance(node, StrImm):
+        return False
+    if isinstance(node, Memory | Deref | StackEntry):
+        return True
+    return isinstance(node, Arg) and arch.arg_location(node.index)[0] == "stack"
+
+
+class FetchProgram:
+    """Parsed fetch args, ready to run on hit contexts.
+
+    Attributes:
+        fields: the field names, in argument order.
+        needs_registers: evaluation calls `ctx.registers()` (a `g` packet per hit).
+        needs_memory: evaluation calls `ctx.read_many` (at least one batch of `m` packets per hit).
+    """
+
+    def __init__(self, fields: tuple[FetchField, ...], arch: Any):
+        self.fields_spec = fields
+        self.arch = arch
+        self.fields = tuple(f.name for f in fields)
+        self.needs_registers = any(_uses_registers(f.node) for f in fields)
+        self.needs_memory = any(
+            _uses_memory(f.node, arch) or (f.type.is_string and not isinstance(f.node, StrImm)) for f in fields
+        )
+
+    async def evaluate(self, ctx: Any) -> dict[str, Any]:
+        """Fetch every field, reading memory breadth-first (one `read_many` per round of dereferences).
+
+        Args:
+            ctx: the hit: `await ctx.registers()` (a mapping of register name to value),
+                `await ctx.read_many([(address, length), ...])` (bytes or an Exception per request, in order)
+                and `ctx.symbolize(address)` (a "sym+0xoff" string or None).
+
+        Returns:
+            Field name to value, in argument order: an int (`u`/`s`), a "0x.." string (`x`), a string, a
+            symbol name, or a list of those (arrays). A field that cannot be fetched on this hit gets a
+            `<fault reading ADDR: ...>` (or `<no register ...>`) string instead; the other fields are unaffected.
+        """
+        regs = await ctx.registers() if self.needs_registers else {}
+        gens = {f.name: self._field(f, regs, ctx) for f in self.fields_spec}
+        results: dict[str, Any] = {}
+        pending: dict[str, _Read] = {}
+        for name, gen in gens.items():
+            self._advance(name, gen, None, pending, results)
+        while pending:
+            names = list(pending)
+            replies = await ctx.read_many([pending[n] for n in names])
+            pending = {}
+            for name, reply in zip(names, replies, strict=True):
+                self._advance(name, gens[name], reply, pending, results)
+        return {f.name: results[f.name] for f in self.fields_spec}
+
+    @staticmethod
+    def _advance(name: str, gen: _Gen, reply: Any, pending: dict[str, _Read], results: dict[str, Any]) -> None:
+        try:
+            pending[name] = gen.send(reply) if reply is not None else next(gen)
+        except StopIteration as stop:
+            results[name] = stop.value
+        except _FieldError as error:
+            results[name] = Unfetched(error)
+
+    def _read(self, address: int, length: int) -> Generator[_Read, Any, bytes]:
+        data = yield (address & ((1 << (8 * self.arch.word_size)) - 1), length)
+        if isinstance(data, Exception):
+            raise _fault(address, data)
+        return data
+
+    def _value(self, node: Node, regs: Mapping[str, int]) -> Generator[_Read, Any, int]:
+        word = self.arch.word_size
+        if isinstance(node, Reg):
+            return _register(regs, node.name)
+        if isinstance(node, Imm):
+            return node.value
+        if isinstance(node, StackPointer):
+            return _register(regs, self.arch.sp)
+        if isinstance(node, Arg):
+            where, loc = self.arch.arg_location(node.index)
+            if where == "reg":
+                return _register(regs, loc)
+            return int.from_bytes((yield from self._read(_register(regs, self.arch.sp) + loc, word)), "little")
+        address = yield from self._address(node, regs)
+        return int.from_bytes((yield from self._read(address, word)), "little")
+
+    def _address(self, node: Node, regs: Mapping[str, int]) -> Generator[_Read, Any, int]:
+        if isinstance(node, Memory):
+            return node.address
+        if isinstance(node, StackEntry):
+            return _register(regs, self.arch.sp) + node.index * self.arch.word_size
+        assert isinstance(node, Deref)
+        return (yield from self._value(node.inner, regs)) + node.offset
+
+    def _field(self, f: FetchField, regs: Mapping[str, int], ctx: Any) -> Generator[_Read, Any, Any]:
+        t = f.type
+        if isinstance(f.node, StrImm):
+            return f.node.value
+        located = isinstance(f.node, Memory | Deref | StackEntry)
+        if t.is_string and t.count is not None:
+            # string[N]: N char pointers at the location, each read as a string (kprobe_events' "char * array").
+            address = yield from self._address(f.node, regs)
+            word = self.arch.word_size
+            data = yield from self._read(address, word * t.count)
+            out = []
+            for i in range(t.count):
+                try:
+                    out.append((yield from self._string(int.from_bytes(data[i * word : (i + 1) * word], "little"))))
+                except _FieldError as error:
+                    out.append(Unfetched(error))
+            return out
+        if t.is_string:
+            if located and not isinstance(f.node, StackEntry):
+                address = yield from self._address(f.node, regs)
+            else:
+                address = yield from self._value(f.node, regs)
+            return (yield from self._string(address))
+        if located:
+            address = yield from self._address(f.node, regs)
+            data = yield from self._read(address, t.size * (t.count or 1))
+            values = [int.from_bytes(data[i : i + t.size], "little") for i in range(0, len(data), t.size)]
+        else:
+            values = [(yield from self._value(f.node, regs))]
+        rendered = [self._render(v, t, ctx) for v in values]
+        return rendered if t.count is not None else rendered[0]
+
+    def _string(self, address: int) -> Generator[_Read, Any, str]:
+        return (yield from read_c_string(self._read, address, STRING_MAX, _FieldError))
+
+    def _render(self, value: int, t: FieldType, ctx: Any) -> Any:
+        bits = 8 * t.size
+        value &= (1 << bits) - 1
+        if t.kind == "bitfield":
+            return (value >> t.shift) & ((1 << t.bits) - 1)
+        if t.kind == "u":
+            return value
+        if t.kind == "s":
+            return value - (1 << bits) if value >> (bits - 1) else value
+        if t.kind == "char":
+            return chr(value)
+        if t.kind == "symbol":
+            return ctx.symbolize(value) or f"{value:#x}"
+        if t.kind == "symstr":
+            symstr = getattr(ctx, "symstr", None)
+            return (symstr(value) if symstr else ctx.symbolize(value)) or f"{value:#x}"
+        return f"{value:#x}"
