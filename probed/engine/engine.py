@@ -34,8 +34,9 @@ from probed.engine.watch import WatchHelper
 from probed.errors import BadSpec, NotFound, ProbedError, TargetError
 from probed.gdbside.debugger import DebuggerLink
 from probed.gdbside.side import GdbSide
+from probed.guest.insn import verify_boundary
 from probed.guest.symbols import Location, SymbolStore, parse_file_arg
-from probed.lang.handlers import Handler, make_handler
+from probed.lang.handlers import Handler, make_handlers
 from probed.records.events import EventHub
 from probed.sim.cpumode import CodeMode
 from probed.sim.emulate import Emulator, NoEmulator
@@ -103,6 +104,7 @@ class Engine:
         # before the engine reports started (e.g. probed.guest.linux.kernel.LinuxKernel.setup).
         self.attach_hooks: list[Callable[[Engine], Awaitable[None]]] = []
         self.linux: Any = None  # probed.guest.linux.kernel.LinuxKernel, for a Linux guest
+        self._types: Any = None  # the kernel's BTF types, read the first time a fetch arg needs them
 
     # -- properties ---------------------------------------------------------------------------------
 
@@ -281,8 +283,8 @@ class Engine:
         location, pending = self._resolve_or_pending(spec)
         if pending and hw:
             raise BadSpec(spec, "a hardware probe needs its module loaded (its slot is taken when it is set)")
-        pre_h = make_handler(pre, self.arch, self.symbols)
-        post_h = make_handler(post, self.arch, self.symbols)
+        pre_h, post_h = await make_handlers([pre, post], self.arch, self.symbols, function=location.symbol,
+                                            offset=location.offset, load_types=self._kernel_types)
         cond = self._condition(condition, pre_h, post_h)
 
         return await self._add(location, spec, name, pre=pre_h, post=post_h, condition=cond, priority=priority, hw=hw,
@@ -315,8 +317,7 @@ class Engine:
         """Add a data watchpoint probe on a data symbol or `0xADDR` (see `probed.engine.watch`)."""
         self._require_attached()
         location, length, access = self.watch.check(spec, length, access)
-        pre_h = make_handler(pre, self.arch, self.symbols)
-        post_h = make_handler(post, self.arch, self.symbols)
+        pre_h, post_h = await make_handlers([pre, post], self.arch, self.symbols, load_types=self._kernel_types)
         cond = self._condition(condition, pre_h, post_h)
 
         return await self._add(
@@ -330,6 +331,9 @@ class Engine:
         async def apply() -> Probe:
             if not fields.get("pending"):
                 await self._check_readable(location.address)
+                if fields.get("kind") != "watch":  # kprobes' rule: a probe starts an instruction
+                    await verify_boundary(self.target.read_many, self.arch.name, spec, location.symbol,
+                                          location.offset, location.address)
             probe = Probe(
                 id=self.table.new_id(),
                 name=self._new_name(name, location.symbol and _short(location) or f"{location.address:#x}"),
@@ -346,6 +350,18 @@ class Engine:
             return probe
 
         return await self.call_stopped(apply)
+
+    async def _kernel_types(self) -> Any:
+        """The running kernel's types (probed.guest.linux), read from the guest once, while it is stopped.
+
+        Raises:
+            NoKernelTypes (a LookupError): not a Linux kernel with BTF, or its symbols are not loaded.
+        """
+        if self._types is None:
+            from probed.guest.linux.kernel_types import load_kernel_types
+
+            self._types = await self.call_stopped(lambda: load_kernel_types(self.target.read_many, self.symbols))
+        return self._types
 
     async def remove_probe(self, ref: int | str) -> None:
         """Remove a probe; its hook point stays while other probes hang on it.

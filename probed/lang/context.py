@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from probed.lang.fetch import STRING_MAX, read_c_string
+from probed.lang.program import STRING_MAX, read_c_string
 
 if TYPE_CHECKING:
     from probed.engine.probes import Probe
@@ -128,6 +128,18 @@ class HitContext:
     def symbolize(self, address: int) -> str | None:
         """`sym+0xoff` for an address in the loaded symbols, else None."""
         return self._target.symbolize(address)
+
+    def symstr(self, address: int) -> str | None:
+        """`sym+0xoff/0xsize` (kprobe_events' symstr) for an address in the loaded symbols, else None."""
+        where = self._target.symbolize(address)
+        if where is None:
+            return None
+        name, _, off = where.partition("+")
+        try:
+            size = self._target.symbols.lookup(name).size
+        except Exception:  # UnknownSymbol: a name symbolize made up cannot be looked up
+            return where
+        return f"{name}+{off or '0x0'}/{size:#x}"
 
     def __repr__(self) -> str:
         return f"<HitContext {self.phase} cpu{self.cpu} probe={getattr(self.probe, 'name', None)}>"

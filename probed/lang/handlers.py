@@ -8,10 +8,11 @@ reads only registers lets the engine send the register read and the single-step 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
-__all__ = ["FetchHandler", "Handler", "PythonHandler", "make_handler"]
+__all__ = ["FetchHandler", "Handler", "PythonHandler", "make_handler", "make_handlers"]
 
 
 class Handler:
@@ -28,11 +29,11 @@ class Handler:
 class FetchHandler(Handler):
     """A handler made of kprobe_events fetch args (`dfd=%di:s32 name=+0(%si):string`)."""
 
-    def __init__(self, args: Sequence[str], arch: Any, symbols: Any):
+    def __init__(self, args: Sequence[str], arch: Any, symbols: Any, env: Any = None):
         from .fetch import parse_fetchargs
 
         self.args = list(args)
-        self.program = parse_fetchargs(self.args, arch, symbols)
+        self.program = parse_fetchargs(self.args, arch, symbols, env)
         self.fields = tuple(self.program.fields)
         self.needs_registers = bool(self.program.needs_registers)
         self.needs_memory = bool(self.program.needs_memory)
@@ -60,12 +61,46 @@ class PythonHandler(Handler):
         return result
 
 
-def make_handler(spec: Sequence[str] | Callable[[Any], Any] | Handler | None, arch: Any, symbols: Any) -> Handler | None:
-    """A handler from fetch args, a callable, or a ready Handler; None stays None."""
+def make_handler(
+    spec: Sequence[str] | Callable[[Any], Any] | Handler | None, arch: Any, symbols: Any, env: Any = None
+) -> Handler | None:
+    """A handler from fetch args, a callable, or a ready Handler; None stays None.
+
+    Args:
+        env: a `FetchEnv` (the probed function, the kernel's types), or None.
+    """
     if spec is None or isinstance(spec, Handler):
         return spec
     if callable(spec):
         return PythonHandler(spec)
     if isinstance(spec, str):
         spec = spec.split()
-    return FetchHandler(list(spec), arch, symbols)
+    return FetchHandler(list(spec), arch, symbols, env)
+
+
+async def make_handlers(
+    specs: Sequence[Any], arch: Any, symbols: Any, *, function: str | None = None, offset: int = 0,
+    load_types: Callable[[], Awaitable[Any]] | None = None,
+) -> list[Handler | None]:
+    """Handlers for a probe on `function+offset`, loading the kernel's types only if a fetch arg needs them.
+
+    Args:
+        load_types: returns the kernel's types (KernelTypes), or raises LookupError saying why there are none;
+            called at most once, and only when a fetch arg uses `$comm`, a parameter name or `->`.
+
+    Raises:
+        FetchSyntaxError: as `parse_fetchargs`, with the reason types could not be had when that is the cause.
+    """
+    from .fetch import FetchEnv, TypesNeeded
+
+    env = FetchEnv(function=function, at_entry=offset == 0)
+    try:
+        return [make_handler(s, arch, symbols, env) for s in specs]
+    except TypesNeeded:
+        if load_types is None:
+            raise
+    try:
+        env = replace(env, types=await load_types())
+    except LookupError as exc:  # NoKernelTypes: not Linux, no BTF, not readable
+        env = replace(env, types_error=str(exc))
+    return [make_handler(s, arch, symbols, env) for s in specs]
