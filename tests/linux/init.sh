@@ -51,6 +51,11 @@ case " $(cat /proc/cmdline) " in
     ) &
     ;;
 esac
+# probed-open: a process of a known name (a script's comm is its file name) that prints its PID and the CPU it
+# is pinned to, then opens a file that exists and one that does not (stderr to /dev/null: a third open).
+printf '#!/bin/sh\necho "PROBED OPEN pid=$$ cpu=$1"\nread -r line < /etc/hostname\n{ read -r line < /nonexistent; } 2>/dev/null\n' > /bin/probed-open
+chmod 755 /bin/probed-open
+CPUS=$(nproc)
 echo "WORKLOAD START"
 # Deterministic file and process work for probes to see, at a modest pace.
 while true; do
@@ -58,5 +63,10 @@ while true; do
     echo x > /tmp/f
     ls / > /dev/null
     /bin/true
+    cpu=0
+    while [ $cpu -lt $CPUS ]; do
+        taskset -c $cpu /bin/probed-open $cpu
+        cpu=$((cpu + 1))
+    done
     usleep 20000
 done
