@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from probed.errors import FilterSyntaxError
 from probed.lang.fetch import Unfetched
-from probed.lang.filter import parse_filter
+from probed.lang.filter import MAX_NESTING, parse_filter
 
 FIELDS = ["dfd", "name", "ok", "n", "flags", "bytes", "caller"]
 HIT = {
@@ -161,3 +161,38 @@ def test_near_grammatical_garbage_parses_or_fails_cleanly(text):
         return
     assert f.matches(HIT) in (True, False)
     assert f.matches({k: FAULT for k in FIELDS}) in (True, False)
+
+
+# -- depth (issue 10.6): deep input is a clear error with its column, never a RecursionError ------------------
+
+
+def test_ten_thousand_nested_parentheses_are_refused_at_the_first_too_deep():
+    expr = "(" * 10_000 + "n" + ")" * 10_000
+    with pytest.raises(FilterSyntaxError) as info:
+        parse_filter(expr, FIELDS)
+    assert info.value.column == MAX_NESTING + 1
+    assert f"parentheses nested more than {MAX_NESTING} deep" in info.value.reason
+    ok = "(" * MAX_NESTING + "n == 3" + ")" * MAX_NESTING
+    assert parse_filter(ok, FIELDS).matches(HIT) is (HIT["n"] == 3)
+
+
+@pytest.mark.parametrize("count", [20_000, 20_001])
+def test_twenty_thousand_negations_fold(count):
+    f = parse_filter("!" * count + "n == 3", FIELDS)
+    assert f.matches(HIT) is ((HIT["n"] == 3) == (count % 2 == 0))
+
+
+def test_fifty_thousand_conjunctions_evaluate_flat():
+    f = parse_filter(" && ".join(["n == 3"] * 50_000) + " || dfd == 0", FIELDS)
+    assert f.matches(HIT) is (HIT["n"] == 3 or HIT["dfd"] == 0)
+
+
+@given(st.lists(st.sampled_from(["(", ")", "!", "n", " == 3", " && ", " || "]), max_size=3000))
+def test_long_nesting_garbage_never_recurses_out(parts):
+    text = "".join(parts)
+    try:
+        f = parse_filter(text, FIELDS)
+    except FilterSyntaxError as exc:
+        assert 1 <= exc.column <= len(text) + 1
+        return
+    assert f.matches(HIT) in (True, False)

@@ -34,6 +34,7 @@ _TOKEN = re.compile(
     r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
     r"|(?P<str>\")"
 )
+MAX_NESTING = 100  # parentheses; deeper is refused with the column rather than recursing without end
 _ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "t": "\t"}
 _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
@@ -174,20 +175,19 @@ class _Not:
 
 @dataclass(frozen=True)
 class _And:
-    left: Any
-    right: Any
+    # Flat, not a left-deep tree: `a && b && ...` thousands long must not recurse once per operator.
+    items: tuple[Any, ...]
 
     def test(self, values: Mapping[str, Any]) -> bool:
-        return self.left.test(values) and self.right.test(values)
+        return all(item.test(values) for item in self.items)
 
 
 @dataclass(frozen=True)
 class _Or:
-    left: Any
-    right: Any
+    items: tuple[Any, ...]
 
     def test(self, values: Mapping[str, Any]) -> bool:
-        return self.left.test(values) or self.right.test(values)
+        return any(item.test(values) for item in self.items)
 
 
 # -- parsing ------------------------------------------------------------------------------------------
@@ -200,6 +200,7 @@ class _Parser:
         self.used: list[str] = []  # the fields the expression names, in order
         self.tokens = _tokenize(expr)
         self.index = 0
+        self.depth = 0
 
     def peek(self) -> _Token:
         return self.tokens[self.index]
@@ -220,31 +221,40 @@ class _Parser:
         return node
 
     def or_expr(self) -> Any:
-        node = self.and_expr()
+        items = [self.and_expr()]
         while self.peek().text == "||" and self.peek().kind == "op":
             self.take()
-            node = _Or(node, self.and_expr())
-        return node
+            items.append(self.and_expr())
+        return items[0] if len(items) == 1 else _Or(tuple(items))
 
     def and_expr(self) -> Any:
-        node = self.unary()
+        items = [self.unary()]
         while self.peek().text == "&&" and self.peek().kind == "op":
             self.take()
-            node = _And(node, self.unary())
-        return node
+            items.append(self.unary())
+        return items[0] if len(items) == 1 else _And(tuple(items))
 
     def unary(self) -> Any:
         token = self.peek()
         if token.kind == "op" and token.text == "!":
-            self.take()
-            return _Not(self.unary())
+            # A run of `!` folds to one (or none): no recursion per `!`, however many.
+            negate = False
+            while self.peek().kind == "op" and self.peek().text == "!":
+                self.take()
+                negate = not negate
+            inner = self.unary()
+            return _Not(inner) if negate else inner
         if token.kind == "op" and token.text == "(":
+            self.depth += 1
+            if self.depth > MAX_NESTING:
+                raise self.fail(token, f"parentheses nested more than {MAX_NESTING} deep")
             self.take()
             node = self.or_expr()
             close = self.peek()
             if close.kind != "op" or close.text != ")":
                 raise self.fail(close, "expected )")
             self.take()
+            self.depth -= 1
             return node
         left = self.operand()
         op = self.peek()
