@@ -39,6 +39,9 @@ _TYPE = re.compile(
     r"^(?:(?P<int>[usx])(?P<bits>8|16|32|64)|(?P<other>string|ustring|symbol|symstr|char)"
     r"|b(?P<bw>[0-9]+)@(?P<bo>[0-9]+)/(?P<bc>[0-9]+))(?:\[(?P<n>[0-9]+)\])?$"
 )
+_TASK_FIELDS = {  # the current task's fields and their types (pid_t is an int)
+    "$comm": FieldType("string", 0, None), "$pid": FieldType("s", 4, None), "$tid": FieldType("s", 4, None),
+}
 _TYPES_HELP = "u8..u64, s8..s64, x8..x64, char, string, ustring, symbol, symstr, bW@O/C, TYPE[N]"
 
 
@@ -285,14 +288,15 @@ def _parse_type(text: str, colon: int, word: int) -> FieldType:
     return FieldType(other, 0, count)
 
 
-def _auto_name(text: str, position: int) -> str:
-    """An unnamed field's name: a parameter or member chain names itself (`how->flags` is how_flags),
-    `$comm`/`$pid`/`$tid` are comm/pid/tid, anything else is argN by position."""
-    body = text[: _split_type(text, 0)] if _split_type(text, 0) >= 0 else text
-    candidate = re.sub(r"->|\.", "_", body.removeprefix("$") if body in ("$comm", "$pid", "$tid") else body)
-    if _NAME.fullmatch(candidate) and not body.startswith(("$", "%", "@", "+", "-", "\\")):
+def _auto_name(body: str, position: int) -> str:
+    """An unnamed field's name: `$comm`/`$pid`/`$tid` are comm/pid/tid, a parameter or member chain names
+    itself (`how->flags` is how_flags), anything else is argN by position (as kprobe_events does)."""
+    if body in _TASK_FIELDS:
+        return body[1:]
+    candidate = re.sub(r"->|\.", "_", body)
+    if _NAME.match(body) and _NAME.fullmatch(candidate):
         return candidate
-    return candidate if body in ("$comm", "$pid", "$tid") else f"arg{position}"
+    return f"arg{position}"
 
 
 def parse_fetcharg(text: str, position: int, arch: Any, symbols: Any = None, env: FetchEnv | None = None) -> FetchField:
@@ -315,13 +319,13 @@ def parse_fetcharg(text: str, position: int, arch: Any, symbols: Any = None, env
     value = parser.fetcharg()
     if parser.pos != end:
         raise parser.fail("unexpected text after the fetch arg")
-    name = name or _auto_name(text, position)
+    body = text[start:end]
+    name = name or _auto_name(body, position)
     word = arch.word_size
     node = value.node if isinstance(value, typed.Typed) else value
-    task = text[start:end] in ("$comm", "$pid", "$tid")
     if colon >= 0:
         ftype = _parse_type(text, colon, word)
-        if task and ftype != _task_type(text[start:end]) and text[start:end] == "$comm":
+        if body == "$comm" and ftype != _TASK_FIELDS["$comm"]:
             raise FetchSyntaxError(text, colon + 2, "$comm is a string; any other type is invalid")
         if isinstance(value, typed.Typed) and ftype.is_string and ftype.count is None:
             try:
@@ -336,7 +340,7 @@ def parse_fetcharg(text: str, position: int, arch: Any, symbols: Any = None, env
     elif isinstance(node, StrImm):
         ftype = FieldType("string", 0, None)
     else:
-        ftype = _task_type(text[start:end]) if task else FieldType("x", word, None)
+        ftype = _TASK_FIELDS.get(body, FieldType("x", word, None))
     if isinstance(node, StrImm) and not ftype.is_string:
         raise FetchSyntaxError(text, colon + 2, "a string immediate is a string; any other type is invalid")
     if ftype.count is not None and not isinstance(node, Memory | Deref | StackEntry):
@@ -344,10 +348,6 @@ def parse_fetcharg(text: str, position: int, arch: Any, symbols: Any = None, env
     if ftype.kind == "bitfield" and not isinstance(node, Memory | Deref | StackEntry):
         raise FetchSyntaxError(text, start + 1, "a bitfield needs a memory fetch arg (@ADDR or +OFF(...))")
     return FetchField(name, node, ftype, text)
-
-
-def _task_type(body: str) -> FieldType:
-    return FieldType("string", 0, None) if body == "$comm" else FieldType("s", 4, None)
 
 
 def parse_fetchargs(args: Sequence[str], arch: Any, symbols: Any = None, env: FetchEnv | None = None) -> FetchProgram:

@@ -16,6 +16,8 @@ import difflib
 from dataclasses import dataclass, replace
 from typing import Any
 
+from probed.guest.linux import btf as k  # the kind numbers only; the types themselves come with `types`
+
 __all__ = ["TypeProblem", "Typed", "default_type", "member", "parameter", "string_node"]
 
 
@@ -35,12 +37,6 @@ class Typed:
     located: bool
     bitfield: tuple[int, int, int] | None = None  # (width, shift, container bytes)
     text: str = ""
-
-
-def _btf_kinds():
-    from probed.guest.linux import btf  # only reached when types are loaded
-
-    return btf
 
 
 def parameter(types: Any, function: str | None, name: str, index_node: Any) -> Typed:
@@ -84,7 +80,6 @@ def member(types: Any, value: Typed, op: str, name: str, deref: Any) -> Typed:
         TypeProblem: not a pointer to a struct (for ->), not a struct in memory (for .), or no such member
             (naming the struct and its closest fields).
     """
-    k = _btf_kinds()
     btf = types.btf
     t = btf.strip(value.ctype)
     what = f"{value.text} is {btf.describe(value.ctype)}"
@@ -122,7 +117,6 @@ def default_type(types: Any, value: Typed, field_type: Any, word: int) -> Any:
     Raises:
         TypeProblem: a struct or union (a member must be picked), or a type with no fetchable value.
     """
-    k = _btf_kinds()
     btf = types.btf
     if value.bitfield:
         width, shift, container = value.bitfield
@@ -152,7 +146,6 @@ def default_type(types: Any, value: Typed, field_type: Any, word: int) -> Any:
 
 
 def _is_char(btf: Any, t: Any) -> bool:
-    k = _btf_kinds()
     return t.kind == k.INT and btf.int_encoding(t)[1] == 8
 
 
@@ -162,7 +155,6 @@ def string_node(types: Any, value: Typed, deref: Any) -> Any:
     Raises:
         TypeProblem: neither `char *` nor `char[]` (kprobe_events refuses the string types there too).
     """
-    k = _btf_kinds()
     btf = types.btf
     t = btf.strip(value.ctype)
     if t.kind == k.ARRAY and _is_char(btf, btf.strip(t.ref)) and value.located:
