@@ -290,7 +290,7 @@ async def test_string_of_a_register_reads_at_its_value():
         ("x=$retval", 3, "$retval is not available"),
         ("x=$comm", 3, "$comm needs the kernel's types (BTF), and none are loaded"),
         ("x=$pid", 3, "$pid needs the kernel's types"),
-        ("x=$foo", 3, "expected $stack, $stackN, $argN, $comm, $pid or $tid"),
+        ("x=$foo", 3, "expected $stack, $stackN, $argN, $comm, $pid, $tid or $current"),
         ("x=+(%sp)", 4, "expected an offset"),
         ("x=+4%sp", 5, "expected ( after the offset"),
         ("x=+4(%sp)junk", 10, "unexpected text after the fetch arg"),

@@ -222,3 +222,32 @@ def test_long_nested_garbage_only_ever_raises_fetch_syntax_errors(types, parts):
         parse_fetchargs([text], X64, env=env(types, "wake"))
     except FetchSyntaxError as exc:
         assert 1 <= exc.column <= len(text) + 1
+
+
+async def test_current_task_and_offsets_by_struct_and_member_names(types):
+    prog = parse_fetchargs(
+        ["cur=$current", "c=$current->comm", "ppid=$current->parent->tgid", "x=+task_struct.in.x(%cx):s32",
+         "mode=+open_how.mode(%dx):x32", "back=-open_how.mode(%dx):x8"], X64, env=env(types))
+    ctx = hit()
+    assert await prog.evaluate(ctx) == {"cur": hex(TASK), "c": "probed-open", "ppid": 41, "x": 7, "mode": "0x1b6",
+                                        "back": "0x0"}
+
+
+@pytest.mark.parametrize(("arg", "column", "reason"), [
+    ("+open_how.nope(%dx)", 2, "struct open_how has no member 'nope'; closest fields: mode"),
+    ("+open_how.xyz(%dx)", 2, "struct open_how has no member 'xyz'; its fields: flags, mode, resolve"),
+    ("+open_hw.mode(%dx)", 2, "the kernel's BTF has no struct 'open_hw'; did you mean open_how?"),
+    ("+task_struct.in_exec(%di)", 2, "task_struct.in_exec is a bitfield: it has no byte offset"),
+    ("+task_struct.pid.x(%di)", 2, "task_struct.pid is pid_t, not a struct"),
+    ("$current->nope", 11, "struct task_struct has no member 'nope'"),
+])
+def test_offsets_by_name_errors(types, arg, column, reason):
+    with pytest.raises(FetchSyntaxError) as info:
+        parse_fetchargs([arg], X64, env=env(types))
+    assert info.value.column == column and info.value.reason.startswith(reason), info.value
+
+
+def test_offsets_by_name_need_the_types_and_user_derefs_stay_numbers():
+    with pytest.raises(TypesNeeded, match="\\+open_how.mode needs the kernel's types"):
+        parse_fetchargs(["+open_how.mode(%dx)"], X64)
+    assert parse_fetchargs(["+u8(%di)"], X64).fields_spec[0].node.offset == 8

@@ -3,8 +3,9 @@
     NAME=FETCHARG[:TYPE]     or     FETCHARG[:TYPE]   (named arg1, arg2, ... by position)
 
 FETCHARG: `%REG`, `@ADDR`, `@SYM[+|-OFF]`, `$stack`, `$stackN`, `$argN`, `+|-[u]OFF(FETCHARG)`, `\\IMM`,
-`\\"STRING"`, and with the kernel's types (BTF, Linux guests): `$comm`, `$pid`, `$tid`, a parameter by
-name (`filename`), `$arg*` (every parameter), member chains `how->flags`, `a->b.c`, `$arg2->f`.
+`\\"STRING"`, and with the kernel's types (BTF, Linux guests): `$comm`, `$pid`, `$tid`, `$current`, a
+parameter by name (`filename`), `$arg*` (every parameter), member chains `how->flags`, `a->b.c`, `$arg2->f`,
+and offsets by name `+STRUCT.MEMBER[.MEMBER](FETCHARG)`.
 TYPE: `u8..u64`, `s8..s64`, `x8..x64`, `char`, `string`, `ustring`, `symbol`, `symstr`, bitfields
 `b<width>@<offset>/<container bits>`, and arrays `TYPE[N]` (`string[N]`: N char pointers there).
 
@@ -34,7 +35,8 @@ MAX_DEPTH = 64  # nested dereferences and member accesses in one fetch arg (the 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NUMBER = re.compile(r"0[xX][0-9a-fA-F]+|[0-9]+")
 _SYMBOL = re.compile(r"[A-Za-z_.][A-Za-z0-9_.$]*")
-_SPECIAL = re.compile(r"\$(stack|arg|retval|comm|pid|tid)([0-9]*)")
+_SPECIAL = re.compile(r"\$(stack|arg|retval|comm|pid|tid|current)([0-9]*)")
+_STRUCT_PATH = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\.[A-Za-z_][A-Za-z0-9_]*)+)")
 _TYPE = re.compile(
     r"^(?:(?P<int>[usx])(?P<bits>8|16|32|64)|(?P<other>string|ustring|symbol|symstr|char)"
     r"|b(?P<bw>[0-9]+)@(?P<bo>[0-9]+)/(?P<bc>[0-9]+))(?:\[(?P<n>[0-9]+)\])?$"
@@ -148,9 +150,13 @@ class _Parser:
         if c in "+-":
             sign = -1 if c == "-" else 1
             self.pos += 1
-            if self.peek() == "u":
-                self.pos += 1
-            offset = sign * self.number("an offset")
+            path = _STRUCT_PATH.match(self.text, self.pos, self.end)
+            if path:  # +STRUCT.MEMBER[.MEMBER](FETCHARG): the offset by name, from BTF
+                offset = sign * self.struct_offset(path)
+            else:
+                if self.peek() == "u" and self.text[self.pos + 1 : self.pos + 2].isdigit():
+                    self.pos += 1
+                offset = sign * self.number("an offset")
             if self.peek() != "(":
                 raise self.fail("expected ( after the offset")
             self.pos += 1
@@ -177,6 +183,15 @@ class _Parser:
             return self.parameter(m, start)
         raise self.fail(f"unexpected {c!r}: a fetch arg starts with %, @, $, +, -, \\ or a parameter name")
 
+    def struct_offset(self, path: re.Match) -> int:
+        types = self.types(f"+{path.group(0)}", path.start())
+        try:
+            offset = types.btf.offset_of(path.group(1), path.group(2)[1:].split("."))
+        except (LookupError, ValueError) as exc:  # UnknownType, UnknownMember, BtfError
+            raise self.fail(str(exc), path.start()) from None
+        self.pos = path.end()
+        return offset
+
     def memory(self, start: int) -> Node:
         self.pos += 1
         if self.text.startswith(("0x", "0X"), self.pos) or self.peek().isdigit():
@@ -201,7 +216,7 @@ class _Parser:
     def special(self, start: int) -> Node | typed.Typed:
         m = _SPECIAL.match(self.text, self.pos, self.end)
         if not m:
-            raise self.fail("expected $stack, $stackN, $argN, $comm, $pid or $tid")
+            raise self.fail("expected $stack, $stackN, $argN, $comm, $pid, $tid or $current")
         self.pos = m.end()
         what, n = m.group(1), m.group(2)
         if what == "stack":
@@ -216,10 +231,12 @@ class _Parser:
             raise self.fail("$arg needs a number from 1", start)
         if what in ("comm", "pid", "tid") and not n:
             return self.task_field(what, start)
+        if what == "current" and not n:
+            return self.current_task(start)
         raise self.fail(f"${what}{n} is not available for guest probes", start)
 
-    def task_field(self, what: str, start: int) -> Node:
-        """`$comm`, `$pid` (the thread group: what ps shows), `$tid`: fields of the CPU's current task."""
+    def current_pointer(self, what: str, start: int) -> tuple[Any, Node]:
+        """(the types, the location of this CPU's `current_task` pointer: %gs_base + its per-CPU offset)."""
         types = self.types(f"${what}", start)
         current = types.current
         if current is None:
@@ -228,9 +245,22 @@ class _Parser:
             register = self.arch.resolve_register(current.register)
         except KeyError:
             raise self.fail(f"${what}: the target reports no {current.register} register", start) from None
-        task = Deref(current.percpu_offset, Reg(register))  # value: the task_struct pointer
+        return types, Deref(current.percpu_offset, Reg(register))
+
+    def task_field(self, what: str, start: int) -> Node:
+        """`$comm`, `$pid` (the thread group: what ps shows), `$tid`: fields of the CPU's current task."""
+        types, task = self.current_pointer(what, start)
+        current = types.current
         offset = {"comm": current.comm, "pid": current.tgid, "tid": current.pid}[what]
         return Deref(offset, task)
+
+    def current_task(self, start: int) -> typed.Typed:
+        """`$current`: the CPU's task as a `struct task_struct *`, for `$current->member` chains."""
+        types, task = self.current_pointer("current", start)
+        pointer = types.btf.pointer_to(types.btf.struct("task_struct"))
+        if pointer is None:
+            raise self.fail("$current: the kernel's BTF has no struct task_struct *", start)
+        return typed.Typed(task, pointer, True, text="$current")
 
     def parameter(self, m: re.Match, start: int) -> typed.Typed:
         name = m.group(0)

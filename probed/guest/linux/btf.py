@@ -56,11 +56,16 @@ class UnknownType(LookupError):
 class UnknownMember(LookupError):
     """A member the struct does not have; the message names the struct and its closest fields."""
 
-    def __init__(self, struct_name: str, member: str, suggestions: list[str]):
+    def __init__(self, struct_name: str, member: str, suggestions: list[str], fields: list[str] | None = None):
         self.struct_name = struct_name
         self.member = member
         self.suggestions = suggestions
-        hint = f"; closest fields: {', '.join(suggestions)}" if suggestions else ""
+        if suggestions:
+            hint = f"; closest fields: {', '.join(suggestions)}"
+        elif fields:  # nothing close: show what there is
+            hint = f"; its fields: {', '.join(fields[:10])}{', ...' if len(fields) > 10 else ''}"
+        else:
+            hint = ""
         super().__init__(f"{struct_name} has no member {member!r}{hint}")
 
 
@@ -134,6 +139,7 @@ class Btf:
         self._strings = data[base + str_off : base + str_off + str_len]
         self.size = len(data)
         self._offsets = array("I", [0])  # by id; id 0 (void) has no record
+        self._pointers: dict[int, int] | None = None  # pointee id -> a PTR type id, built on first use
         self._by_name: dict[str, list[int]] = {}
         self._scan()
 
@@ -192,6 +198,34 @@ class Btf:
         found = self._by_name.get(name, [])
         return [i for i in found if kind is None or self.type(i).kind == kind]
 
+    def pointer_to(self, type_id: int) -> int | None:
+        """A pointer type to `type_id` (e.g. `struct task_struct *`), or None if BTF has none."""
+        if self._pointers is None:
+            self._pointers = {}
+            for i in range(1, len(self._offsets)):
+                _name, info, ref = struct.unpack_from("<III", self._types, self._offsets[i])
+                if (info >> 24) & 0x1F == PTR:
+                    self._pointers.setdefault(ref, i)
+        return self._pointers.get(type_id)
+
+    def offset_of(self, struct_name: str, path: list[str]) -> int:
+        """Bytes from the start of `struct_name` to the member `path` (`["f_path", "dentry"]`), through
+        embedded structs and unions.
+
+        Raises:
+            UnknownType, UnknownMember; BtfError for a bitfield or a path through a non-struct.
+        """
+        type_id, offset = self.struct(struct_name), 0
+        for i, name in enumerate(path):
+            if i and self.strip(type_id).kind not in (STRUCT, UNION):
+                raise BtfError(f"{'.'.join([struct_name, *path[:i]])} is {self.describe(type_id)}, not a struct")
+            m = self.member(type_id, name)
+            if m.bitfield_size:
+                raise BtfError(f"{'.'.join([struct_name, *path[: i + 1]])} is a bitfield: it has no byte offset")
+            offset += m.bit_offset // 8
+            type_id = m.type
+        return offset
+
     def int_encoding(self, t: Type) -> tuple[bool, int]:
         """An INT's (signed, bits)."""
         (data,) = struct.unpack_from("<I", self._types, t.offset + 12)
@@ -247,7 +281,8 @@ class Btf:
         found = self._find_member(type_id, name, 0, 0)
         if found is None:
             names = self.member_names(type_id)
-            raise UnknownMember(self.describe(type_id), name, difflib.get_close_matches(name, names, n=5, cutoff=0.5))
+            close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+            raise UnknownMember(self.describe(type_id), name, close, names)
         return found
 
     def _find_member(self, type_id: int, name: str, base: int, depth: int) -> Member | None:
