@@ -69,12 +69,14 @@ async def test_member_chains_strings_of_char_pointers_and_bitfields(linux_guest_
         # char *, followed by :string; $arg2->name the same by position; op->open_flag an int member.
         probe = await engine.add_probe(
             "do_filp_open", pre=["$comm", "pathname->name:string", "name2=$arg2->name:string", "op->open_flag",
-                                 "uptr=pathname->uptr:x64"],
+                                 "uptr=pathname->uptr:x64", "cur=$current->comm", "tgid=$current->tgid", "$pid",
+                                 "name3=+0(+filename.name(%si)):string"],
             condition='comm == "probed-open" && pathname_name ~ "/etc/*"')
         with trio.fail_after(120), engine.hub.subscribe(probe.id) as sub:
             rec = await sub.receive()
     pre = rec["pre"]
-    assert (pre["comm"], pre["pathname_name"], pre["name2"]) == ("probed-open", "/etc/hostname", "/etc/hostname")
+    assert (pre["comm"], pre["cur"], pre["tgid"]) == ("probed-open", "probed-open", pre["pid"])
+    assert pre["pathname_name"] == pre["name2"] == pre["name3"] == "/etc/hostname"
     assert pre["op_open_flag"] & 0o3 == 0  # O_RDONLY (open_flag also carries FMODE bits the kernel adds)
     assert int(pre["uptr"], 16) != 0  # the user pointer the name was copied from
 
