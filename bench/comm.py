@@ -25,11 +25,9 @@ import trio
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from linux.guest import LinuxGuest, fetch_linux  # noqa: E402
 
 from probed.api import attach  # noqa: E402
+from tests.linux.guest import LinuxGuest, fetch_linux  # noqa: E402
 
 VARIANTS = {"regs": ["%di"], "comm": ["%di", "$comm"], "task": ["%di", "$comm", "$pid", "$tid"]}
 

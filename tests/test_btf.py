@@ -5,9 +5,9 @@ from __future__ import annotations
 import io
 
 import pytest
-from btf_builder import model_kernel
 
 from probed.guest.linux.btf import ARRAY, PTR, STRUCT, UNION, Btf, BtfError, UnknownMember, UnknownType
+from tests.btf_builder import model_kernel
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,9 @@ def test_damaged_blobs_are_refused(damage, message):
 def kernel_btf():
     """The BTF of the Debian kernel the Linux tests boot, from its image's .BTF section (no QEMU)."""
     from elftools.elf.elffile import ELFFile
-    from linux.guest import LinuxUnavailable, fetch_linux
-    from linux.kernel_image import vmlinux_from_bzimage
+
+    from tests.linux.guest import LinuxUnavailable, fetch_linux
+    from tests.linux.kernel_image import vmlinux_from_bzimage
 
     try:
         files = fetch_linux()

@@ -7,10 +7,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from btf_builder import model_kernel
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_fetch import FakeHit, put, word
 
 from probed.errors import FetchSyntaxError
 from probed.guest.linux.btf import Btf
@@ -19,6 +17,8 @@ from probed.guest.linux.tasks import CurrentTask
 from probed.lang.fetch import MAX_DEPTH, FetchEnv, TypesNeeded, parse_fetchargs
 from probed.lang.handlers import make_handlers
 from rsp.arch import ARCHES
+from tests.btf_builder import model_kernel
+from tests.test_fetch import FakeHit, put, word
 
 X64 = replace(ARCHES["x86_64"], registers=(*ARCHES["x86_64"].registers, "fs_base", "gs_base", "k_gs_base"))
 
