@@ -103,3 +103,19 @@ async def test_errors_name_the_struct_the_parameters_and_the_boundaries(linux_gu
         # By register, a probe on code BTF knows nothing of still works; and at a boundary past the nop.
         await engine.add_probe("vfs_read+5", pre=["%di", "$comm"])
         assert [p.name for p in engine.probes()] == ["vfs_read_0x5"]
+
+
+async def test_typed_args_through_the_control_server_and_their_record_bound(linux_guest_smp):
+    from probed.front.control import ControlServer
+    from probed.records.size import RecordTooLarge, worst_case_record_bytes
+
+    guest = linux_guest_smp
+    async with attach(guest.target, symbols=[str(guest.kallsyms)]) as engine:
+        # A limit that two integers fit and three strings do not: typed args are parsed (and so bounded) only
+        # once the engine has the kernel's types, after the probe was made; refused, it goes.
+        server = ControlServer(engine, max_record_bytes=worst_case_record_bytes([]) + 1000)
+        with pytest.raises(RecordTooLarge):
+            await server.add({"spec": "do_sys_openat2", "pre": ["$comm", "filename:ustring", "n=filename:ustring"]})
+        assert engine.probes() == []
+        info = await server.add({"spec": "do_sys_openat2", "pre": ["dfd", "how->flags"]})
+        assert [p.name for p in engine.probes()] == [info["name"]]

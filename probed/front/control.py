@@ -29,7 +29,7 @@ from probed.front.paths import SocketInUse, make_private_dir
 from probed.front.paths import prepare_socket_path as prepare_unix_path
 from probed.guest.symbols import parse_file_arg
 from probed.records.events import encode_record
-from probed.records.size import MAX_RECORD_BYTES, check_record_size
+from probed.records.size import MAX_RECORD_BYTES, RecordTooLarge, check_record_size
 
 __all__ = [
     "API_VERSION",
@@ -114,7 +114,7 @@ class ControlServer:
         return {"api": API_VERSION, "version": __version__}
 
     async def add(self, params: dict[str, Any]) -> dict[str, Any]:
-        self._check_new_probe(params)
+        checked = self._check_new_probe(params)
         probe = await self.engine.add_probe(
             _text(params, "spec", required=True),
             name=_text(params, "name"),
@@ -124,11 +124,13 @@ class ControlServer:
             priority=_integer(params, "priority", 0),
             hw=bool(params.get("hw")),
         )
+        if not checked:
+            await self._check_added_probe(probe)
         self._remember(probe, "break", params)
         return probe.info()
 
     async def watch(self, params: dict[str, Any]) -> dict[str, Any]:
-        self._check_new_probe(params)
+        checked = self._check_new_probe(params)
         probe = await self.engine.add_watch(
             _text(params, "spec", required=True),
             length=_integer(params, "length", None),
@@ -139,6 +141,8 @@ class ControlServer:
             condition=_text(params, "condition"),
             priority=_integer(params, "priority", 0),
         )
+        if not checked:
+            await self._check_added_probe(probe)
         self._remember(probe, "watch", params)
         return probe.info()
 
@@ -192,23 +196,38 @@ class ControlServer:
 
     # -- checks before a probe is added, and the state file after a change -----------------------------
 
-    def _check_new_probe(self, params: dict[str, Any]) -> None:
+    def _check_new_probe(self, params: dict[str, Any]) -> bool:
         """Refuse a bad name, and fetch args whose worst-case record is over the limit, before the engine
-        stops the guest for the probe."""
+        stops the guest for the probe. False when the args need the kernel's types (BTF), which only the
+        engine loads: then `_check_added_probe` checks the probe it made."""
         name = _text(params, "name")
         if name is not None:
             check_probe_name(name)
         arch = getattr(self.engine, "arch", None)
         if arch is None:
-            return  # not attached (the engine says so), or a stand-in engine
-        from probed.lang.fetch import parse_fetchargs
+            return True  # not attached (the engine says so), or a stand-in engine
+        from probed.lang.fetch import TypesNeeded, parse_fetchargs
 
         fields = []
         for key in ("pre", "post"):
             args = _fetchargs(params, key)
             if args:
-                fields += parse_fetchargs(args, arch, self.engine.symbols).fields_spec
+                try:
+                    fields += parse_fetchargs(args, arch, self.engine.symbols).fields_spec
+                except TypesNeeded:
+                    return False
         check_record_size(fields, self.max_record_bytes)
+        return True
+
+    async def _check_added_probe(self, probe: Any) -> None:
+        """The record-size check of a probe whose fetch args needed the kernel's types; refused, it goes."""
+        fields = [f for h in (probe.pre, probe.post) if h is not None and hasattr(h, "program")
+                  for f in h.program.fields_spec]
+        try:
+            check_record_size(fields, self.max_record_bytes)
+        except RecordTooLarge:
+            await self.engine.remove_probe(probe.id)
+            raise
 
     def _remember(self, probe: Any, kind: str, params: dict[str, Any]) -> None:
         if self.state is not None:

@@ -46,7 +46,7 @@ def _value_bytes(kind: str, size: int) -> int:
         from probed.lang.fetch import STRING_MAX
 
         return 2 + 6 * STRING_MAX
-    if kind == "symbol":
+    if kind in ("symbol", "symstr"):  # symstr adds "/0xsize" to what symbol shows; the bound covers it
         return 2 + SYMBOL_MAX
     if kind == "x":
         return 4 + 2 * size
