@@ -1,5 +1,5 @@
-"""The kernel's types on a real two-CPU Debian kernel: `$comm`, `$pid`, `$tid`, arguments by name and member
-chains from its BTF, checked against what the guest's own workload says it does.
+"""The kernel's types on a real two-CPU Debian kernel with KASLR on (the `linux_kaslr_guest`): `$comm`, `$pid`,
+`$tid`, arguments by name and member chains from its BTF, checked against what the guest's own workload says.
 
 The workload (tests/linux/init.sh) runs /bin/probed-open pinned to each CPU in turn; the script prints
 "PROBED OPEN pid=<its PID> cpu=<its CPU>" on the console, then opens /etc/hostname (read-only), /dev/null
@@ -29,8 +29,8 @@ def _console_runs(console: str) -> dict[int, int]:
     return {int(pid): int(cpu) for pid, cpu in re.findall(r"PROBED OPEN pid=(\d+) cpu=(\d+)", console)}
 
 
-async def test_comm_pid_and_arguments_by_name_on_every_cpu(linux_guest_smp):
-    guest = linux_guest_smp
+async def test_comm_pid_and_arguments_by_name_on_every_cpu(linux_kaslr_guest):
+    guest = linux_kaslr_guest
     async with attach(guest.target, symbols=[str(guest.kallsyms)]) as engine:
         probe = await engine.add_probe("do_sys_openat2", name="opens", pre=OPEN_ARGS,
                                        condition='comm == "probed-open"')
@@ -62,8 +62,8 @@ async def test_comm_pid_and_arguments_by_name_on_every_cpu(linux_guest_smp):
     assert {announced[pid] for pid in complete} == {0, 1}
 
 
-async def test_member_chains_strings_of_char_pointers_and_bitfields(linux_guest_smp):
-    guest = linux_guest_smp
+async def test_member_chains_strings_of_char_pointers_and_bitfields(linux_kaslr_guest):
+    guest = linux_kaslr_guest
     async with attach(guest.target, symbols=[str(guest.kallsyms)]) as engine:
         # do_filp_open(int dfd, struct filename *pathname, const struct open_flags *op): pathname->name is a
         # char *, followed by :string; $arg2->name the same by position; op->open_flag an int member.
@@ -81,8 +81,8 @@ async def test_member_chains_strings_of_char_pointers_and_bitfields(linux_guest_
     assert int(pre["uptr"], 16) != 0  # the user pointer the name was copied from
 
 
-async def test_errors_name_the_struct_the_parameters_and_the_boundaries(linux_guest_smp):
-    guest = linux_guest_smp
+async def test_errors_name_the_struct_the_parameters_and_the_boundaries(linux_kaslr_guest):
+    guest = linux_kaslr_guest
     async with attach(guest.target, symbols=[str(guest.kallsyms)]) as engine:
         with pytest.raises(FetchSyntaxError) as info:
             await engine.add_probe("do_sys_openat2", pre=["how->flagz"])
@@ -105,11 +105,11 @@ async def test_errors_name_the_struct_the_parameters_and_the_boundaries(linux_gu
         assert [p.name for p in engine.probes()] == ["vfs_read_0x5"]
 
 
-async def test_typed_args_through_the_control_server_and_their_record_bound(linux_guest_smp):
+async def test_typed_args_through_the_control_server_and_their_record_bound(linux_kaslr_guest):
     from probed.front.control import ControlServer
     from probed.records.size import RecordTooLarge, worst_case_record_bytes
 
-    guest = linux_guest_smp
+    guest = linux_kaslr_guest
     async with attach(guest.target, symbols=[str(guest.kallsyms)]) as engine:
         # A limit that two integers fit and three strings do not: typed args are parsed (and so bounded) only
         # once the engine has the kernel's types, after the probe was made; refused, it goes.
