@@ -60,6 +60,8 @@ class Engine:
         buffer: how many recent hit records the ring buffer keeps.
         fault_limit: consecutive handler faults after which a probe is disabled.
         timeout: seconds the target may take to answer a request.
+        guest_memory: "auto" (guest RAM read directly when QEMU's memory is readable here) or "gdbstub".
+        qemu_pid: QEMU's pid, when not found from the gdbstub connection.
     """
 
     def __init__(
@@ -72,8 +74,11 @@ class Engine:
         buffer: int = 65536,
         fault_limit: int = FAULT_LIMIT,
         timeout: float = 10.0,
+        guest_memory: str = "auto",
+        qemu_pid: int | None = None,
     ):
         self.target_address = target
+        self._memory_options = {"guest_memory": guest_memory, "qemu_pid": qemu_pid}
         self.symbols = SymbolStore()
         for arg in symbol_files:
             path, bias = parse_file_arg(arg)
@@ -142,7 +147,7 @@ class Engine:
             client = await RSPClient.connect(self.target_address, timeout=self.timeout)
         except ConnectionClosed as exc:
             raise TargetError(str(exc)) from exc
-        self.target = Target(client, self.symbols)
+        self.target = Target(client, self.symbols, **self._memory_options)
         try:
             try:
                 await self.target.attach()

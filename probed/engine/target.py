@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 
 from probed.errors import TargetError
+from probed.guest.memory import GuestMemory, open_guest_memory
 from probed.guest.symbols import SymbolStore
 from rsp.arch import Arch, arch_for
 from rsp.connection import MAX_MEMORY_READ, RSPClient
@@ -44,9 +45,11 @@ CLIENT_FEATURES = build_qsupported({"swbreak": True, "hwbreak": True, "vContSupp
 class Target:
     """The attached target: connection, register layout, arch, threads and symbols."""
 
-    def __init__(self, client: RSPClient, symbols: SymbolStore):
+    def __init__(self, client: RSPClient, symbols: SymbolStore, *, guest_memory: str = "auto", qemu_pid: int | None = None):
         self.client = client
         self.symbols = symbols
+        self._memory_options = (guest_memory, qemu_pid)
+        self.memory: GuestMemory | None = None  # how memory is read (set up at attach): RAM directly, or `m`
         self.features: dict[str, str | bool] = {}
         self.tdesc: TargetDescription | None = None
         self.layout: RegisterLayout | None = None
@@ -68,6 +71,7 @@ class Target:
         stop = await self.client.request(halt_reason())
         self.client.pending_stops.clear()  # the T02 QEMU sends when we connect to a running guest
         await self.refresh_threads()
+        self.memory = await open_guest_memory(self, *self._memory_options)
         event = parse_stop_reply(stop)
         return event if isinstance(event, StopReply) else None
 
@@ -110,9 +114,23 @@ class Target:
         raise_for_error(reply, packet)
         return reply
 
-    async def read_many(self, requests: Sequence[tuple[int, int]]) -> list[bytes | Exception]:
-        """Several memory reads in one write, each cut into `MAX_MEMORY_READ` pieces (the one chunked
-        memory reader of probed/); a refused read comes back as its exception."""
+    async def read_many(
+        self, requests: Sequence[tuple[int, int]], *, registers: bytes | None = None, scope: object = None
+    ) -> list[bytes | Exception]:
+        """Several memory reads, from guest RAM directly where it can be read (`probed.guest.memory`), else
+        through the stub (`read_many_stub`); a refused read comes back as its exception.
+
+        Args:
+            registers: the `g` block of the CPU that stopped, at this stop (page tables for direct reads).
+            scope: an object living for this stop only (a hit's context): reads sharing it share a cache.
+        """
+        if self.memory is not None:
+            return await self.memory.read_many(requests, registers, scope)
+        return await self.read_many_stub(requests)
+
+    async def read_many_stub(self, requests: Sequence[tuple[int, int]]) -> list[bytes | Exception]:
+        """Several memory reads through the stub's `m` in one write, each cut into `MAX_MEMORY_READ` pieces
+        (the one chunked memory reader of probed/); a refused read comes back as its exception."""
         packets: list[bytes] = []
         spans: list[tuple[int, int]] = []
         for address, length in requests:

@@ -85,7 +85,8 @@ class HitContext:
     async def read_many(self, requests: Sequence[tuple[int, int]]) -> list[bytes | Exception]:
         """Several reads in one round trip; a failed read is returned as its exception."""
         self.reads += len(requests)
-        return await self._target.read_many(requests)
+        # This context lives for one stop: reads share its registers (page tables) and a cache.
+        return await self._target.read_many(requests, registers=self._g, scope=self)
 
     async def read(self, address: int, length: int) -> bytes:
         """Read guest memory.

@@ -1,0 +1,143 @@
+"""x86 virtual -> guest-physical translation by walking the page tables, as QEMU's debug accesses do.
+
+The walk follows QEMU's own for debugger reads (`x86_cpu_get_phys_page_attrs_debug`): only the present
+bit is checked (no user/supervisor or write checks: a debugger reads kernel and user halves alike), so a
+translation succeeds exactly where the stub's `m` succeeds, and where it fails `m` answers `E14`.
+
+Regimes, chosen from the stopped CPU's CR0, CR4 and EFER (all in QEMU's `g` block on i386 and x86_64):
+- CR0.PG clear: no paging, physical == virtual.
+- CR4.PAE clear: 2-level, 32-bit entries; 4 MiB pages when PDE.PS and CR4.PSE (with PSE-36 high bits).
+- CR4.PAE set, EFER.LMA clear: PAE, a 4-entry PDPT at CR3 & ~0x1f, 64-bit entries, 2 MiB pages.
+- EFER.LMA set: 4-level, or 5-level when CR4.LA57; 1 GiB and 2 MiB pages; non-canonical addresses fail.
+A20 is taken as enabled (every guest that pages has it on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["Paging", "PageWalker"]
+
+CR0_PG = 1 << 31
+CR4_PSE = 1 << 4
+CR4_PAE = 1 << 5
+CR4_LA57 = 1 << 12
+EFER_LMA = 1 << 10
+PRESENT = 1 << 0
+PS = 1 << 7
+ADDRESS_MASK = 0x000F_FFFF_FFFF_F000  # bits 12..51 of an entry
+PAGE = 4096
+
+
+@dataclass(frozen=True)
+class Paging:
+    """The translation regime of one CPU at one stop.
+
+    Attributes:
+        kind: "none", "2-level", "pae", "4-level" or "5-level".
+        cr3: the page-table root.
+        pse: 4 MiB pages allowed (2-level only).
+    """
+
+    kind: str
+    cr3: int
+    pse: bool = False
+
+    @classmethod
+    def from_registers(cls, cr0: int, cr3: int, cr4: int, efer: int) -> Paging:
+        if not cr0 & CR0_PG:
+            return cls("none", 0)
+        if not cr4 & CR4_PAE:
+            return cls("2-level", cr3, bool(cr4 & CR4_PSE))
+        if not efer & EFER_LMA:
+            return cls("pae", cr3)
+        return cls("5-level" if cr4 & CR4_LA57 else "4-level", cr3)
+
+
+class PageWalker:
+    """Translates virtual addresses for one stop (the guest does not run while it is used).
+
+    Page-table pages are read whole once and kept, and translations are remembered per page: valid only
+    while the guest stays stopped, so a walker lives for one stop (a hit's reads) or one bulk read.
+
+    Args:
+        read_phys: reads guest-physical memory: `(address, length) -> bytes`, or None where it cannot.
+    """
+
+    def __init__(self, read_phys: Callable[[int, int], bytes | None]):
+        self._read_phys = read_phys
+        self._tables: dict[int, bytes | None] = {}
+        self._tlb: dict[tuple[Paging, int], tuple[int, int] | None] = {}
+        self.walks = 0
+
+    def translate(self, paging: Paging, vaddr: int) -> tuple[int, int] | None:
+        """The guest-physical address of `vaddr` and how many bytes from there stay in its page, or None
+        where the page is not present (or a page table is not in RAM)."""
+        if paging.kind == "none":
+            return vaddr, PAGE - (vaddr % PAGE)
+        key = (paging, vaddr & ~(PAGE - 1))
+        try:
+            hit = self._tlb[key]
+        except KeyError:
+            hit = self._tlb[key] = self._walk(paging, vaddr)
+        if hit is None:
+            return None
+        base, size = hit
+        offset = vaddr & (size - 1)
+        return base + offset, size - offset
+
+    def _entry(self, table: int, index: int, width: int) -> int | None:
+        page = table & ~(PAGE - 1)
+        data = self._tables.get(page, b"")
+        if data == b"":
+            data = self._tables[page] = self._read_phys(page, PAGE)
+        if data is None:
+            return None
+        at = (table - page) + index * width
+        return int.from_bytes(data[at : at + width], "little")
+
+    def _walk(self, paging: Paging, vaddr: int) -> tuple[int, int] | None:
+        """(physical base of the page holding `vaddr`, page size), or None."""
+        self.walks += 1
+        if paging.kind == "2-level":
+            pde = self._entry(paging.cr3 & ~0xFFF, (vaddr >> 22) & 0x3FF, 4)
+            if pde is None or not pde & PRESENT:
+                return None
+            if pde & PS and paging.pse:
+                size = 4 << 20
+                entry = pde | ((pde & 0x1FE000) << 19)  # PSE-36: PDE bits 13..20 are physical bits 32..39
+                return entry & ADDRESS_MASK & ~(size - 1), size
+            pte = self._entry(pde & ~0xFFF, (vaddr >> 12) & 0x3FF, 4)
+            if pte is None or not pte & PRESENT:
+                return None
+            return pte & ADDRESS_MASK, PAGE
+        if paging.kind == "pae":
+            pdpte = self._entry(paging.cr3 & ~0x1F, (vaddr >> 30) & 3, 8)
+            if pdpte is None or not pdpte & PRESENT:
+                return None
+        else:
+            bits = 57 if paging.kind == "5-level" else 48
+            top = vaddr >> (bits - 1)
+            if top not in (0, (1 << (65 - bits)) - 1):
+                return None  # not canonical
+            table = paging.cr3
+            for shift in ((48, 39) if paging.kind == "5-level" else (39,)):
+                entry = self._entry(table & ADDRESS_MASK, (vaddr >> shift) & 0x1FF, 8)
+                if entry is None or not entry & PRESENT:
+                    return None
+                table = entry
+            pdpte = self._entry(table & ADDRESS_MASK, (vaddr >> 30) & 0x1FF, 8)
+            if pdpte is None or not pdpte & PRESENT:
+                return None
+            if pdpte & PS:
+                return pdpte & ADDRESS_MASK & ~((1 << 30) - 1), 1 << 30
+        pde = self._entry(pdpte & ADDRESS_MASK, (vaddr >> 21) & 0x1FF, 8)
+        if pde is None or not pde & PRESENT:
+            return None
+        if pde & PS:
+            return pde & ADDRESS_MASK & ~((2 << 20) - 1), 2 << 20
+        pte = self._entry(pde & ADDRESS_MASK, (vaddr >> 12) & 0x1FF, 8)
+        if pte is None or not pte & PRESENT:
+            return None
+        return pte & ADDRESS_MASK, PAGE

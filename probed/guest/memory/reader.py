@@ -1,0 +1,304 @@
+"""The Target's memory reads: guest RAM read directly where probed may, else the stub's `m`, fewer of them.
+
+`GuestMemory.read_many` is what `Target.read_many` calls. Two ways to a byte:
+- direct: the address is translated with the stopped CPU's page tables (`pagewalk`), and the guest-physical
+  bytes are read from QEMU's process (`ram`). A read that does not translate (not present: the stub would
+  answer `E14`) or is not all RAM (MMIO) goes to the stub, so every reply is the one `m` would give.
+- the stub: `m` packets, all of one call in one write (`Target.read_many_stub`); within one stop (one hit's
+  reads, `scope`), what was read is kept and served again (several probes at one place, a string read in
+  steps, a field inside an earlier read).
+
+Direct reads are checked against `m` when opened (at the pc and the stack of the stop), on the first reads
+and then on one call in `CHECK_EVERY`; a mismatch switches to the stub for good and says why in the log and
+in `reason`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from probed.guest.memory.pagewalk import PageWalker, Paging
+from probed.guest.memory.qemu_process import GuestMemoryUnavailable, find_qemu_pid, open_process_memory
+from probed.guest.memory.ram import HostRam, RamRange, parse_flat_view, parse_gpa2hva
+
+__all__ = ["GuestMemory", "MODES", "open_guest_memory"]
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "gdbstub")
+CHECK_FIRST = 8  # the first calls served directly are all checked against `m`
+CHECK_EVERY = 64  # then one call in this many
+CHECK_BYTES = 256  # how much of a checked read is compared
+DIRECT_WITHOUT_REGISTERS = 2048  # reads without a stop's registers go direct only from this size (a `g` first)
+
+_Reply = bytes | Exception
+
+
+class _StopCache:
+    """What the stub answered during one stop (the guest does not run meanwhile)."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, bytes]] = []
+
+    def get(self, address: int, length: int) -> bytes | None:
+        end = address + length
+        for start, data in reversed(self.ranges):
+            if start <= address and end <= start + len(data):
+                return data[address - start : end - start]
+        return None
+
+    def put(self, address: int, data: bytes) -> None:
+        self.ranges.append((address, data))
+
+
+class GuestMemory:
+    """Memory reads for one attached target.
+
+    Args:
+        target: the `probed.engine.target.Target` (its layout, and `read_many_stub` for `m`).
+        ram: QEMU's RAM, when it can be read directly; None for the stub only.
+        reason: why the stub is used (None when direct).
+
+    Attributes:
+        direct: guest RAM is read directly.
+        reason: why not, when not (also logged).
+        stats: counters: `direct` and `stub` requests served, `cached` ones, `checks` made against `m`.
+    """
+
+    def __init__(self, target: Any, ram: HostRam | None, reason: str | None = None):
+        self.target = target
+        self.ram = ram
+        self.reason = reason
+        self._scope: Any = None
+        self._walker: PageWalker | None = None
+        self._cache = _StopCache()
+        self._calls = 0
+        self.stats = {"direct": 0, "stub": 0, "cached": 0, "checks": 0}
+
+    @property
+    def direct(self) -> bool:
+        return self.ram is not None
+
+    def describe(self) -> str:
+        """One line for logs and status: how memory is read, and why."""
+        if self.ram is not None:
+            return f"guest RAM read directly ({self.ram.size >> 20} MiB RAM: {self.ram.describe()})"
+        return f"guest memory read through the gdbstub ({self.reason})"
+
+    def fall_back(self, reason: str) -> None:
+        """Read through the stub from now on, and say why."""
+        if self.ram is not None:
+            log.warning("guest memory: reading through the gdbstub from now on: %s", reason)
+            self.ram.close()
+        self.ram = None
+        self.reason = reason
+
+    def close(self) -> None:
+        if self.ram is not None:
+            self.ram.close()
+
+    # -- reads ---------------------------------------------------------------------------------------
+
+    async def read_many(
+        self, requests: Sequence[tuple[int, int]], registers: bytes | None = None, scope: Any = None
+    ) -> list[_Reply]:
+        """Read each `(address, length)`; a failed read comes back as the stub's error.
+
+        Args:
+            requests: virtual addresses of the CPU that stopped, and lengths.
+            registers: that CPU's `g` block at this stop (its control registers give the page tables); when
+                None, small reads go to the stub, and big ones read `g` first.
+            scope: an object that lives for one stop (a hit's context): reads with the same scope share
+                translations and what the stub answered. None: nothing is kept beyond this call.
+        """
+        if scope is None or scope is not self._scope:
+            self._scope = scope
+            self._walker = None
+            self._cache = _StopCache()
+        out: list[_Reply | None] = [None] * len(requests)
+        if self.ram is not None:
+            if registers is None and sum(n for _, n in requests) >= DIRECT_WITHOUT_REGISTERS:
+                registers = await self.target.read_g()
+            if registers is not None:
+                await self._read_direct(requests, registers, out)
+        todo = [i for i, r in enumerate(out) if r is None]
+        if todo:
+            await self._read_stub([requests[i] for i in todo], todo, out)
+        return out  # type: ignore[return-value]
+
+    def _paging(self, registers: bytes) -> Paging | None:
+        value = self.target.layout.value
+        cr0, cr3, cr4 = value(registers, "cr0"), value(registers, "cr3"), value(registers, "cr4")
+        if cr0 is None or cr3 is None or cr4 is None:
+            return None
+        return Paging.from_registers(cr0, cr3, cr4, value(registers, "efer") or 0)
+
+    async def _read_direct(self, requests: Sequence[tuple[int, int]], registers: bytes, out: list) -> None:
+        paging = self._paging(registers)
+        if paging is None:
+            self.fall_back("the target's register block has no CR0/CR3/CR4 to walk page tables with")
+            return
+        if self._walker is None:
+            self._walker = PageWalker(self._read_phys)
+        mask = (1 << (8 * self.target.arch.word_size)) - 1
+        served: list[int] = []
+        try:
+            for i, (address, length) in enumerate(requests):
+                data = self._read_virtual(paging, address & mask, length)
+                if data is not None:
+                    out[i] = data
+                    served.append(i)
+        except OSError as exc:
+            self.fall_back(f"reading /proc/PID/mem failed: {exc}")
+            for i in served:
+                out[i] = None
+            return
+        self.stats["direct"] += len(served)
+        if served:
+            self._calls += 1
+            if self._calls <= CHECK_FIRST or self._calls % CHECK_EVERY == 0:
+                i = max(served, key=lambda j: min(requests[j][1], CHECK_BYTES))
+                await self._check(requests[i][0], out[i][:CHECK_BYTES], served, out)
+
+    def _read_phys(self, phys: int, length: int) -> bytes | None:
+        return self.ram.read(phys, length) if self.ram is not None else None
+
+    def _read_virtual(self, paging: Paging, address: int, length: int) -> bytes | None:
+        """The bytes, or None if any page does not translate or is not RAM (the stub answers those)."""
+        chunks: list[tuple[int, int]] = []
+        at, left = address, length
+        while left > 0:
+            hit = self._walker.translate(paging, at)
+            if hit is None:
+                return None
+            phys, span = hit
+            n = min(span, left)
+            if chunks and chunks[-1][0] + chunks[-1][1] == phys:
+                chunks[-1] = (chunks[-1][0], chunks[-1][1] + n)
+            else:
+                chunks.append((phys, n))
+            at, left = at + n, left - n
+        parts = []
+        for phys, n in chunks:
+            data = self.ram.read(phys, n)
+            if data is None:
+                return None
+            parts.append(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _check(self, address: int, direct: bytes, served: list[int], out: list) -> None:
+        """Compare a direct read with `m`; on a mismatch, the stub from now on (this call's replies too)."""
+        self.stats["checks"] += 1
+        (stub,) = await self.target.read_many_stub([(address, len(direct))])
+        if stub == direct:
+            return
+        shown = stub.hex() if isinstance(stub, bytes) else repr(stub)
+        self.fall_back(
+            f"a direct read at {address:#x} gave {direct[:16].hex()}, the stub's m {shown[:32]}"
+        )
+        for i in served:
+            out[i] = None
+
+    async def _read_stub(self, requests: list[tuple[int, int]], slots: list[int], out: list) -> None:
+        ask: list[tuple[int, int]] = []
+        where: list[int] = []
+        for request, slot in zip(requests, slots, strict=True):
+            cached = self._cache.get(*request)
+            if cached is not None:
+                out[slot] = cached
+                self.stats["cached"] += 1
+            else:
+                ask.append(request)
+                where.append(slot)
+        if not ask:
+            return
+        self.stats["stub"] += len(ask)
+        replies = await self.target.read_many_stub(ask)
+        for (address, _), slot, reply in zip(ask, where, replies, strict=True):
+            out[slot] = reply
+            if self._scope is not None and isinstance(reply, bytes):
+                self._cache.put(address, reply)
+
+
+async def open_guest_memory(target: Any, mode: str = "auto", pid: int | None = None) -> GuestMemory:
+    """Set up the target's memory reads.
+
+    Args:
+        target: the attached target (stopped).
+        mode: "auto" (read RAM directly when QEMU runs on this host and its memory is readable, else the
+            stub, saying why) or "gdbstub" (the stub only).
+        pid: QEMU's pid, when it cannot be found from the gdbstub connection (or to override it).
+    """
+    if mode not in MODES:
+        raise ValueError(f"guest memory mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode == "gdbstub":
+        return GuestMemory(target, None, "--guest-memory gdbstub")
+    memory = GuestMemory(target, None, "not set up")
+    try:
+        memory.ram = await _map_ram(target, pid)
+        memory.reason = None
+        await _check_at_attach(memory)
+    except GuestMemoryUnavailable as exc:
+        memory.fall_back(str(exc))
+    if memory.direct:
+        log.info("%s", memory.describe())
+    else:
+        log.info("guest memory: reading through the gdbstub: %s", memory.reason)
+    return memory
+
+
+async def _map_ram(target: Any, pid: int | None) -> HostRam:
+    if pid is None:
+        sock = getattr(getattr(target.client, "_stream", None), "socket", None)
+        if sock is None:
+            raise GuestMemoryUnavailable("the gdbstub connection is not a socket (give --qemu-pid)")
+        pid = find_qemu_pid(sock)
+    fd = open_process_memory(pid)
+    try:
+        ranges = parse_flat_view(await _monitor(target, "info mtree -f"))
+        if not ranges:
+            raise GuestMemoryUnavailable("QEMU's `info mtree -f` shows no RAM in the address space \"memory\"")
+        mapped = []
+        for r in ranges:
+            try:
+                host = parse_gpa2hva(await _monitor(target, f"gpa2hva {r.start:#x}"))
+            except ValueError as exc:
+                raise GuestMemoryUnavailable(f"QEMU's gpa2hva {r.start:#x} ({r.name}): {exc}") from None
+            mapped.append(RamRange(r.start, r.end, r.name, host))
+    except BaseException:
+        os.close(fd)
+        raise
+    return HostRam(fd, mapped, pid)
+
+
+async def _monitor(target: Any, command: str) -> str:
+    try:
+        return await target.client.monitor(command)
+    except Exception as exc:  # noqa: BLE001  (no monitor through this stub: say so)
+        raise GuestMemoryUnavailable(f"QEMU's monitor did not answer {command!r}: {exc}") from None
+
+
+async def _check_at_attach(memory: GuestMemory) -> None:
+    """Direct reads at the stop's pc and stack must equal `m`'s, and so must a physical read."""
+    target = memory.target
+    g = await target.read_g()
+    value = target.layout.value
+    places = [value(g, target.arch.pc), value(g, target.arch.sp)]
+    requests = [(a, 64) for a in places if a is not None]
+    stub = await target.read_many_stub(requests)
+    out: list = [None] * len(requests)
+    await memory._read_direct(requests, g, out)
+    for (address, _), mine, theirs in zip(requests, out, stub, strict=True):
+        if memory.ram is None:
+            return  # a read failed (fall_back said why)
+        if isinstance(theirs, bytes) and mine is not None and mine != theirs:
+            memory.fall_back(
+                f"at attach, a direct read at {address:#x} gave {mine[:16].hex()}, the stub's m {theirs[:16].hex()}"
+                f" (is {memory.ram.pid} QEMU's pid?)"
+            )
+            return
+    memory._calls = 0
+    memory.stats["checks"] += len(requests)

@@ -1,0 +1,309 @@
+"""Guest RAM read directly from QEMU's process, checked byte for byte against the stub's `m`.
+
+Real QEMU throughout: the bundled guests (i386 without paging, x86_64 with a 4 GiB identity map of 2 MiB
+pages), the i386 guest with 2-level and PAE page tables built in its RAM and switched on through the stub,
+and a machine with RAM above the 4 GiB hole. The Linux guest (4-level paging, kernel and user addresses) is
+in tests/test_linux_guest_memory.py.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+
+import pytest
+import trio
+
+from probed.api import attach
+from probed.guest.memory import GuestMemoryUnavailable
+from probed.guest.memory.pagewalk import PageWalker, Paging
+from probed.guest.memory.qemu_process import find_qemu_pid, open_process_memory
+from probed.guest.memory.ram import parse_flat_view
+from probed.testing.qemu import QemuGuest
+from rsp.errors import RemoteError
+
+# -- helpers -------------------------------------------------------------------------------------------
+
+
+async def stop_in_loop(engine) -> None:
+    """Run the guest to its loop (a hit on `elsewhere`), then hold it stopped there."""
+    probe = await engine.add_probe("elsewhere")
+    with engine.hub.subscribe(probe.id) as sub:
+        await engine.resume()
+        with trio.fail_after(30):
+            await sub.receive()
+    await engine.hold()
+    await engine.remove_probe(probe.id)
+
+
+def same_reply(a, b) -> bool:
+    if isinstance(a, Exception) or isinstance(b, Exception):
+        return isinstance(a, RemoteError) and isinstance(b, RemoteError) and str(a) == str(b)
+    return a == b
+
+
+async def write(client, address: int, data: bytes) -> None:
+    """`M` in pieces that fit QEMU's 4 KiB packet buffer in hex."""
+    for off in range(0, len(data), 1024):
+        await client.checked(b"M%x,%x:%s" % (address + off, len(data[off : off + 1024]), data[off : off + 1024].hex().encode()))
+
+
+async def compare(engine, requests) -> dict:
+    """Read `requests` through the target (direct where it can) and through `m`; every reply must agree."""
+    target = engine.target
+
+    async def both():
+        g = await target.read_g()
+        mine = await target.read_many(requests, registers=g, scope=object())
+        theirs = await target.read_many_stub(requests)
+        return mine, theirs
+
+    before = dict(target.memory.stats)
+    mine, theirs = await engine.call_stopped(both)
+    bad = [(hex(a), n, m, t) for (a, n), m, t in zip(requests, mine, theirs, strict=True) if not same_reply(m, t)]
+    assert bad == []
+    return {k: target.memory.stats[k] - before[k] for k in before}
+
+
+def spread(rng: random.Random, lo: int, hi: int, count: int) -> list[tuple[int, int]]:
+    sizes = [1, 2, 4, 8, 15, 64, 255, 4096, 5000, 3 * 4096 + 7]
+    return [(rng.randrange(lo, hi), rng.choice(sizes)) for _ in range(count)]
+
+
+# -- the bundled guests -----------------------------------------------------------------------------
+
+
+async def test_direct_reads_equal_m_on_the_bundled_guests(guest):
+    rng = random.Random(15)
+    async with attach(guest.target, symbols=[str(guest.elf)], stopped=True) as engine:
+        memory = engine.target.memory
+        assert memory.direct, memory.reason
+        assert memory.ram.pid == guest.pid  # found through the socket, not SO_PEERCRED (our own listener)
+        await stop_in_loop(engine)
+        syms = engine.symbols
+        requests = spread(rng, 0, 64 << 20, 300)  # all of RAM (no paging on i386; identity map on x86_64)
+        requests += [(syms.lookup(n).address, 8) for n in ("turns", "calls", "names", "probe_target")]
+        requests += [(0x9FFF8, 16), (0xF0000, 32), (0xFEE00000, 16), (0xFFFFFFF0, 16)]  # legacy, APIC, BIOS
+        if guest.arch == "x86_64":
+            requests += [(1 << 32, 8), ((1 << 47) - 8, 8), (1 << 63, 8)]  # past the map, non-canonical
+        counts = await compare(engine, requests)
+    assert counts["direct"] >= 250 and counts["stub"] >= 4
+
+
+def _tables_2level(base: int) -> tuple[dict[int, int], dict[str, int]]:
+    """32-bit entries: PD at base, one page table at base+0x1000."""
+    pd, pt = base, base + 0x1000
+    entries = {pd + 1 * 4: pt | 0x3, pd + 2 * 4: 0x000000 | 0x83, pd + 3 * 4: 0x00400000 | 0x83}
+    entries[pd + 4 * 4] = 0x83 | (1 << 13)  # PSE-36: physical 4 GiB (not RAM: the stub answers it)
+    entries[pd + 0x300 * 4] = pt | 0x7  # the same table mapped high as well (a "kernel half")
+    for i in range(256):
+        if i != 5:  # a hole
+            entries[pt + 4 * i] = (0x100000 + 0x1000 * ((i * 7) % 256)) | 0x1
+    return entries, {"width": 4}
+
+
+def _tables_pae(base: int) -> tuple[dict[int, int], dict[str, int]]:
+    """64-bit entries: PDPT at base+0x20 (CR3 need only be 32-byte aligned), PDs, one page table."""
+    pdpt, pd0, pd3, pt = base + 0x20, base + 0x1000, base + 0x2000, base + 0x3000
+    entries = {pdpt: pd0 | 1, pdpt + 3 * 8: pd3 | 1}
+    entries[pd0 + 2 * 8] = pt | 0x3  # 0x400000: 4 KiB pages
+    entries[pd0 + 4 * 8] = 0x200000 | 0x83  # 0x800000: a 2 MiB page
+    entries[pd3 + 0 * 8] = pt | 0x3  # 0xc0000000: the same table
+    entries[pd3 + 1 * 8] = 0x400000 | 0x83 | (1 << 63)  # NX is not an address bit
+    for i in range(512):
+        if i % 9:
+            entries[pt + 8 * i] = (0x100000 + 0x1000 * ((i * 5) % 512)) | 0x1
+    return entries, {"width": 8}
+
+
+@pytest.mark.parametrize("mode", ["2-level", "pae"])
+async def test_page_walks_equal_m_for_32_bit_paging(guest_i386, mode):
+    """Page tables written into the i386 guest, paging switched on through the stub while it is stopped
+    (the guest never runs with them): every read agrees with QEMU's own walk, and the guest is put back."""
+    base = 0x2000000
+    build = _tables_2level if mode == "2-level" else _tables_pae
+    entries, info = build(base)
+    async with attach(guest_i386.target, symbols=[str(guest_i386.elf)], stopped=True) as engine:
+        await stop_in_loop(engine)
+        target = engine.target
+        layout = target.layout
+
+        async def setup():
+            saved = await target.read_many_stub([(base, 0x4000)])
+            image = bytearray(0x4000)
+            for at, value in entries.items():
+                image[at - base : at - base + info["width"]] = value.to_bytes(info["width"], "little")
+            await write(target.client, base, bytes(image))
+            g = await target.read_g()
+            regs = {n: layout.value(g, n) for n in ("cr0", "cr3", "cr4")}
+            cr3 = base + 0x20 if mode == "pae" else base
+            cr4 = regs["cr4"] | (0x20 if mode == "pae" else 0x10)
+            for name, value in (("cr3", cr3), ("cr4", cr4), ("cr0", regs["cr0"] | 0x80000001)):
+                await target.client.checked(b"P%x=%s" % (layout.regnum(name), layout.encode_p(name, value)))
+            return saved[0], regs
+
+        saved, regs = await engine.call_stopped(setup)
+        try:
+            rng = random.Random(3)
+            requests = spread(rng, 0x400000, 0xA00000, 200) + spread(rng, 0xC0000000, 0xC0400000, 100)
+            requests += [(0x405000 - 4, 8), (0x402FFE, 4)]  # across a hole, across two mapped pages
+            counts = await compare(engine, requests)
+            assert counts["direct"] >= 80
+        finally:
+
+            async def restore():
+                for name in ("cr0", "cr4", "cr3"):
+                    await target.client.checked(b"P%x=%s" % (layout.regnum(name), layout.encode_p(name, regs[name])))
+                await write(target.client, base, saved)
+
+            await engine.call_stopped(restore)
+        # The guest runs on as before.
+        await stop_in_loop(engine)
+
+
+async def test_ram_above_the_4g_hole():
+    """pc with 5 GiB: RAM below the hole and the rest at 4 GiB, both read directly (physical reads
+    checked with the stub in physical mode)."""
+    guest = QemuGuest("x86_64", bare=True, memory="5G").start()
+    try:
+        async with attach(guest.target, stopped=True) as engine:
+            ram = engine.target.memory.ram
+            assert ram is not None
+            above = [r for r in ram.ranges if r.start >= 1 << 32]
+            assert above and above[0].start == 1 << 32 and sum(r.end - r.start for r in ram.ranges) >= (5 << 30) - (1 << 20)
+            client = engine.target.client
+            places = [0x123456, 0xBFFFF000, 1 << 32, (1 << 32) + 0x7654321, (5 << 30) + (1 << 30) - 0x1000 - 64]
+            places = [p for p in places if ram.host_address(p, 64) is not None]
+
+            async def check():
+                await client.checked(b"Qqemu.PhyMemMode:1")
+                try:
+                    for n, p in enumerate(places):
+                        await write(client, p, bytes([n + 1]) * 32 + os.urandom(32))
+                    return [(ram.read(p, 64), await client.read_memory(p, 64)) for p in places]
+                finally:
+                    await client.checked(b"Qqemu.PhyMemMode:0")
+
+            pairs = await engine.call_stopped(check)
+        assert len(places) >= 4 and all(a == b for a, b in pairs)
+    finally:
+        guest.close()
+
+
+# -- finding QEMU, and falling back ----------------------------------------------------------------
+
+
+async def test_qemu_found_over_tcp():
+    guest = QemuGuest("i386", gdb="tcp").start()
+    try:
+        async with attach(guest.target, symbols=[str(guest.elf)], stopped=True) as engine:
+            assert engine.target.memory.ram.pid == guest.pid
+            assert find_qemu_pid(engine.target.client._stream.socket) == guest.pid
+    finally:
+        guest.close()
+
+
+async def test_wrong_pid_falls_back_and_says_why(guest_i386, caplog):
+    async with attach(guest_i386.target, symbols=[str(guest_i386.elf)], stopped=True, qemu_pid=os.getpid()) as engine:
+        memory = engine.target.memory
+        assert not memory.direct
+        assert f"is {os.getpid()} QEMU's pid?" in memory.reason or "/proc/PID/mem failed" in memory.reason
+        await stop_in_loop(engine)
+        counts = await compare(engine, [(engine.symbols.lookup("turns").address, 4)])
+        assert counts["direct"] == 0
+    assert "reading through the gdbstub" in caplog.text
+
+
+async def test_no_such_process_and_gdbstub_mode(guest_i386):
+    async with attach(guest_i386.target, symbols=[str(guest_i386.elf)], stopped=True, qemu_pid=2**22 + 1) as engine:
+        assert engine.target.memory.reason == f"no process {2**22 + 1}"
+    async with attach(guest_i386.target, symbols=[str(guest_i386.elf)], stopped=True, guest_memory="gdbstub") as engine:
+        assert engine.target.memory.reason == "--guest-memory gdbstub"
+        assert "through the gdbstub" in engine.target.memory.describe()
+
+
+def _open_as_nobody(pid: int, answer) -> None:
+    os.setgid(65534)
+    os.setuid(65534)
+    try:
+        open_process_memory(pid)
+        answer.send("opened")
+    except GuestMemoryUnavailable as exc:
+        answer.send(str(exc))
+
+
+def test_no_permission_says_why(guest_i386):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user")
+    ours, theirs = multiprocessing.Pipe()
+    child = multiprocessing.get_context("fork").Process(target=_open_as_nobody, args=(guest_i386.pid, theirs))
+    child.start()
+    child.join(10)
+    assert ours.recv() == f"cannot open /proc/{guest_i386.pid}/mem: Permission denied"
+
+
+# -- without QEMU: the page walker's large pages and 5 levels, the flat view ----------------------
+
+
+class FakePhysical:
+    """Guest-physical memory made of page-table entries, for walks QEMU's machines here cannot show."""
+
+    def __init__(self):
+        self.words: dict[int, int] = {}
+
+    def set(self, table: int, index: int, value: int) -> None:
+        self.words[table + 8 * index] = value
+
+    def read(self, phys: int, length: int) -> bytes:
+        out = bytearray(length)
+        for at, value in self.words.items():
+            if phys <= at < phys + length:
+                out[at - phys : at - phys + 8] = value.to_bytes(8, "little")
+        return bytes(out)
+
+
+def test_walker_5_level_and_1g_pages():
+    mem = FakePhysical()
+    pml5, pml4, pdpt, pd, pt = 0x1000, 0x2000, 0x3000, 0x4000, 0x5000
+    va = (0x1FF << 48) | (0x1 << 39) | (0x2 << 30) | (0x3 << 21) | (0x4 << 12) | 0x123
+    va |= 0x7F << 57  # bits 57..63: the sign extension of bit 56
+    mem.set(pml5, 0x1FF, pml4 | 1)
+    mem.set(pml4, 1, pdpt | 1)
+    mem.set(pdpt, 2, pd | 1)
+    mem.set(pdpt, 5, (7 << 30) | 0x81)  # a 1 GiB page
+    mem.set(pd, 3, pt | 1)
+    mem.set(pt, 4, 0xABC000 | 1)
+    walker = PageWalker(mem.read)
+    five = Paging.from_registers(cr0=0x80000011, cr3=pml5, cr4=0x1020, efer=0x500)
+    assert five.kind == "5-level"
+    assert walker.translate(five, va) == (0xABC123, 0x1000 - 0x123)
+    big = (va & ~((1 << 39) - 1)) | (5 << 30) | 0x12345
+    assert walker.translate(five, big) == ((7 << 30) | 0x12345, (1 << 30) - 0x12345)
+    assert walker.translate(five, va ^ (1 << 60)) is None  # not canonical
+    assert walker.translate(five, va + 0x1000) is None  # not present
+    four = Paging.from_registers(cr0=0x80000011, cr3=pml4, cr4=0x20, efer=0x500)
+    assert four.kind == "4-level"
+    low = (1 << 39) | (2 << 30) | (3 << 21) | (4 << 12)
+    assert walker.translate(four, low) == (0xABC000, 0x1000)
+    assert walker.translate(four, 1 << 47) is None  # not canonical with 4 levels
+
+
+def test_flat_view_keeps_ram_outside_the_legacy_window():
+    text = """FlatView #0
+ AS "memory", root: system
+ Root memory region: system
+  0000000000000000-000000000009ffff (prio 0, ram): pc.ram
+  00000000000a0000-00000000000bffff (prio 1, i/o): vga-lowmem
+  00000000000c0000-00000000000dffff (prio 1, rom): pc.rom
+  00000000000e0000-00000000000fffff (prio 1, ram): pc.ram @00000000000e0000
+  0000000000100000-00000000bfffffff (prio 0, ram): pc.ram @0000000000100000
+  00000000fee00000-00000000feefffff (prio 4096, i/o): apic-msi
+  0000000100000000-000000013fffffff (prio 0, ram): pc.ram @00000000c0000000
+
+FlatView #1
+ AS "I/O", root: io
+  0000000000000000-0000000000000007 (prio 0, i/o): dma-chan
+"""
+    got = [(r.start, r.end, r.name) for r in parse_flat_view(text)]
+    assert got == [(0, 0xA0000, "pc.ram"), (0x100000, 0xC0000000, "pc.ram"), (1 << 32, 0x140000000, "pc.ram")]
