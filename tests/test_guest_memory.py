@@ -307,3 +307,50 @@ FlatView #1
 """
     got = [(r.start, r.end, r.name) for r in parse_flat_view(text)]
     assert got == [(0, 0xA0000, "pc.ram"), (0x100000, 0xC0000000, "pc.ram"), (1 << 32, 0x140000000, "pc.ram")]
+
+
+# -- the stub's path: one round trip a hit for dependent reads, predicted and verified ----------------
+
+NAMES = ["alpha", "beta", "gamma", "delta"]
+
+
+async def test_stub_path_predicts_dependent_reads(guest_i386):
+    """Through the stub only, a probe whose fields need two rounds (a pointer, then what it points at) costs
+    one batch of `m` per hit from the second hit on: the last hit's dependent reads go with the first round
+    and are found in the stop's cache. A pointer that changes every hit (the name) is read again, right."""
+    stable = ["a=+4(%sp):s32", "ret=+0(%sp):x32", "code=+0(+0(%sp)):x32", "turns=@turns:u32"]
+    async with attach(guest_i386.target, symbols=[str(guest_i386.elf)], stopped=True, guest_memory="gdbstub") as engine:
+        target = engine.target
+        assert not target.memory.direct
+        batches = []
+        read_many_stub = target.read_many_stub
+
+        async def counted(requests):
+            batches.append(list(requests))
+            return await read_many_stub(requests)
+
+        target.read_many_stub = counted
+        runs = {}
+        for label, fields in (("stable", stable), ("name", [*stable, "name=+0(+12(%sp)):string"])):
+            probe = await engine.add_probe("probe_target", pre=fields)
+            batches.clear()
+            with engine.hub.subscribe(probe.id) as sub:
+                await engine.resume()
+                runs[label] = [(await sub.receive())["pre"] for _ in range(20)]
+            await engine.hold()
+            await engine.remove_probe(probe.id)
+            if label == "stable":
+                # Only the probe's batches: each one reads the stack (the engine's own reads are code at pc).
+                ours = [b for b in batches if any(n == 4 for _, n in b)]
+                cached, hits = target.memory.stats["cached"], probe.hits
+        ret = int(runs["stable"][0]["ret"], 16)
+        (want,) = await engine.call_stopped(lambda: read_many_stub([(ret, 4)]))
+    for label, records in runs.items():
+        first = records[0]["a"]
+        for n, rec in enumerate(records, start=first):
+            assert rec["a"] == n and rec["turns"] == n - 1 and rec["code"] == f"{int.from_bytes(want, 'little'):#x}"
+            if label == "name":
+                assert rec["name"] == NAMES[n % 4]
+    assert hits >= 20
+    assert cached == hits - 1  # the code at the return address, from hit 2 on
+    assert len(ours) == 2 + hits - 1  # two rounds at the first hit, then one a hit

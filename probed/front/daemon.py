@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "and write guest memory)")
     ap.add_argument("--gdb-allow-monitor", action="store_true",
                     help="let GDB's `monitor` commands that end, reset or stop the guest through the stub")
+    ap.add_argument("--guest-memory", choices=["auto", "gdbstub"], default="auto",
+                    help="auto: read guest RAM directly from QEMU's process when it runs on this host and "
+                         "/proc/PID/mem is readable, else through the gdbstub (the log says why); "
+                         "gdbstub: always through the gdbstub's m packets")
+    ap.add_argument("--qemu-pid", type=int, metavar="PID", help="QEMU's pid, if not found from the gdbstub socket")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--version", action="version", version=f"probed {__version__}")
     return ap
@@ -207,7 +212,7 @@ async def run(args: argparse.Namespace) -> None:
         make_private_dir(state_path.parent)
         saved = read_state(state_path)
     engine = Engine(args.target, symbol_files=args.symbols, stopped=args.stopped or bool(saved), hw_slots=args.hw_slots,
-                    buffer=args.buffer)
+                    buffer=args.buffer, guest_memory=args.guest_memory, qemu_pid=args.qemu_pid)
     engine.hub.buffer_bytes = args.buffer_bytes
     state = ProbeState(engine, state_path) if state_path is not None else None
     progress = None

@@ -88,6 +88,12 @@ class HitContext:
         # This context lives for one stop: reads share its registers (page tables) and a cache.
         return await self._target.read_many(requests, registers=self._g, scope=self)
 
+    @property
+    def reads_are_cheap(self) -> bool:
+        """Reads cost no round trip to the stub (guest RAM is read directly)."""
+        memory = getattr(self._target, "memory", None)
+        return bool(memory is not None and memory.direct)
+
     async def read(self, address: int, length: int) -> bytes:
         """Read guest memory.
 

@@ -96,6 +96,7 @@ class FetchProgram:
         self.needs_memory = any(
             _uses_memory(f.node, arch) or (f.type.is_string and not isinstance(f.node, StrImm)) for f in fields
         )
+        self._dependent: list[_Read] = []  # the reads after the first round at the last hit
 
     async def evaluate(self, ctx: Any) -> dict[str, Any]:
         """Fetch every field, reading memory breadth-first (one `read_many` per round of dereferences).
@@ -116,12 +117,24 @@ class FetchProgram:
         pending: dict[str, _Read] = {}
         for name, gen in gens.items():
             self._advance(name, gen, None, pending, results)
+        # Where each read is a round trip, the dependent reads of the last hit go out with the first round:
+        # the next round finds them in the stop's cache when their addresses came out the same, and reads
+        # again when not (a guess never stands in for a read of this stop).
+        guess = self._dependent if pending and not getattr(ctx, "reads_are_cheap", True) else []
+        dependent: list[_Read] = []
         while pending:
             names = list(pending)
-            replies = await ctx.read_many([pending[n] for n in names])
+            batch = [pending[n] for n in names]
+            if guess:
+                extra, guess = [r for r in guess if r not in batch], []
+                replies = (await ctx.read_many(batch + extra))[: len(batch)]
+            else:
+                replies = await ctx.read_many(batch)
             pending = {}
             for name, reply in zip(names, replies, strict=True):
                 self._advance(name, gens[name], reply, pending, results)
+            dependent += pending.values()
+        self._dependent = dependent[:16]
         return {f.name: results[f.name] for f in self.fields_spec}
 
     @staticmethod

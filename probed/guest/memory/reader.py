@@ -23,6 +23,8 @@ from typing import Any
 from probed.guest.memory.pagewalk import PageWalker, Paging
 from probed.guest.memory.qemu_process import GuestMemoryUnavailable, find_qemu_pid, open_process_memory
 from probed.guest.memory.ram import HostRam, RamRange, parse_flat_view, parse_gpa2hva
+from rsp.connection import MAX_MEMORY_READ
+from rsp.errors import RemoteError
 
 __all__ = ["GuestMemory", "MODES", "open_guest_memory"]
 
@@ -32,6 +34,8 @@ MODES = ("auto", "gdbstub")
 CHECK_FIRST = 8  # the first calls served directly are all checked against `m`
 CHECK_EVERY = 64  # then one call in this many
 CHECK_BYTES = 256  # how much of a checked read is compared
+JOIN_GAP = 64  # reads this close in one page share one `m`
+PAGE = 4096
 DIRECT_WITHOUT_REGISTERS = 2048  # reads without a stop's registers go direct only from this size (a `g` first)
 
 _Reply = bytes | Exception
@@ -204,23 +208,48 @@ class GuestMemory:
 
     async def _read_stub(self, requests: list[tuple[int, int]], slots: list[int], out: list) -> None:
         ask: list[tuple[int, int]] = []
-        where: list[int] = []
-        for request, slot in zip(requests, slots, strict=True):
-            cached = self._cache.get(*request)
+        where: list[list[tuple[int, int, int]]] = []  # per `m`: (slot, offset, length) it serves
+        for (address, length), slot in sorted(zip(requests, slots, strict=True)):
+            cached = self._cache.get(address, length)
             if cached is not None:
                 out[slot] = cached
                 self.stats["cached"] += 1
+                continue
+            if ask and _joinable(ask[-1], address, length):
+                start, n = ask[-1]
+                ask[-1] = (start, max(n, address + length - start))
+                where[-1].append((slot, address - start, length))
             else:
-                ask.append(request)
-                where.append(slot)
+                ask.append((address, length))
+                where.append([(slot, 0, length)])
         if not ask:
             return
         self.stats["stub"] += len(ask)
         replies = await self.target.read_many_stub(ask)
-        for (address, _), slot, reply in zip(ask, where, replies, strict=True):
-            out[slot] = reply
-            if self._scope is not None and isinstance(reply, bytes):
+        for (address, _), served, reply in zip(ask, where, replies, strict=True):
+            if isinstance(reply, bytes) and self._scope is not None:
                 self._cache.put(address, reply)
+            for slot, offset, length in served:
+                if isinstance(reply, bytes):
+                    out[slot] = reply[offset : offset + length]
+                elif isinstance(reply, RemoteError) and len(served) > 1:
+                    # As if asked alone: the same page fails the same way.
+                    out[slot] = RemoteError(reply.code, reply.text, b"m%x,%x" % (address + offset, length))
+                else:
+                    out[slot] = reply
+
+
+def _joinable(last: tuple[int, int], address: int, length: int) -> bool:
+    """Whether a read can ride in the previous `m`: all in one page (a page reads whole or faults whole),
+    close by, and one packet in all (so a fault is the one each read would get alone)."""
+    start, n = last
+    end = max(start + n, address + length)
+    return (
+        0 < length
+        and (end - 1) // PAGE == start // PAGE
+        and address - (start + n) <= JOIN_GAP
+        and end - start <= MAX_MEMORY_READ
+    )
 
 
 async def open_guest_memory(target: Any, mode: str = "auto", pid: int | None = None) -> GuestMemory:

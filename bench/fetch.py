@@ -1,0 +1,270 @@
+"""Fetch-heavy probes: probed with guest RAM read directly, probed through the stub only, and a naive loop
+doing the same reads over raw RSP one packet at a time, side by side on the same guest.
+
+1. The bundled i386 guest, a probe on `probe_target` fetching its three stack args, the return address, the
+   code it points at, and a global: hits per second (the guest calls it back to back, so the probe's cost
+   sets the pace). Every record is checked against the guest's contract (b == 3a + 1, turns == a - 1).
+2. The Debian Linux guest (tests/linux), a probe on `do_sys_openat2` fetching the file name (a user
+   string), `how->flags`, the task's comm (`current->comm`, as `$comm` does) and its parent's comm (a field
+   two pointers away: `current->real_parent->comm`). The guest opens files at its own pace (a shell loop
+   with a sleep), so the yardstick is the time the guest stays stopped per hit, from the stop reply to the
+   `c` that resumes it, measured the same way for all three.
+
+    python bench/fetch.py [--hits N] [--linux-hits N] [--rounds N] [--no-linux]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from hits import RawLoop, symbol_address  # noqa: E402
+
+from probed.api import attach  # noqa: E402
+from probed.testing.qemu import QemuGuest  # noqa: E402
+from rsp.framing import encode_packet  # noqa: E402
+
+I386_FIELDS = ["ret=+0(%sp):x32", "a=+4(%sp):s32", "b=+8(%sp):s32", "name=+12(%sp):x32",
+               "code=+0(+0(%sp)):x64", "turns=@turns:u32"]
+STRING = 256  # what a string fetch reads first (up to the page's end)
+CONTINUE = encode_packet(b"c")
+POLL: float | None = None
+
+
+class StopClock:
+    """Time the guest spends stopped per hit: from the first stop reply after a `c` to the next `c`.
+
+    Wraps one RSPClient's `wait_stop` and `_send` (bench instrumentation only).
+    """
+
+    def __init__(self, client):
+        self.total = 0.0
+        self.count = 0
+        self._since: float | None = None
+        wait_stop, send = client.wait_stop, client._send
+
+        async def timed_wait_stop(*a, **k):
+            event = await wait_stop(*a, **k)
+            if self._since is None:
+                self._since = time.perf_counter()
+            return event
+
+        async def timed_send(frames: bytes):
+            if frames.endswith(CONTINUE) and self._since is not None:
+                self.total += time.perf_counter() - self._since
+                self.count += 1
+                self._since = None
+            await send(frames)
+
+        client.wait_stop, client._send = timed_wait_stop, timed_send
+
+    @property
+    def per_hit_us(self) -> float:
+        return 1e6 * self.total / max(self.count, 1)
+
+
+class RawFetchLoop(RawLoop):
+    """The yardstick: c, then `g` and each read as its own packet, then `s`; times the stopped part."""
+
+    def read(self, address: int, length: int) -> bytes:
+        reply = self.ask(b"m%x,%x" % (address, length))
+        return bytes.fromhex(reply.decode()) if not reply.startswith(b"E") else b""
+
+    def run_reads(self, address: int, hits: int, reads, *, attached: bool = False) -> tuple[float, float, list]:
+        if not attached:
+            self.ask(b"qSupported:swbreak+")
+            self.ask(b"?")
+        assert self.ask(b"Z0,%x,1" % address) == b"OK"
+        stopped = 0.0
+        got = []
+        t0 = time.perf_counter()
+        for _ in range(hits):
+            self.sock.sendall(CONTINUE)
+            self.packet()  # the stop at the breakpoint
+            since = time.perf_counter()
+            self.sock.sendall(b"+")
+            g = self.ask(b"g")
+            got.append(reads(self, bytes.fromhex(g.decode())))
+            self.sock.sendall(encode_packet(b"s"))
+            self.packet()
+            self.sock.sendall(b"+")
+            stopped += time.perf_counter() - since
+        elapsed = time.perf_counter() - t0
+        self.ask(b"z0,%x,1" % address)
+        self.sock.sendall(encode_packet(b"D"))
+        self.packet()
+        self.sock.close()
+        return elapsed, 1e6 * stopped / hits, got
+
+
+def _u(data: bytes) -> int:
+    return int.from_bytes(data, "little")
+
+
+def _page_rest(address: int) -> int:
+    return min(STRING, 4096 - address % 4096)
+
+
+def i386_raw_reads(turns: int):
+    def reads(loop: RawFetchLoop, g: bytes) -> dict:
+        sp = _u(g[16:20])
+        ret, a, b, name = (_u(loop.read(sp + 4 * i, 4)) for i in range(4))
+        code = _u(loop.read(ret, 8))
+        return {"ret": ret, "a": a, "b": b, "name": name, "code": code, "turns": _u(loop.read(turns, 4))}
+
+    return reads
+
+
+def check_i386(records: list[dict]) -> None:
+    for r in records:
+        a, b, t = r["a"], r["b"], r["turns"]
+        assert b == 3 * a + 1 and t == a - 1, r
+
+
+async def probed_i386(target: str, elf: Path, hits: int, mode: str) -> tuple[float, float, str]:
+    async with attach(target, symbols=[str(elf)], stopped=True, guest_memory=mode) as engine:
+        clock = StopClock(engine.target.client)
+        if POLL is not None:
+            engine.poll_seconds = POLL
+        probe = await engine.add_probe("probe_target", pre=I386_FIELDS)
+        with engine.hub.subscribe(probe.id, maxsize=hits + 10) as sub:
+            t0 = time.perf_counter()
+            await engine.resume()
+            records = [(await sub.receive())["pre"] for _ in range(hits)]
+            elapsed = time.perf_counter() - t0
+        check_i386(records)
+        await engine.remove_probe(probe.id)
+        return elapsed, clock.per_hit_us, engine.target.memory.describe()
+
+
+async def linux_offsets(target: str, kallsyms: str) -> dict[str, int]:
+    """task_struct's comm and real_parent offsets, found in init_task ("swapper/0", its own parent)."""
+    async with attach(target, symbols=[kallsyms]) as engine:
+        syms = engine.symbols
+        init = syms.lookup("init_task").address
+
+        async def read():
+            (task, per_cpu) = await engine.target.read_many([(init, 12288), (syms.lookup("__per_cpu_offset").address, 8)])
+            return task, per_cpu
+
+        task, per_cpu = await engine.call_stopped(read)
+    comm = task.find(b"swapper/0\0")
+    parent = next(o for o in range(0, comm, 8) if _u(task[o : o + 8]) == init)
+    return {"comm": comm, "parent": parent, "current": _u(per_cpu) + syms.lookup("current_task").address}
+
+
+def linux_fields(off: dict[str, int]) -> list[str]:
+    cur = f"@{off['current']:#x}"  # (`@ADDR` is already the word at ADDR: `current`)
+    return ["filename=+0(%si):ustring", "flags=+0(%dx):x64", f"comm=+{off['comm']}({cur}):string",
+            f"parent=+{off['comm']}(+{off['parent']}({cur})):string"]
+
+
+def linux_raw_reads(off: dict[str, int]):
+    def string(loop: RawFetchLoop, address: int) -> str:
+        return loop.read(address, _page_rest(address)).split(b"\0")[0].decode(errors="replace")
+
+    def reads(loop: RawFetchLoop, g: bytes) -> dict:
+        rsi, rdx = _u(g[32:40]), _u(g[24:32])
+        filename = string(loop, rsi)
+        flags = _u(loop.read(rdx, 8))
+        cur = _u(loop.read(off["current"], 8))
+        comm = string(loop, cur + off["comm"])
+        parent = _u(loop.read(cur + off["parent"], 8))
+        return {"filename": filename, "flags": flags, "comm": comm, "parent": string(loop, parent + off["comm"])}
+
+    return reads
+
+
+async def probed_linux(target: str, kallsyms: str, hits: int, mode: str, fields: list[str]) -> tuple[float, str, list]:
+    async with attach(target, symbols=[kallsyms], guest_memory=mode) as engine:
+        clock = StopClock(engine.target.client)
+        probe = await engine.add_probe("do_sys_openat2", pre=fields)
+        with engine.hub.subscribe(probe.id, maxsize=hits + 10) as sub:
+            records = [(await sub.receive())["pre"] for _ in range(hits)]
+        await engine.remove_probe(probe.id)
+        return clock.per_hit_us, engine.target.memory.describe(), records
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hits", type=int, default=1000, help="hits per variant and round (i386)")
+    ap.add_argument("--linux-hits", type=int, default=100, help="hits per variant and round (Linux)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of all variants, one after the other")
+    ap.add_argument("--no-linux", action="store_true")
+    args = ap.parse_args()
+    hits, rounds = args.hits, args.rounds
+    modes = (("auto", "probed, guest RAM"), ("gdbstub", "probed, stub only"))
+    rate: dict[str, list[float]] = {"raw": [], "auto": [], "gdbstub": []}
+    stopped: dict[str, list[float]] = {"raw": [], "auto": [], "gdbstub": []}
+    with QemuGuest("i386", stopped=True) as guest:
+        addr, turns = symbol_address(guest.elf, "probe_target"), symbol_address(guest.elf, "turns")
+        print(f"i386 guest, probe_target with {' '.join(I386_FIELDS)}; {rounds} rounds of {hits} hits, medians")
+        for _ in range(rounds):
+            secs, us, got = RawFetchLoop(guest.target).run_reads(addr, hits, i386_raw_reads(turns))
+            check_i386(got)
+            rate["raw"].append(hits / secs)
+            stopped["raw"].append(us)
+            for mode, _label in modes:
+                secs, us, how = trio.run(probed_i386, guest.target, guest.elf, hits, mode)
+                rate[mode].append(hits / secs)
+                stopped[mode].append(us)
+        print(f"  {'raw loop (g, 6 m, s; one at a time)':<38} {_median(rate['raw']):7.0f} hits/s  "
+              f"{_median(stopped['raw']):6.0f} us stopped/hit")
+        for mode, label in modes:
+            print(f"  {label:<38} {_median(rate[mode]):7.0f} hits/s  {_median(stopped[mode]):6.0f} us stopped/hit")
+    for mode, label in modes:
+        r = _median([p / q for p, q in zip(rate[mode], rate["raw"], strict=True)])
+        s_ = _median([q / p for p, q in zip(stopped[mode], stopped["raw"], strict=True)])
+        print(f"  ratio {label} / raw loop: {r:.2f} in hits/s, {s_:.2f} in stopped time  (target >= 1.5)")
+    if args.no_linux:
+        return
+    from linux.guest import LinuxGuest, fetch_linux
+
+    n = args.linux_hits
+    per: dict[str, list[float]] = {"raw": [], "auto": [], "gdbstub": []}
+    with tempfile.TemporaryDirectory() as work, LinuxGuest(fetch_linux(), Path(work)) as linux:
+        off = trio.run(linux_offsets, linux.target, str(linux.kallsyms))
+        fields = linux_fields(off)
+        addr = trio.run(_address_of, linux.target, str(linux.kallsyms), "do_sys_openat2")
+        print(f"\nLinux guest, do_sys_openat2 with {' '.join(fields)}; {rounds} rounds of {n} hits, medians")
+        examples = {}
+        for _ in range(rounds):
+            _, raw_us, got = RawFetchLoop(linux.target).run_reads(addr, n, linux_raw_reads(off))
+            per["raw"].append(raw_us)
+            examples["raw"] = got[-1]
+            for mode, _label in modes:
+                us, how, records = trio.run(probed_linux, linux.target, str(linux.kallsyms), n, mode, fields)
+                bad = [r for r in records if any(str(v).startswith("<fault") for v in r.values())]
+                assert not bad, bad[:3]
+                per[mode].append(us)
+                examples[mode] = records[-1]
+        print(f"  {'raw loop (g, 6 m, s; one at a time)':<38} {_median(per['raw']):6.0f} us stopped/hit  "
+              f"e.g. {examples['raw']}")
+        for mode, label in modes:
+            print(f"  {label:<38} {_median(per[mode]):6.0f} us stopped/hit  e.g. {examples[mode]}")
+        for mode, label in modes:
+            r = _median([q / p for p, q in zip(per[mode], per["raw"], strict=True)])
+            print(f"  ratio {label} / raw loop: {r:.2f} in stopped time  (target >= 1.5)")
+
+
+async def _address_of(target: str, kallsyms: str, name: str) -> int:
+    async with attach(target, symbols=[kallsyms]) as engine:
+        return engine.symbols.lookup(name).address
+
+
+if __name__ == "__main__":
+    main()
