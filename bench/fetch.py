@@ -39,6 +39,7 @@ I386_FIELDS = ["ret=+0(%sp):x32", "a=+4(%sp):s32", "b=+8(%sp):s32", "name=+12(%s
 STRING = 256  # what a string fetch reads first (up to the page's end)
 CONTINUE = encode_packet(b"c")
 POLL: float | None = None
+RAW_WRITES = 9.0  # g, 6 m, s, c
 
 
 class StopClock:
@@ -50,6 +51,7 @@ class StopClock:
     def __init__(self, client):
         self.total = 0.0
         self.count = 0
+        self.writes = 0  # writes carrying packets (each a wake-up of QEMU; most wait for a reply)
         self._since: float | None = None
         wait_stop, send = client.wait_stop, client._send
 
@@ -60,6 +62,7 @@ class StopClock:
             return event
 
         async def timed_send(frames: bytes):
+            self.writes += b"$" in frames
             if frames.endswith(CONTINUE) and self._since is not None:
                 self.total += time.perf_counter() - self._since
                 self.count += 1
@@ -71,6 +74,10 @@ class StopClock:
     @property
     def per_hit_us(self) -> float:
         return 1e6 * self.total / max(self.count, 1)
+
+    @property
+    def writes_per_hit(self) -> float:
+        return self.writes / max(self.count, 1)
 
 
 class RawFetchLoop(RawLoop):
@@ -131,7 +138,7 @@ def check_i386(records: list[dict]) -> None:
         assert b == 3 * a + 1 and t == a - 1, r
 
 
-async def probed_i386(target: str, elf: Path, hits: int, mode: str) -> tuple[float, float, str]:
+async def probed_i386(target: str, elf: Path, hits: int, mode: str) -> tuple[float, float, float, str]:
     async with attach(target, symbols=[str(elf)], stopped=True, guest_memory=mode) as engine:
         clock = StopClock(engine.target.client)
         if POLL is not None:
@@ -144,7 +151,7 @@ async def probed_i386(target: str, elf: Path, hits: int, mode: str) -> tuple[flo
             elapsed = time.perf_counter() - t0
         check_i386(records)
         await engine.remove_probe(probe.id)
-        return elapsed, clock.per_hit_us, engine.target.memory.describe()
+        return elapsed, clock.per_hit_us, clock.writes_per_hit, engine.target.memory.describe()
 
 
 async def linux_offsets(target: str, kallsyms: str) -> dict[str, int]:
@@ -185,14 +192,16 @@ def linux_raw_reads(off: dict[str, int]):
     return reads
 
 
-async def probed_linux(target: str, kallsyms: str, hits: int, mode: str, fields: list[str]) -> tuple[float, str, list]:
+async def probed_linux(target: str, kallsyms: str, hits: int, mode: str, fields: list[str]) -> tuple[float, float, str, list]:
     async with attach(target, symbols=[kallsyms], guest_memory=mode) as engine:
         clock = StopClock(engine.target.client)
+        if POLL is not None:
+            engine.poll_seconds = POLL
         probe = await engine.add_probe("do_sys_openat2", pre=fields)
         with engine.hub.subscribe(probe.id, maxsize=hits + 10) as sub:
             records = [(await sub.receive())["pre"] for _ in range(hits)]
         await engine.remove_probe(probe.id)
-        return clock.per_hit_us, engine.target.memory.describe(), records
+        return clock.per_hit_us, clock.writes_per_hit, engine.target.memory.describe(), records
 
 
 def _median(values: list[float]) -> float:
@@ -205,11 +214,16 @@ def main() -> None:
     ap.add_argument("--linux-hits", type=int, default=100, help="hits per variant and round (Linux)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of all variants, one after the other")
     ap.add_argument("--no-linux", action="store_true")
+    ap.add_argument("--poll", type=float, default=None, metavar="SECONDS",
+                    help="the engine's busy-poll after a hit (default: the engine's own, 1 ms with 2+ cores)")
     args = ap.parse_args()
+    global POLL
+    POLL = args.poll
     hits, rounds = args.hits, args.rounds
     modes = (("auto", "probed, guest RAM"), ("gdbstub", "probed, stub only"))
     rate: dict[str, list[float]] = {"raw": [], "auto": [], "gdbstub": []}
     stopped: dict[str, list[float]] = {"raw": [], "auto": [], "gdbstub": []}
+    writes: dict[str, float] = {"raw": RAW_WRITES}
     with QemuGuest("i386", stopped=True) as guest:
         addr, turns = symbol_address(guest.elf, "probe_target"), symbol_address(guest.elf, "turns")
         print(f"i386 guest, probe_target with {' '.join(I386_FIELDS)}; {rounds} rounds of {hits} hits, medians")
@@ -219,13 +233,12 @@ def main() -> None:
             rate["raw"].append(hits / secs)
             stopped["raw"].append(us)
             for mode, _label in modes:
-                secs, us, how = trio.run(probed_i386, guest.target, guest.elf, hits, mode)
+                secs, us, writes[mode], how = trio.run(probed_i386, guest.target, guest.elf, hits, mode)
                 rate[mode].append(hits / secs)
                 stopped[mode].append(us)
-        print(f"  {'raw loop (g, 6 m, s; one at a time)':<38} {_median(rate['raw']):7.0f} hits/s  "
-              f"{_median(stopped['raw']):6.0f} us stopped/hit")
-        for mode, label in modes:
-            print(f"  {label:<38} {_median(rate[mode]):7.0f} hits/s  {_median(stopped[mode]):6.0f} us stopped/hit")
+        for mode, label in (("raw", "raw loop (g, 6 m, s; one at a time)"), *modes):
+            print(f"  {label:<38} {_median(rate[mode]):7.0f} hits/s  {_median(stopped[mode]):6.0f} us stopped/hit  "
+                  f"{writes[mode]:4.1f} writes/hit")
     for mode, label in modes:
         r = _median([p / q for p, q in zip(rate[mode], rate["raw"], strict=True)])
         s_ = _median([q / p for p, q in zip(stopped[mode], stopped["raw"], strict=True)])
@@ -247,18 +260,40 @@ def main() -> None:
             per["raw"].append(raw_us)
             examples["raw"] = got[-1]
             for mode, _label in modes:
-                us, how, records = trio.run(probed_linux, linux.target, str(linux.kallsyms), n, mode, fields)
+                us, writes[mode], how, records = trio.run(probed_linux, linux.target, str(linux.kallsyms), n, mode, fields)
                 bad = [r for r in records if any(str(v).startswith("<fault") for v in r.values())]
                 assert not bad, bad[:3]
                 per[mode].append(us)
                 examples[mode] = records[-1]
-        print(f"  {'raw loop (g, 6 m, s; one at a time)':<38} {_median(per['raw']):6.0f} us stopped/hit  "
-              f"e.g. {examples['raw']}")
-        for mode, label in modes:
-            print(f"  {label:<38} {_median(per[mode]):6.0f} us stopped/hit  e.g. {examples[mode]}")
+        for mode, label in (("raw", "raw loop (g, 6 m, s; one at a time)"), *modes):
+            print(f"  {label:<38} {_median(per[mode]):6.0f} us stopped/hit  {writes[mode]:4.1f} writes/hit  "
+                  f"e.g. {examples[mode]}")
         for mode, label in modes:
             r = _median([q / p for p, q in zip(per[mode], per["raw"], strict=True)])
             print(f"  ratio {label} / raw loop: {r:.2f} in stopped time  (target >= 1.5)")
+        print(f"\nLinux guest, bulk read of the kernel's BTF ({BULK >> 20} MiB from __start_BTF), one Target.read_many")
+        speeds = {mode: trio.run(bulk_read, linux.target, str(linux.kallsyms), mode) for mode, _ in modes}
+        for mode, label in modes:
+            print(f"  {label:<38} {speeds[mode]:8.1f} MiB/s")
+        print(f"  ratio guest RAM / stub only: {speeds['auto'] / speeds['gdbstub']:.0f}")
+
+
+BULK = 1 << 20
+
+
+async def bulk_read(target: str, kallsyms: str, mode: str) -> float:
+    """MiB/s reading BULK bytes of the BTF blob at one stop (both ways must give the same bytes)."""
+    async with attach(target, symbols=[kallsyms], guest_memory=mode) as engine:
+        start = engine.symbols.lookup("__start_BTF").address
+
+        async def read():
+            t0 = time.perf_counter()
+            (data,) = await engine.target.read_many([(start, BULK)])
+            return time.perf_counter() - t0, data
+
+        secs, data = await engine.call_stopped(read)
+        assert isinstance(data, bytes) and data[:2] == b"\x9f\xeb", data[:8]  # BTF magic 0xeb9f
+        return BULK / secs / (1 << 20)
 
 
 async def _address_of(target: str, kallsyms: str, name: str) -> int:

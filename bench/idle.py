@@ -1,0 +1,101 @@
+"""What idle probes cost the guest: its own loop's speed (turns per second, read from its memory while it
+runs) with no probe, and with 10 and 100 probes that are never hit, on the page of the hot loop and on
+other pages, armed as software or hardware breakpoints, or disabled.
+
+Why the page matters (QEMU 7.2, TCG): before running a translation block QEMU checks the breakpoints, and
+a breakpoint anywhere on the block's page makes QEMU translate that page one instruction per block, without
+chaining blocks; every breakpoint is looked at on those checks. The bundled i386 guest's whole program is
+one page (0x100000-0x100243), so "hot page" probes sit on code of that page that the loop never runs
+(the second CPU's code, the boot code), and "cold page" probes on a page of RAM nothing executes.
+
+`turns` is read straight from guest RAM (`/proc/PID/mem`, as probed's direct reads do), so measuring does
+not stop the guest. Rounds of every configuration, one after the other; medians.
+
+    python bench/idle.py [--seconds S] [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from probed.api import attach  # noqa: E402
+from probed.testing.qemu import QemuGuest  # noqa: E402
+
+COLD = 0x200000  # RAM that holds no code
+IDLE_CODE = [(0x1000B4, 0x100155), (0x10008C, 0x1000B4), (0x10000C, 0x100026)]  # start_ap, ap_main, depth_sum, send_ipi
+CONFIGS = [
+    ("no probe", 0, "hot", "sw"),
+    ("10 on other pages", 10, "cold", "sw"),
+    ("100 on other pages", 100, "cold", "sw"),
+    ("10 on the hot page", 10, "hot", "sw"),
+    ("100 on the hot page", 100, "hot", "sw"),
+    ("100 on the hot page, disabled", 100, "hot", "off"),
+    ("4 on the hot page", 4, "hot", "sw"),
+    ("4 on the hot page, hardware", 4, "hot", "hw"),
+]
+
+
+def idle_addresses(count: int, where: str) -> list[int]:
+    if where == "cold":
+        return [COLD + 16 * i for i in range(count)]
+    pool = [a for lo, hi in IDLE_CODE for a in range(lo, hi)]
+    return pool[:count]
+
+
+async def turns_per_second(engine, turns_phys: int, seconds: float) -> float:
+    ram = engine.target.memory.ram
+
+    def turns() -> int:
+        return int.from_bytes(ram.read(turns_phys, 4), "little")
+
+    t0, n0 = time.perf_counter(), turns()
+    await trio.sleep(seconds)
+    t1, n1 = time.perf_counter(), turns()
+    return (n1 - n0) / (t1 - t0)
+
+
+async def run(seconds: float, rounds: int) -> dict[str, list[float]]:
+    results: dict[str, list[float]] = {label: [] for label, *_ in CONFIGS}
+    with QemuGuest("i386", stopped=True) as guest:
+        async with attach(guest.target, symbols=[str(guest.elf)], stopped=True) as engine:
+            if not engine.target.memory.direct:
+                raise SystemExit(f"needs guest RAM read directly: {engine.target.memory.reason}")
+            turns = engine.symbols.lookup("turns").address  # no paging: physical == virtual
+            await engine.resume()
+            await trio.sleep(0.5)  # past the boot code
+            for _ in range(rounds):
+                for label, count, where, how in CONFIGS:
+                    probes = [await engine.add_probe(f"{a:#x}", hw=how == "hw") for a in idle_addresses(count, where)]
+                    for p in probes if how == "off" else []:
+                        await engine.disable_probe(p.id)
+                    await trio.sleep(0.2)  # QEMU retranslates after the change
+                    results[label].append(await turns_per_second(engine, turns, seconds))
+                    for p in probes:
+                        assert p.hits == 0, f"{label}: an idle probe was hit"
+                        await engine.remove_probe(p.id)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=2.0, help="measuring time per configuration and round")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    results = trio.run(run, args.seconds, args.rounds)
+    base = statistics.median(results["no probe"])
+    print(f"guest loop speed (i386 guest, turns/s, median of {args.rounds} rounds of {args.seconds:g} s)")
+    for label, values in results.items():
+        med = statistics.median(values)
+        print(f"  {label:<32} {med:10.0f} turns/s   {med / base:5.2f} of no probe")
+
+
+if __name__ == "__main__":
+    main()
