@@ -162,6 +162,71 @@ async def test_page_walks_equal_m_for_32_bit_paging(guest_i386, mode):
         await stop_in_loop(engine)
 
 
+def _tables_5level(base: int) -> tuple[dict[int, int], dict[str, int]]:
+    """PML5 at base; the top half (PML5 511) and the bottom (PML5 0) share one PML4."""
+    pml5, pml4, pdpt, pd, pt = (base + 0x1000 * i for i in range(5))
+    entries = {pml5 + 0x1FF * 8: pml4 | 3, pml5: pml4 | 7, pml4 + 1 * 8: pdpt | 3}
+    entries[pdpt + 2 * 8] = pd | 3
+    entries[pdpt + 5 * 8] = 0x83  # a 1 GiB page at physical 0 (64 MiB of it is RAM)
+    entries[pd + 3 * 8] = pt | 3
+    entries[pd + 4 * 8] = 0x200000 | 0x83  # a 2 MiB page
+    for i in range(512):
+        if i % 7:
+            entries[pt + 8 * i] = (0x100000 + 0x1000 * ((i * 3) % 512)) | 1
+    return entries, {"width": 8}
+
+
+async def test_page_walks_equal_m_for_5_level_paging():
+    """5-level paging (CR4.LA57, QEMU's `-cpu max` has it) switched on in the stopped x86_64 guest over
+    tables written into its RAM: 4 KiB, 2 MiB and 1 GiB pages in both halves agree with `m`."""
+    base = 0x2000000
+    entries, info = _tables_5level(base)
+    guest = QemuGuest("x86_64", extra_args=["-cpu", "max"]).start()
+    try:
+        async with attach(guest.target, symbols=[str(guest.elf)], stopped=True) as engine:
+            await stop_in_loop(engine)
+            target = engine.target
+            layout = target.layout
+
+            async def setup():
+                saved = await target.read_many_stub([(base, 0x5000)])
+                image = bytearray(0x5000)
+                for at, value in entries.items():
+                    image[at - base : at - base + 8] = value.to_bytes(8, "little")
+                await write(target.client, base, bytes(image))
+                g = await target.read_g()
+                regs = {n: layout.value(g, n) for n in ("cr3", "cr4")}
+                for name, value in (("cr3", base), ("cr4", regs["cr4"] | (1 << 12))):
+                    await target.client.checked(b"P%x=%s" % (layout.regnum(name), layout.encode_p(name, value)))
+                g = await target.read_g()
+                return saved[0], regs, layout.value(g, "cr4")
+
+            saved, regs, cr4 = await engine.call_stopped(setup)
+            try:
+                assert cr4 & (1 << 12), "QEMU did not take CR4.LA57"
+                top = 0xFF80000000000000 | (0x1FF << 48)  # PML5 index 511, sign-extended from bit 56
+                rng = random.Random(57)
+                requests = []
+                for half in (0, top):
+                    va = half | (1 << 39) | (2 << 30)
+                    requests += spread(rng, va + (3 << 21), va + (5 << 21), 120)  # 4 KiB and 2 MiB pages
+                    requests += spread(rng, half | (1 << 39) | (5 << 30), half | (1 << 39) | (5 << 30) | (80 << 20), 60)
+                requests += [((1 << 56) | (1 << 39), 8), (top ^ (1 << 60), 8)]  # not canonical with 5 levels
+                counts = await compare(engine, requests)
+                assert counts["direct"] >= 200
+            finally:
+
+                async def restore():
+                    for name in ("cr4", "cr3"):
+                        await target.client.checked(b"P%x=%s" % (layout.regnum(name), layout.encode_p(name, regs[name])))
+                    await write(target.client, base, saved)
+
+                await engine.call_stopped(restore)
+            await stop_in_loop(engine)
+    finally:
+        guest.close()
+
+
 async def test_ram_above_the_4g_hole():
     """pc with 5 GiB: RAM below the hole and the rest at 4 GiB, both read directly (physical reads
     checked with the stub in physical mode)."""
