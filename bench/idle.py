@@ -30,7 +30,7 @@ from probed.api import attach  # noqa: E402
 from probed.testing.qemu import QemuGuest  # noqa: E402
 
 COLD = 0x200000  # RAM that holds no code
-IDLE_CODE = [(0x1000B4, 0x100155), (0x10008C, 0x1000B4), (0x10000C, 0x100026)]  # start_ap, ap_main, depth_sum, send_ipi
+IDLE_FUNCTIONS = ("start_ap", "ap_main", "send_ipi", "depth_sum")  # code CPU 0's loop never runs (one CPU)
 CONFIGS = [
     ("no probe", 0, "hot", "sw"),
     ("10 on other pages", 10, "cold", "sw"),
@@ -43,10 +43,19 @@ CONFIGS = [
 ]
 
 
-def idle_addresses(count: int, where: str) -> list[int]:
+def idle_addresses(symbols, count: int, where: str) -> list[int]:
+    """`count` addresses never executed: on a page of no code, or inside code of the hot page the loop
+    does not run (any byte of it: QEMU compares addresses, the instruction boundary does not matter)."""
     if where == "cold":
         return [COLD + 16 * i for i in range(count)]
-    pool = [a for lo, hi in IDLE_CODE for a in range(lo, hi)]
+    pool = []
+    for name in IDLE_FUNCTIONS:
+        try:
+            sym = symbols.lookup(name)
+        except Exception:  # noqa: BLE001  (an older guest without it)
+            continue
+        pool += range(sym.address, sym.address + sym.size)
+    assert len(pool) >= count, f"only {len(pool)} idle code bytes"
     return pool[:count]
 
 
@@ -73,7 +82,10 @@ async def run(seconds: float, rounds: int) -> dict[str, list[float]]:
             await trio.sleep(0.5)  # past the boot code
             for _ in range(rounds):
                 for label, count, where, how in CONFIGS:
-                    probes = [await engine.add_probe(f"{a:#x}", hw=how == "hw") for a in idle_addresses(count, where)]
+                    if count and where == "hot":
+                        hot = {a // 4096 for a in idle_addresses(engine.symbols, count, where)}
+                        assert hot == {engine.symbols.lookup("probe_target").address // 4096}, "not the loop's page"
+                    probes = [await engine.add_probe(f"{a:#x}", hw=how == "hw") for a in idle_addresses(engine.symbols, count, where)]
                     for p in probes if how == "off" else []:
                         await engine.disable_probe(p.id)
                     await trio.sleep(0.2)  # QEMU retranslates after the change

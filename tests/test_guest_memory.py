@@ -288,6 +288,14 @@ async def test_no_such_process_and_gdbstub_mode(guest_i386):
         assert "through the gdbstub" in engine.target.memory.describe()
 
 
+async def test_other_architectures_read_through_the_stub_and_say_why():
+    with QemuGuest("aarch64", bare=True, extra_args=["-M", "virt", "-cpu", "cortex-a57"], memory="128M") as guest:
+        async with attach(guest.target, stopped=True) as engine:
+            memory = engine.target.memory
+            assert not memory.direct
+            assert memory.reason == "direct reads walk x86 page tables; this target is aarch64"
+
+
 def _open_as_nobody(pid: int, answer) -> None:
     os.setgid(65534)
     os.setuid(65534)

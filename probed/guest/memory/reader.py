@@ -31,6 +31,7 @@ __all__ = ["GuestMemory", "MODES", "open_guest_memory"]
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "gdbstub")
+X86 = ("i386", "x86_64")
 CHECK_FIRST = 8  # the first calls served directly are all checked against `m`
 CHECK_EVERY = 64  # then one call in this many
 CHECK_BYTES = 256  # how much of a checked read is compared
@@ -134,11 +135,14 @@ class GuestMemory:
         return out  # type: ignore[return-value]
 
     def _paging(self, registers: bytes) -> Paging | None:
+        if not {"cr0", "cr3", "cr4"} <= self.target.layout_names:
+            return None
         value = self.target.layout.value
         cr0, cr3, cr4 = value(registers, "cr0"), value(registers, "cr3"), value(registers, "cr4")
         if cr0 is None or cr3 is None or cr4 is None:
             return None
-        return Paging.from_registers(cr0, cr3, cr4, value(registers, "efer") or 0)
+        efer = value(registers, "efer") if "efer" in self.target.layout_names else 0
+        return Paging.from_registers(cr0, cr3, cr4, efer or 0)
 
     async def _read_direct(self, requests: Sequence[tuple[int, int]], registers: bytes, out: list) -> None:
         paging = self._paging(registers)
@@ -265,6 +269,8 @@ async def open_guest_memory(target: Any, mode: str = "auto", pid: int | None = N
         raise ValueError(f"guest memory mode must be one of {', '.join(MODES)}, not {mode!r}")
     if mode == "gdbstub":
         return GuestMemory(target, None, "--guest-memory gdbstub")
+    if target.arch.name not in X86:
+        return GuestMemory(target, None, f"direct reads walk x86 page tables; this target is {target.arch.name}")
     memory = GuestMemory(target, None, "not set up")
     try:
         memory.ram = await _map_ram(target, pid)
