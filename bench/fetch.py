@@ -26,7 +26,6 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from hits import RawLoop, symbol_address  # noqa: E402
 
@@ -245,7 +244,7 @@ def main() -> None:
         print(f"  ratio {label} / raw loop: {r:.2f} in hits/s, {s_:.2f} in stopped time  (target >= 1.5)")
     if args.no_linux:
         return
-    from linux.guest import LinuxGuest, fetch_linux
+    from tests.linux.guest import LinuxGuest, fetch_linux
 
     n = args.linux_hits
     per: dict[str, list[float]] = {"raw": [], "auto": [], "gdbstub": []}
