@@ -16,6 +16,7 @@ doing the same reads over raw RSP one packet at a time, side by side on the same
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -86,13 +87,14 @@ class RawFetchLoop(RawLoop):
         reply = self.ask(b"m%x,%x" % (address, length))
         return bytes.fromhex(reply.decode()) if not reply.startswith(b"E") else b""
 
-    def run_reads(self, address: int, hits: int, reads, *, attached: bool = False) -> tuple[float, float, list]:
+    def run_reads(self, address: int, hits: int, reads, *, attached: bool = False, qemu_pid: int = 0) -> tuple[float, float, list]:
         if not attached:
             self.ask(b"qSupported:swbreak+")
             self.ask(b"?")
         assert self.ask(b"Z0,%x,1" % address) == b"OK"
         stopped = 0.0
         got = []
+        self.cpu = -cpu_now(qemu_pid)
         t0 = time.perf_counter()
         for _ in range(hits):
             self.sock.sendall(CONTINUE)
@@ -106,11 +108,25 @@ class RawFetchLoop(RawLoop):
             self.sock.sendall(b"+")
             stopped += time.perf_counter() - since
         elapsed = time.perf_counter() - t0
+        self.cpu = 1e6 * (self.cpu + cpu_now(qemu_pid)) / hits
         self.ask(b"z0,%x,1" % address)
         self.sock.sendall(encode_packet(b"D"))
         self.packet()
         self.sock.close()
         return elapsed, 1e6 * stopped / hits, got
+
+
+def cpu_now(qemu_pid: int) -> float:
+    """CPU seconds used so far by this process (the tracer: probed's engine, or the raw loop) and QEMU."""
+    total = time.process_time()
+    if qemu_pid:
+        for tid in os.listdir(f"/proc/{qemu_pid}/task"):
+            try:
+                with open(f"/proc/{qemu_pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0]) / 1e9
+            except (OSError, ValueError):
+                continue
+    return total
 
 
 def _u(data: bytes) -> int:
@@ -137,20 +153,20 @@ def check_i386(records: list[dict]) -> None:
         assert b == 3 * a + 1 and t == a - 1, r
 
 
-async def probed_i386(target: str, elf: Path, hits: int, mode: str) -> tuple[float, float, float, str]:
+async def probed_i386(target: str, elf: Path, hits: int, mode: str, qemu_pid: int) -> tuple[float, float, float, float, str]:
     async with attach(target, symbols=[str(elf)], stopped=True, guest_memory=mode) as engine:
         clock = StopClock(engine.target.client)
         if POLL is not None:
             engine.poll_seconds = POLL
         probe = await engine.add_probe("probe_target", pre=I386_FIELDS)
         with engine.hub.subscribe(probe.id, maxsize=hits + 10) as sub:
-            t0 = time.perf_counter()
+            t0, cpu = time.perf_counter(), cpu_now(qemu_pid)
             await engine.resume()
             records = [(await sub.receive())["pre"] for _ in range(hits)]
-            elapsed = time.perf_counter() - t0
+            elapsed, cpu = time.perf_counter() - t0, 1e6 * (cpu_now(qemu_pid) - cpu) / hits
         check_i386(records)
         await engine.remove_probe(probe.id)
-        return elapsed, clock.per_hit_us, clock.writes_per_hit, engine.target.memory.describe()
+        return elapsed, clock.per_hit_us, clock.writes_per_hit, cpu, engine.target.memory.describe()
 
 
 async def linux_offsets(target: str, kallsyms: str) -> dict[str, int]:
@@ -223,25 +239,30 @@ def main() -> None:
     rate: dict[str, list[float]] = {"raw": [], "auto": [], "gdbstub": []}
     stopped: dict[str, list[float]] = {"raw": [], "auto": [], "gdbstub": []}
     writes: dict[str, float] = {"raw": RAW_WRITES}
+    cpu: dict[str, list[float]] = {"raw": [], "auto": [], "gdbstub": []}
     with QemuGuest("i386", stopped=True) as guest:
         addr, turns = symbol_address(guest.elf, "probe_target"), symbol_address(guest.elf, "turns")
         print(f"i386 guest, probe_target with {' '.join(I386_FIELDS)}; {rounds} rounds of {hits} hits, medians")
         for _ in range(rounds):
-            secs, us, got = RawFetchLoop(guest.target).run_reads(addr, hits, i386_raw_reads(turns))
+            raw = RawFetchLoop(guest.target)
+            secs, us, got = raw.run_reads(addr, hits, i386_raw_reads(turns), qemu_pid=guest.pid)
             check_i386(got)
+            cpu["raw"].append(raw.cpu)
             rate["raw"].append(hits / secs)
             stopped["raw"].append(us)
             for mode, _label in modes:
-                secs, us, writes[mode], how = trio.run(probed_i386, guest.target, guest.elf, hits, mode)
+                secs, us, writes[mode], used, how = trio.run(probed_i386, guest.target, guest.elf, hits, mode, guest.pid)
+                cpu[mode].append(used)
                 rate[mode].append(hits / secs)
                 stopped[mode].append(us)
         for mode, label in (("raw", "raw loop (g, 6 m, s; one at a time)"), *modes):
             print(f"  {label:<38} {_median(rate[mode]):7.0f} hits/s  {_median(stopped[mode]):6.0f} us stopped/hit  "
-                  f"{writes[mode]:4.1f} writes/hit")
+                  f"{writes[mode]:4.1f} writes/hit  {_median(cpu[mode]):6.0f} us CPU/hit")
     for mode, label in modes:
         r = _median([p / q for p, q in zip(rate[mode], rate["raw"], strict=True)])
         s_ = _median([q / p for p, q in zip(stopped[mode], stopped["raw"], strict=True)])
-        print(f"  ratio {label} / raw loop: {r:.2f} in hits/s, {s_:.2f} in stopped time  (target >= 1.5)")
+        c_ = _median([q / p for p, q in zip(cpu[mode], cpu["raw"], strict=True)])
+        print(f"  ratio {label} / raw loop: {r:.2f} in hits/s, {s_:.2f} in stopped time, {c_:.2f} in CPU  (target >= 1.5)")
     if args.no_linux:
         return
     from tests.linux.guest import LinuxGuest, fetch_linux

@@ -9,7 +9,9 @@ one page (0x100000-0x100243), so "hot page" probes sit on code of that page that
 (the second CPU's code, the boot code), and "cold page" probes on a page of RAM nothing executes.
 
 `turns` is read straight from guest RAM (`/proc/PID/mem`, as probed's direct reads do), so measuring does
-not stop the guest. Rounds of every configuration, one after the other; medians.
+not stop the guest. Printed per configuration: turns per second of wall time, and turns per second of QEMU's
+CPU time (its threads' schedstat), which a busy host does not skew. Rounds of every configuration, one after
+the other; medians.
 
     python bench/idle.py [--seconds S] [--rounds N]
 """
@@ -17,6 +19,7 @@ not stop the guest. Rounds of every configuration, one after the other; medians.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -59,20 +62,34 @@ def idle_addresses(symbols, count: int, where: str) -> list[int]:
     return pool[:count]
 
 
-async def turns_per_second(engine, turns_phys: int, seconds: float) -> float:
+def cpu_seconds(pid: int) -> float:
+    """CPU time QEMU's threads have had (schedstat: nanoseconds on a CPU)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError):
+            continue
+    return total / 1e9
+
+
+async def turns_per_second(engine, turns_phys: int, seconds: float) -> tuple[float, float]:
+    """Turns per second of wall time, and per second of QEMU's CPU time (what the host's load does not
+    change: on a busy host QEMU gets less CPU, but the CPU a turn costs is the same)."""
     ram = engine.target.memory.ram
 
     def turns() -> int:
         return int.from_bytes(ram.read(turns_phys, 4), "little")
 
-    t0, n0 = time.perf_counter(), turns()
+    t0, c0, n0 = time.perf_counter(), cpu_seconds(ram.pid), turns()
     await trio.sleep(seconds)
-    t1, n1 = time.perf_counter(), turns()
-    return (n1 - n0) / (t1 - t0)
+    t1, c1, n1 = time.perf_counter(), cpu_seconds(ram.pid), turns()
+    return (n1 - n0) / (t1 - t0), (n1 - n0) / (c1 - c0)
 
 
-async def run(seconds: float, rounds: int) -> dict[str, list[float]]:
-    results: dict[str, list[float]] = {label: [] for label, *_ in CONFIGS}
+async def run(seconds: float, rounds: int) -> dict[str, list[tuple[float, float]]]:
+    results: dict[str, list[tuple[float, float]]] = {label: [] for label, *_ in CONFIGS}
     with QemuGuest("i386", stopped=True) as guest:
         async with attach(guest.target, symbols=[str(guest.elf)], stopped=True) as engine:
             if not engine.target.memory.direct:
@@ -102,11 +119,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     results = trio.run(run, args.seconds, args.rounds)
-    base = statistics.median(results["no probe"])
-    print(f"guest loop speed (i386 guest, turns/s, median of {args.rounds} rounds of {args.seconds:g} s)")
+    wall0 = statistics.median(w for w, _ in results["no probe"])
+    cpu0 = statistics.median(c for _, c in results["no probe"])
+    print(f"guest loop speed (i386 guest; medians of {args.rounds} rounds of {args.seconds:g} s)")
+    print(f"  {'':<32} {'turns/s':>10} {'of none':>8}   {'turns/CPU-s':>12} {'of none':>8}")
     for label, values in results.items():
-        med = statistics.median(values)
-        print(f"  {label:<32} {med:10.0f} turns/s   {med / base:5.2f} of no probe")
+        wall = statistics.median(w for w, _ in values)
+        cpu = statistics.median(c for _, c in values)
+        print(f"  {label:<32} {wall:10.0f} {wall / wall0:8.2f}   {cpu:12.0f} {cpu / cpu0:8.2f}")
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ class GuestMemory:
         self._scope: Any = None
         self._walker: PageWalker | None = None
         self._cache = _StopCache()
+        self._paging_of: tuple[bytes, Paging | None] | None = None  # the last register block's regime
         self._calls = 0
         self.stats = {"direct": 0, "stub": 0, "cached": 0, "checks": 0}
 
@@ -135,6 +136,13 @@ class GuestMemory:
         return out  # type: ignore[return-value]
 
     def _paging(self, registers: bytes) -> Paging | None:
+        if self._paging_of is not None and self._paging_of[0] is registers:
+            return self._paging_of[1]
+        paging = self._decode_paging(registers)
+        self._paging_of = (registers, paging)
+        return paging
+
+    def _decode_paging(self, registers: bytes) -> Paging | None:
         if not {"cr0", "cr3", "cr4"} <= self.target.layout_names:
             return None
         value = self.target.layout.value
