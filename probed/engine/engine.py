@@ -491,6 +491,7 @@ class Engine:
             "breakpoints": len(self.breakpoints.installed),
             "slots": self.slots.table(),
             "retransmits": self.client.retransmits if self.target else 0,
+            "memory_reads": dict(self.target.memory.stats) if self.target and self.target.memory else {},
         }
 
     def status(self) -> dict[str, Any]:
@@ -506,6 +507,7 @@ class Engine:
             "hook_points": len(self.table.points),
             "symbol_files": [f.name for f in self.symbols.files()],
             **(self.linux.status() if self.linux is not None else {}),
+            "guest_memory": self.target.memory.describe() if self.target and self.target.memory else None,
         }
 
     def hooks(self, glob: str = "*") -> list[dict[str, Any]]:
