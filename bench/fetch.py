@@ -298,7 +298,7 @@ def main() -> None:
         print(f"  ratio guest RAM / stub only: {speeds['auto'] / speeds['gdbstub']:.0f}")
 
 
-BULK = 1 << 20
+BULK = 4 << 20
 
 
 async def bulk_read(target: str, kallsyms: str, mode: str) -> float:
