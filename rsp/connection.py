@@ -28,6 +28,8 @@ from .stop import StopEvent
 __all__ = ["RSPClient", "open_stream", "parse_target", "send_now"]
 
 MAX_MEMORY_READ = 2048
+# QEMU's packet buffer is 4096 bytes: an `M` carries its data as hex, so at most ~2 KiB less the header.
+MAX_MEMORY_WRITE = 2000
 """QEMU refuses `m` reads over 2048 bytes with E22; larger reads are split."""
 
 
@@ -417,8 +419,8 @@ class RSPClient:
 
     async def write_memory(self, address: int, data: bytes) -> None:
         """Write guest memory with `M` (QEMU has no `X`)."""
-        for off in range(0, len(data), MAX_MEMORY_READ):
-            await self.checked(packets.write_memory(address + off, data[off : off + MAX_MEMORY_READ]))
+        for off in range(0, len(data), MAX_MEMORY_WRITE):
+            await self.checked(packets.write_memory(address + off, data[off : off + MAX_MEMORY_WRITE]))
 
     async def read_xfer(self, obj: str, annex: str, *, chunk: int = 0xF00) -> bytes:
         """Read a whole `qXfer:OBJECT:read:ANNEX` object in chunks (`m` more, `l` last)."""

@@ -63,6 +63,10 @@ async def test_breakpoint_registers_memory_and_one_step(guest):
     watched = symbols.lookup("watched").address
     await client.write_memory(watched, b"\x78\x56\x34\x12")
     assert await client.read_memory(watched, 4) == b"\x78\x56\x34\x12"
+    # A large write is split under QEMU's packet size (hex doubles it), and reads back whole.
+    pattern = bytes(range(256)) * 20
+    await client.write_memory(0x300000, pattern)
+    assert await client.read_memory(0x300000, len(pattern)) == pattern
     # A large read is split under QEMU's 2048-byte limit.
     assert len(await client.read_memory(entry, 5000)) == 5000
     # An unmapped address is a typed error.
