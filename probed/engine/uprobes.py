@@ -230,8 +230,9 @@ class UserProbes:
             for address in file.addresses(point.address):
                 armed.setdefault(address, []).append((file, point.address))
         self._armed = armed
-        if not any(p.active() for p in points):
+        if not points:
             return set()
+        # The hooks stay while any user probe exists, enabled or not: its file's mappings stay current.
         return {("break", a, 0, "x") for a in armed} | {("break", a, 0, "x") for a in self.hooks}
 
     def owns(self, pc: int) -> bool:
