@@ -83,8 +83,12 @@ class StandInEngine:
         priority: int = 0,
         hw: bool = False,
         internal: bool = False,
+        file_copy: str | None = None,
+        ret: bool = False,
     ) -> StandInProbe:
         kw = {"name": name, "pre": pre, "post": post, "condition": condition, "priority": priority, "hw": hw}
+        if file_copy is not None or ret:
+            kw |= {"file_copy": file_copy, "ret": ret}
         return self._add("add_probe", spec, kw)
 
     async def add_watch(

@@ -68,6 +68,25 @@ def test_probectl_examples_on_linux_with_kaslr_and_no_symbol_file(linux_kaslr_gu
     run_examples(Kernel, tmp_path, "linux-kaslr", "--linux", "--kallsyms-cache", str(tmp_path / "kallsyms"))
 
 
+def test_probectl_examples_of_user_probes(linux_guest, tmp_path, monkeypatch):
+    """docs/uprobes.md: a daemon with --sysroot guest-files (host copies at the guest's paths), run from
+    the directory that holds it, as the page shows."""
+    from probed.testing.qemu import CACHE
+    from tests.linux.uprogs import uprog_path
+
+    (tmp_path / "guest-files" / "bin").mkdir(parents=True)
+    for name in ("utarget", "utarget-pie", "ucopy"):
+        (tmp_path / "guest-files" / "bin" / name).symlink_to(uprog_path(CACHE / "linux", name))
+    monkeypatch.chdir(tmp_path)
+    assert len(probectl_lines("uprobes")) >= 5
+
+    class Kernel:
+        target = linux_guest.target
+        elf = linux_guest.kallsyms
+
+    run_examples(Kernel, tmp_path, "uprobes", "--sysroot", "guest-files")
+
+
 def test_python_examples(guest_i386):
     for doc, body in blocks("python"):
         scope: dict = {}

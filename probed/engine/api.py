@@ -50,6 +50,8 @@ class EngineAPI(Protocol):
         priority: int = 0,
         hw: bool = False,
         internal: bool = False,
+        file_copy: str | None = None,
+        ret: bool = False,
     ) -> ProbeInfo: ...
 
     async def add_watch(

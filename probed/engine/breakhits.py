@@ -101,6 +101,17 @@ class BreakHits:
         point = engine.table.breakpoint_at(pc)
         probes = engine.table.active_at(pc)
         debugger_wants = debugger is not None and not stepped and debugger.wants_break(pc)
+        kind = "break"
+        if engine.uprobes.owns(pc):
+            # A user probe's address (a hit only in a process that maps the file there) or a kernel hook
+            # that tracks mappings: with no probe to run, the instruction is stepped past silently.
+            users = await engine.uprobes.on_stop(pc, g)
+            if not probes and not users and not debugger_wants:
+                return await self.step_over(thread, g, pc, stepped)
+            if users:
+                probes, kind = probes + users, "user" if not probes else "break"
+            if point is None:
+                code = engine.uprobes.code  # read by on_stop (a user hit's instruction), else None
         if not probes:
             if stepped:
                 await self.finish_step()
@@ -112,7 +123,7 @@ class BreakHits:
             return False
         self.last_point = point
         engine.guest.move(Event.HIT)
-        hit = await engine.pipeline.begin("break", thread, pc, g, probes)
+        hit = await engine.pipeline.begin(kind, thread, pc, g, probes)
         if debugger_wants:
             # Both want this place: the probe hit is recorded, and the debugger gets the stop. The probed
             # instruction is stepped (and the post-handlers run) when the debugger resumes.
@@ -125,6 +136,31 @@ class BreakHits:
             if await self.simulate(hit, g, code):
                 return True
         return await self.complete(hit, stepped=stepped)
+
+    async def step_over(self, thread, g: bytes, pc: int, stepped: bool) -> bool:
+        """Get past a breakpoint no probe wants this time (simulated when possible); True when resumed."""
+        engine = self.engine
+        if stepped:
+            await self.finish_step()
+            return False
+        if not engine.service.must_stop():
+            code = engine.uprobes.kernel_code.get(pc)  # the hooks' kernel text does not change
+            if code is None:
+                (code,) = await engine.target.read_many([(pc, MAX_INSN)])
+                if pc in engine.uprobes.hooks and not isinstance(code, Exception):
+                    engine.uprobes.kernel_code[pc] = code
+            if not isinstance(code, Exception):
+                plan = engine.emulator.plan(code)
+                if plan is not None and not (plan.touches_memory and engine.breakpoints.watching()) and \
+                        await engine.code_mode.is_native(g):
+                    outcome = await engine.emulator.run(plan, g, pc, self.read_plain)
+                    if outcome is not None:
+                        await engine.service.resume_fast(outcome.packets, defer=True)
+                        engine.simulated += 1
+                        return True
+        await engine.client.resume(engine.target.step_packet(thread))
+        await self.finish_step()
+        return False
 
     async def simulate(self, hit: Hit, g: bytes, code: bytes | Exception) -> bool:
         """Get past the breakpoint by simulating the instruction and continue, in one write."""

@@ -74,7 +74,8 @@ class Breakpoints:
         return build(Z_TYPES[(kind, access)], address, size)
 
     def wanted(self) -> set[PointKey]:
-        want = {key for key, point in self.engine.table.points.items() if point.active()}
+        want = {key for key, point in self.engine.table.points.items() if point.active() and point.kind != "user"}
+        want |= self.engine.uprobes.wanted()  # user probes: an address per process mapping, and kernel hooks
         if self.engine.debugger is not None:
             want |= self.engine.debugger.keys()
         return want

@@ -15,6 +15,7 @@ socket, the stub and the library use) is `probed.engine.api.EngineAPI` and `Debu
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from fnmatch import fnmatchcase
@@ -30,12 +31,14 @@ from probed.engine.service import Service
 from probed.engine.slots import SlotAllocator
 from probed.engine.state import Event, GuestState
 from probed.engine.target import Target
+from probed.engine.uprobes import UserProbes
 from probed.engine.watch import WatchHelper
-from probed.errors import BadSpec, NotFound, ProbedError, TargetError
+from probed.errors import BadSpec, NotFound, ProbedError, TargetError, Unsupported
 from probed.gdbside.debugger import DebuggerLink
 from probed.gdbside.side import GdbSide
 from probed.guest.insn import verify_boundary
 from probed.guest.symbols import Location, SymbolStore, parse_file_arg
+from probed.guest.userfile import is_user_spec
 from probed.lang.handlers import Handler, make_handlers
 from probed.records.events import EventHub
 from probed.sim.cpumode import CodeMode
@@ -62,6 +65,8 @@ class Engine:
         timeout: seconds the target may take to answer a request.
         guest_memory: "auto" (guest RAM read directly when QEMU's memory is readable here) or "gdbstub".
         qemu_pid: QEMU's pid, when not found from the gdbstub connection.
+        sysroot: a host directory holding copies of the guest's files (DIR/bin/prog for /bin/prog), where
+            user probes find a file's ELF symbols when no `file_copy` is named.
     """
 
     def __init__(
@@ -76,9 +81,11 @@ class Engine:
         timeout: float = 10.0,
         guest_memory: str = "auto",
         qemu_pid: int | None = None,
+        sysroot: str | os.PathLike | None = None,
     ):
         self.target_address = target
         self._memory_options = {"guest_memory": guest_memory, "qemu_pid": qemu_pid}
+        self.sysroot = sysroot
         self.symbols = SymbolStore()
         for arg in symbol_files:
             path, bias = parse_file_arg(arg)
@@ -109,6 +116,7 @@ class Engine:
         # before the engine reports started (e.g. probed.guest.linux.kernel.LinuxKernel.setup).
         self.attach_hooks: list[Callable[[Engine], Awaitable[None]]] = []
         self.linux: Any = None  # probed.guest.linux.kernel.LinuxKernel, for a Linux guest
+        self.uprobes = UserProbes(self)
         self._types: Any = None  # the kernel's BTF types, read the first time a fetch arg needs them
 
     # -- properties ---------------------------------------------------------------------------------
@@ -266,8 +274,11 @@ class Engine:
         priority: int = 0,
         hw: bool = False,
         internal: bool = False,
+        file_copy: str | None = None,
+        ret: bool = False,
     ) -> Probe:
-        """Add a breakpoint probe at `sym`, `sym+off`, `file:sym+off` or `0xADDR`.
+        """Add a breakpoint probe at `sym`, `sym+off`, `file:sym+off` or `0xADDR`; or a user probe at
+        `/PATH:OFFSET` or `/PATH:SYMBOL[+OFF]` in a Linux guest (probed.engine.uprobes).
 
         On a Linux guest, `MOD:SYM+off` of a module that is not loaded makes a pending probe, set when the
         module loads (and taken out when it unloads).
@@ -280,11 +291,20 @@ class Engine:
             condition: a filter over the fetched names; a hit is reported only when it holds.
             hw: use a hardware breakpoint (takes a debug-register slot).
             internal: a guest model's own hook (not listed by `probes()`, publishes no records).
+            file_copy: user probes: a host copy of the guest's file, for `PATH:SYMBOL`.
+            ret: a return probe (not available yet: Unsupported).
 
         Raises:
             UnknownSymbol, BadSpec, FetchSyntaxError, FilterSyntaxError, SlotsExhausted, TargetError.
         """
         self._require_attached()
+        if is_user_spec(spec):
+            if hw:
+                raise BadSpec(spec, "user probes use software breakpoints (--hw is for kernel code)")
+            return await self.uprobes.add(spec, file_copy=file_copy, name=name, pre=pre, post=post,
+                                          condition=condition, priority=priority, ret=ret)
+        if ret:
+            raise Unsupported("return probes are not built yet")
         location, pending = self._resolve_or_pending(spec)
         if pending and hw:
             raise BadSpec(spec, "a hardware probe needs its module loaded (its slot is taken when it is set)")
@@ -355,6 +375,23 @@ class Engine:
             return probe
 
         return await self.call_stopped(apply)
+
+    def new_name(self, name: str | None, fallback: str) -> str:
+        """A probe's name: `name` if free (else BadSpec), or `fallback` made unique."""
+        return self._new_name(name, fallback)
+
+    def make_condition(self, condition: str | None, pre: Handler | None, post: Handler | None):
+        """The filter of a probe over its handlers' fields (None without a condition)."""
+        return self._condition(condition, pre, post)
+
+    @property
+    def types(self) -> Any:
+        """The kernel's types when they were read already (see `kernel_types`), else None."""
+        return self._types
+
+    async def kernel_types(self) -> Any:
+        """The running kernel's types (see `_kernel_types`)."""
+        return await self._kernel_types()
 
     async def _kernel_types(self) -> Any:
         """The running kernel's types (probed.guest.linux), read from the guest once, while it is stopped.
@@ -492,6 +529,7 @@ class Engine:
             "slots": self.slots.table(),
             "retransmits": self.client.retransmits if self.target else 0,
             "memory_reads": dict(self.target.memory.stats) if self.target and self.target.memory else {},
+            "user": self.uprobes.stats(),
         }
 
     def status(self) -> dict[str, Any]:
@@ -523,7 +561,12 @@ class Engine:
 
     def points(self, glob: str = "*") -> list[HookPoint]:
         """The hook points whose symbol matches `glob`."""
-        return [p for p in self.table.points.values() if fnmatchcase(self.symbols.symbolize(p.address) or "", glob)]
+        def place(p: HookPoint) -> str:
+            if p.kind == "user":  # an offset into a file: never a kernel symbol
+                return p.probes[0].where if p.probes else ""
+            return self.symbols.symbolize(p.address) or ""
+
+        return [p for p in self.table.points.values() if fnmatchcase(place(p), glob)]
 
     def _require_attached(self) -> None:
         if self.target is None or self.arch is None:

@@ -93,14 +93,17 @@ class HitPipeline:
         self.hits += 1
         cpu = cpu_of(thread)
         shown = pc if where_pc is AT_STOP else where_pc
-        where = engine.target.symbolize(shown) if shown is not None else None
+        # A user probe's place is in its file (set when added), never a kernel symbol.
+        kernel = any(p.kind != "user" for p in probes)
+        where = engine.target.symbolize(shown) if shown is not None and kernel else None
         records = []
         for i, probe in enumerate(probes):
             probe.hits += 1
             records.append(
                 HitRecord(
                     probe=probe.id, name=probe.name, kind=kind, seq=probe.hits, stop=engine.stops, cpu=cpu,
-                    pc=shown, where=where, extra=dict(extra[i]) if extra else {},
+                    pc=shown, where=probe.where if probe.kind == "user" else where,
+                    extra=dict(extra[i]) if extra else {},
                 )
             )
         hit = Hit(kind, thread, cpu, pc, engine.stops, probes, records, g)

@@ -23,8 +23,9 @@ FAULT_LIMIT = 10
 class Probe:
     """One probe: a location, a pre-handler, an optional post-handler, and its counters.
 
-    `kind` is "break" (a breakpoint, software or `hw`) or "watch" (a data watchpoint with `length` and
-    `access` in "w", "r", "rw").
+    `kind` is "break" (a breakpoint, software or `hw`), "watch" (a data watchpoint with `length` and
+    `access` in "w", "r", "rw") or "user" (a user-space probe on a file: `location.address` is the offset
+    into the file, `file_tag` names the file's inode; see probed.engine.uprobes).
     """
 
     id: int
@@ -51,6 +52,8 @@ class Probe:
     # model (probed.guest.linux.modules) resolves it and clears this.
     pending: str | None = None
     internal: bool = False  # the daemon's own (a guest model's hook): not listed, no hit records
+    file_tag: str = ""  # user probes: "inode:ADDR" of the probed file
+    where: str = ""  # user probes: the place in the file, for records ("/bin/utarget:utarget")
     order: int = field(default=0, repr=False)
 
     @property
@@ -72,6 +75,8 @@ class Probe:
             return ("pending", self.id, 0, "x")  # a point of its own that is never installed
         if self.kind == "watch":
             return ("watch", self.address, self.length, self.access)
+        if self.kind == "user":
+            return ("user", self.address, 0, self.file_tag)
         return ("hbreak" if self.hw else "break", self.address, 0, "x")
 
     def info(self) -> dict[str, Any]:
@@ -80,7 +85,7 @@ class Probe:
             "id": self.id,
             "name": self.name,
             "spec": self.spec,
-            "address": None if self.pending else f"{self.address:#x}",
+            "address": None if self.pending else (self.where if self.kind == "user" else f"{self.address:#x}"),
             "hits": self.hits,
             "missed": self.missed,
             "faults": self.faults,

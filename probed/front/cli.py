@@ -127,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("-n", "--name")
     add.add_argument("--priority", type=int, default=0)
     add.add_argument("--hw", action="store_true", help="use a hardware breakpoint (takes a debug-register slot)")
-    add.add_argument("spec", help="sym, sym+off, file:sym+off or 0xADDR")
+    add.add_argument("-r", "--return", dest="ret", action="store_true",
+                     help="a return probe (user functions: not available yet)")
+    add.add_argument("--file-copy", metavar="HOSTPATH",
+                     help="user probes: a host copy of the guest's file, to resolve /PATH:SYMBOL")
+    add.add_argument("spec", help="sym, sym+off, file:sym+off, 0xADDR; in a Linux guest's user space "
+                     "/PATH:OFFSET or /PATH:SYMBOL[+OFF]")
     add.add_argument("fetchargs", nargs="*", metavar="FETCHARG", help="pre-handler fetch args")
     add.add_argument("--post", nargs="*", metavar="FETCHARG", help="post-handler fetch args (may be none)")
     add.add_argument("--if", dest="condition", metavar="EXPR", help="report a hit only when EXPR holds")
@@ -187,7 +192,12 @@ def run(args: argparse.Namespace, client: Client) -> int:
         print(f"probectl: the daemon speaks API {version.get('api')}, this probectl {API_VERSION}", file=sys.stderr)
         return EXIT_DAEMON_ERROR
     if cmd == "add":
-        info = client.call("add", {"spec": args.spec, "priority": args.priority, "hw": args.hw, **_handler_params(args)})
+        params = {"spec": args.spec, "priority": args.priority, "hw": args.hw, **_handler_params(args)}
+        if args.file_copy:
+            params["file_copy"] = str(Path(args.file_copy).resolve())
+        if args.ret:
+            params["ret"] = True
+        info = client.call("add", params)
         print(info["id"])
     elif cmd == "watch":
         info = client.call("watch", {"spec": args.spec, "length": args.length, "access": args.access,

@@ -123,6 +123,8 @@ class ControlServer:
             condition=_text(params, "condition"),
             priority=_integer(params, "priority", 0),
             hw=bool(params.get("hw")),
+            **({"file_copy": _text(params, "file_copy")} if params.get("file_copy") else {}),
+            **({"ret": True} if params.get("ret") else {}),
         )
         if not checked:
             await self._check_added_probe(probe)

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stopped", action="store_true", help="keep the guest stopped until `probectl resume`")
     ap.add_argument("--hw-slots", type=int, default=4, metavar="N", help="hardware debug-register slots (default 4)")
     ap.add_argument("--buffer", type=int, default=65536, metavar="N", help="hit records kept for `probectl events`")
+    ap.add_argument("--sysroot", type=Path, metavar="DIR",
+                    help="host copies of the guest's files under DIR (DIR/bin/prog for /bin/prog): user probes' "
+                         "symbols come from there")
     ap.add_argument("--buffer-bytes", type=_size, default=BUFFER_BYTES, metavar="BYTES",
                     help="bytes of hit records (JSON) kept for `probectl events` (default 64M; K, M, G suffixes)")
     ap.add_argument("--max-record-bytes", type=_size, default=MAX_RECORD_BYTES, metavar="BYTES",
@@ -212,7 +215,8 @@ async def run(args: argparse.Namespace) -> None:
         make_private_dir(state_path.parent)
         saved = read_state(state_path)
     engine = Engine(args.target, symbol_files=args.symbols, stopped=args.stopped or bool(saved), hw_slots=args.hw_slots,
-                    buffer=args.buffer, guest_memory=args.guest_memory, qemu_pid=args.qemu_pid)
+                    buffer=args.buffer, guest_memory=args.guest_memory, qemu_pid=args.qemu_pid,
+                    sysroot=args.sysroot)
     engine.hub.buffer_bytes = args.buffer_bytes
     state = ProbeState(engine, state_path) if state_path is not None else None
     progress = None

@@ -329,7 +329,8 @@ class GdbSide:
         link.remember_registers(thread, g)
         link.memory.clear()
         pc = engine.target.pc_of(g)
-        delivered = gdbs is not None and g != unless and not engine.table.active_at(pc)
+        delivered = (gdbs is not None and g != unless and not engine.table.active_at(pc)
+                     and not engine.uprobes.owns(pc))
         if delivered:
             await self.deliver(gdbs)
         for address, length in reads:

@@ -56,12 +56,15 @@ class FetchEnv:
         at_entry: the probe is at the function's first instruction (parameters by name only there).
         types: the kernel's types (probed.guest.linux.kernel_types.KernelTypes), or None.
         types_error: why `types` is None, if they were looked for ("" if nobody asked yet).
+        user: the probe is in user space: the CPU runs with the user's GS base, the kernel's per-CPU base is
+            parked in KERNEL_GS_BASE (swapgs), so `$comm`/`$pid`/`$tid` find `current` through that.
     """
 
     function: str | None = None
     at_entry: bool = True
     types: Any = None
     types_error: str = ""
+    user: bool = False
 
 
 class TypesNeeded(FetchSyntaxError):
@@ -241,10 +244,11 @@ class _Parser:
         current = types.current
         if current is None:
             raise self.fail(f"${what}: cannot find the current task: {types.current_error}", start)
+        wanted = current.user_register if self.env.user else current.register
         try:
-            register = self.arch.resolve_register(current.register)
+            register = self.arch.resolve_register(wanted)
         except KeyError:
-            raise self.fail(f"${what}: the target reports no {current.register} register", start) from None
+            raise self.fail(f"${what}: the target reports no {wanted} register", start) from None
         return types, Deref(current.percpu_offset, Reg(register))
 
     def task_field(self, what: str, start: int) -> Node:

@@ -80,20 +80,21 @@ def make_handler(
 
 async def make_handlers(
     specs: Sequence[Any], arch: Any, symbols: Any, *, function: str | None = None, offset: int = 0,
-    load_types: Callable[[], Awaitable[Any]] | None = None,
+    load_types: Callable[[], Awaitable[Any]] | None = None, user: bool = False,
 ) -> list[Handler | None]:
     """Handlers for a probe on `function+offset`, loading the kernel's types only if a fetch arg needs them.
 
     Args:
         load_types: returns the kernel's types (KernelTypes), or raises LookupError saying why there are none;
             called at most once, and only when a fetch arg uses `$comm`, a parameter name or `->`.
+        user: the probe is on user-space code (FetchEnv.user).
 
     Raises:
         FetchSyntaxError: as `parse_fetchargs`, with the reason types could not be had when that is the cause.
     """
     from .fetch import FetchEnv, TypesNeeded
 
-    env = FetchEnv(function=function, at_entry=offset == 0)
+    env = FetchEnv(function=function, at_entry=offset == 0, user=user)
     try:
         return [make_handler(s, arch, symbols, env) for s in specs]
     except TypesNeeded:

@@ -22,6 +22,7 @@ __all__ = ["CurrentTask", "NoCurrentTask", "current_task_layout"]
 
 PER_CPU_LIMIT = 1 << 32  # per-CPU offsets are small; anything above is a real (kernel) address
 GS_BASE = "gs_base"
+KERNEL_GS_BASE = "k_gs_base"  # where the kernel's GS base is while the CPU runs user code (after swapgs)
 
 
 class NoCurrentTask(LookupError):
@@ -44,6 +45,7 @@ class CurrentTask:
     comm_size: int
     pid: int
     tgid: int
+    user_register: str = KERNEL_GS_BASE
 
 
 def _percpu_offset(symbols: Any, name: str) -> int | None:

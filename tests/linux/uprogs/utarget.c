@@ -1,8 +1,14 @@
 /* A user-space program for user-probe tests: calls utarget(i, i * i) and then uname_len(argv[0]) for
  * i = 1..N (N = argv[1], default 3), then exits 0. Each call's arguments and return value are known:
- * utarget returns a + b, uname_len the length of its string. Built static and static-pie. */
+ * utarget returns a + b, uname_len the length of its string. Built static and static-pie.
+ * With a second argument ("hold"), it first prints its PID and waits for SIGUSR1: its file stays mapped
+ * while other programs run, and its calls come when the host says (`utarget 3 hold | { read pid; ...;
+ * kill -USR1 $pid; }`). */
+#include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 volatile long sink;
 
@@ -16,9 +22,25 @@ __attribute__((noinline, noipa)) long uname_len(const char *s)
     return (long)strlen(s);
 }
 
+static void on_usr1(int sig)
+{
+    (void)sig;
+}
+
 int main(int argc, char **argv)
 {
     long n = argc > 1 ? atol(argv[1]) : 3;
+    if (argc > 2) {
+        sigset_t usr1, none;
+        sigemptyset(&usr1);
+        sigemptyset(&none);
+        sigaddset(&usr1, SIGUSR1);
+        signal(SIGUSR1, on_usr1);
+        sigprocmask(SIG_BLOCK, &usr1, NULL); /* no lost wake-up between the print and the wait */
+        printf("%d\n", (int)getpid());
+        fflush(stdout);
+        sigsuspend(&none);
+    }
     for (long i = 1; i <= n; i++) {
         sink += utarget(i, i * i);
         sink += uname_len(argv[0]);

@@ -1,0 +1,143 @@
+"""User-probe hits per second on the Debian guest, against a raw RSP loop making the same stops.
+
+The guest runs `utarget N` (tests/linux/uprogs/utarget.c: N calls utarget(i, i * i)). Side by side, on one
+booted guest:
+- raw loop: a breakpoint at utarget's address in the static program; per stop `g`, `s`, `c`, as little as
+  any debugger can do (it knows nothing of processes: it would stop in any program at that address);
+- probed: a user probe on /bin/utarget:utarget (the file), with no fetch args, then with
+  `$comm $pid a=$arg1 b=$arg2`. Each decides per stop whether the process maps the file there.
+Each variant checks every stop saw the right argument (utarget's first argument i = 1..N, in order).
+The rate is over the hits' own timestamps (first to last), so process start-up is left out; a second rate
+takes the median gap between hits, which the other loads of a shared machine disturb less.
+
+    python bench/uprobes.py [--calls N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from probed.api import attach  # noqa: E402
+from probed.guest.userfile import UserElf  # noqa: E402
+from probed.testing.qemu import CACHE  # noqa: E402
+from rsp.framing import NEED_DATA, Framer, Packet, encode_packet  # noqa: E402
+from tests.linux.guest import LinuxGuest, fetch_linux  # noqa: E402
+from tests.linux.uprogs import uprog_path  # noqa: E402
+
+STATIC_BASE = 0x400000  # the static program's first segment: file offset 0 at this address
+RDI = 5  # x86_64 `g` order: rax rbx rcx rdx rsi rdi ...
+
+
+class RawLoop:
+    """Blocking socket, one packet at a time, acks as GDB sends them."""
+
+    def __init__(self, target: str):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(target.split(":", 1)[1])
+        self.framer = Framer()
+
+    def packet(self) -> bytes:
+        while True:
+            ev = self.framer.next_event()
+            if isinstance(ev, Packet):
+                self.sock.sendall(b"+")
+                return ev.payload
+            if ev is NEED_DATA:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise EOFError
+                self.framer.receive_data(data)
+
+    def ask(self, payload: bytes, stop: bool = False) -> bytes:
+        """Send a request and return its reply (a stop reply only for `stop`: others skip stale stops)."""
+        self.sock.sendall(encode_packet(payload))
+        reply = self.packet()
+        while not stop and reply.startswith(b"T"):
+            reply = self.packet()  # the stop QEMU sends unasked when we connect to a running guest
+        return reply
+
+    def run(self, guest: LinuxGuest, address: int, calls: int) -> float:
+        self.ask(b"qSupported:swbreak+")
+        self.ask(b"?", stop=True)
+        assert self.ask(b"Z0,%x,1" % address) == b"OK"
+        self.sock.sendall(encode_packet(b"c"))
+        shell = threading.Thread(target=guest.shell, args=(f"utarget {calls}", 600))
+        shell.start()
+        stamps = []
+        last = 0
+        while len(stamps) < calls:
+            self.packet()  # the stop at the breakpoint
+            now = time.perf_counter()
+            g = self.ask(b"g")
+            rdi = int.from_bytes(bytes.fromhex(g[RDI * 16:(RDI + 1) * 16].decode()), "little")
+            if rdi != last:  # else: the step before ran nothing (see QEMU-GDBSTUB.md) and this is that call again
+                assert rdi == last + 1, (last, rdi)
+                stamps.append(now)
+                last = rdi
+            self.ask(b"s", stop=True)
+            self.sock.sendall(encode_packet(b"c"))
+        self.sock.sendall(b"\x03")
+        self.packet()
+        self.ask(b"z0,%x,1" % address)
+        self.sock.sendall(encode_packet(b"D"))
+        self.packet()
+        self.sock.close()
+        shell.join()
+        return _rates(stamps)
+
+
+async def probed_run(guest: LinuxGuest, calls: int, args: list[str]) -> float:
+    async with attach(guest.target, symbols=[str(guest.kallsyms)]) as engine:
+        probe = await engine.add_probe("/bin/utarget:utarget", file_copy=str(uprog_path(CACHE / "linux", "utarget")),
+                                       pre=["a=$arg1:s64", *args])
+        with engine.hub.subscribe(probe.id, maxsize=calls + 10) as sub:
+            await trio.to_thread.run_sync(guest.shell, f"utarget {calls}", 600)
+            records = [sub.receive_nowait() for _ in range(calls)]
+    assert [r["pre"]["a"] for r in records] == list(range(1, calls + 1))
+    return _rates([r["time_ns"] / 1e9 for r in records])
+
+
+def _rates(stamps: list[float]) -> tuple[float, float]:
+    """(hits/s over the whole run, hits/s at the median gap): this machine's other loads stall some gaps."""
+    gaps = sorted(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), 1 / gaps[len(gaps) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=2000)
+    calls = ap.parse_args().calls
+    address = STATIC_BASE + UserElf(uprog_path(CACHE / "linux", "utarget")).resolve("utarget")
+    guest = LinuxGuest(fetch_linux(), Path(tempfile.mkdtemp(prefix="bench-uprobes-"))).start()
+    results: dict[str, tuple[float, float]] = {}
+    try:
+        def measure(name: str, fn) -> None:
+            results[name] = (rate, median) = fn()
+            print(f"{name:<42} {rate:7.0f} hits/s  median gap: {median:7.0f} hits/s  ({calls} calls)", flush=True)
+
+        measure("raw loop c,g,s (one address)", lambda: RawLoop(guest.target).run(guest, address, calls))
+        measure("probed user probe, $arg1", lambda: trio.run(probed_run, guest, calls, []))
+        measure("probed user probe, $arg1 $comm $pid $arg2",
+                lambda: trio.run(probed_run, guest, calls, ["$comm", "$pid", "b=$arg2:s64"]))
+    finally:
+        guest.close()
+    raw = results["raw loop c,g,s (one address)"]
+    print()
+    for name, (rate, median) in results.items():
+        if name.startswith("probed"):
+            print(f"{name:<42} / raw  {rate / raw[0]:.2f}   median gap / raw  {median / raw[1]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

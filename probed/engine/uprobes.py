@@ -1,0 +1,388 @@
+"""User-space probes in Linux guests: probes on a FILE and an offset, firing in every process that maps it.
+
+How (uprobes' semantics, from outside the guest):
+- A user probe's hook point is `("user", file offset, 0, "inode:ADDR")`: it belongs to the file's inode,
+  found when the probe is added by walking the guest's dentry cache from the root (probed.guest.linux.mm).
+- Which processes map the file: at the first probe on it, every task's VMAs are read (the mm's maple
+  tree); afterwards three kernel functions keep the table current, each a breakpoint of ours while any user
+  probe exists: `uprobe_mmap(vma)` (every new file mapping: exec, mmap, a VMA split or merge),
+  `uprobe_munmap(vma, start, end)` (munmap, a VMA adjusted, and process exit through unmap_vmas) and
+  `uprobe_dup_mmap(oldmm, newmm)` (fork). Each mapping is kept as (page-table root, VMA).
+- Breakpoints: QEMU's are by virtual address in whatever address space runs, so one breakpoint goes at
+  each distinct address where some process maps a probed offset (each PIE process has its own base).
+- A stop at such an address is a hit only if the CPU's address space (CR3, from the registers the stop
+  already read: no memory read) is one whose mapping of our file puts the probed offset there. Any other
+  process there (other code at the same address, or a copy of the same bytes in another file) is stepped
+  past silently. A stop whose CR3 is unknown (a forked child) is settled by reading that process's VMAs.
+- One execution, one hit: a breakpoint on an instruction whose page is not present yet stops, the fetch
+  faults, the kernel maps the page and the instruction stops again. The first stop is told apart by the
+  instruction's bytes being unreadable through the page tables (QEMU's `m` walks them as the CPU would),
+  and is stepped past silently.
+- Records name the place in the file (`/bin/utarget:utarget+0x0`), never a kernel symbol.
+
+Return probes on user functions: `add(..., ret=True)` raises Unsupported today; the return-probe
+machinery (planned on top of the engine's hit pipeline) hooks in at `UserProbes.entry_hit`, which sees
+every user hit with its registers (the return address is at the stack pointer on x86_64 entry).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from probed.errors import BadSpec, TargetError, UnknownSymbol, Unsupported
+from probed.guest.insn import verify_boundary
+from probed.guest.linux.mm import (
+    CR3_ADDRESS_MASK,
+    DIRECT_MAP_DEFAULT,
+    FileId,
+    MmLayout,
+    NotInDcache,
+    Vma,
+    lookup_path,
+    mm_vmas,
+    pgd_of,
+    read_vma,
+    read_word,
+    tasks,
+)
+from probed.guest.userfile import UserElf, UserSpec, parse_user_spec
+from probed.lang.context import RegisterView
+from probed.sim.emulate import MAX_INSN
+
+if TYPE_CHECKING:
+    from probed.engine.engine import Engine
+    from probed.engine.probes import Probe
+
+__all__ = ["HOOKS", "UserFile", "UserProbes"]
+
+log = logging.getLogger(__name__)
+
+HOOKS = ("uprobe_mmap", "uprobe_munmap", "uprobe_dup_mmap")
+PAGE = 4096
+Key = tuple[str, int, int, str]
+
+
+@dataclass
+class UserFile:
+    """A probed file in the guest and where processes map it: VMA address -> (page-table root, Vma)."""
+
+    path: str
+    id: FileId
+    elf: UserElf | None = None
+    mappings: dict[int, tuple[int, Vma]] = field(default_factory=dict)
+
+    @property
+    def tag(self) -> str:
+        return f"inode:{self.id.inode:#x}"
+
+    def addresses(self, offset: int) -> dict[int, set[int]]:
+        """Virtual address -> the page-table roots of the processes that map `offset` there."""
+        out: dict[int, set[int]] = {}
+        for pgd, vma in self.mappings.values():
+            address = vma.address_of(offset)
+            if address is not None:
+                out.setdefault(address, set()).add(pgd)
+        return out
+
+
+class UserProbes:
+    """The engine's user-probe component: files, mappings, the breakpoints they need, and stop verdicts."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.files: dict[int, UserFile] = {}  # by inode address
+        self.layout: MmLayout | None = None
+        self.direct_map = DIRECT_MAP_DEFAULT
+        self.hooks: dict[int, str] = {}  # kernel address -> hook function name
+        self.kernel_code: dict[int, bytes] = {}  # the hooks' first instructions, read once
+        self._unknown_ok: set[int] = set()  # page-table roots read and found not mapping any probed offset
+        self._armed: dict[int, list[tuple[UserFile, int]]] = {}  # address -> (file, offset) probed there
+        self.silent = 0  # stops at a probed address that were not a hit (other process, page not present)
+        self.hook_stops = 0
+        self.code: bytes | None = None  # the instruction bytes at the last user hit's pc, read by on_stop
+
+    # -- adding -------------------------------------------------------------------------------------
+
+    async def add(self, spec: str, *, file_copy: str | None, name: str | None, pre: Any, post: Any,
+                  condition: str | None, priority: int, ret: bool = False) -> Probe:
+        """Add a user probe (`/PATH:OFFSET`, `/PATH:SYMBOL[+OFF]`); see `Engine.add_probe`.
+
+        Raises:
+            BadSpec, UnknownSymbol, Unsupported, FetchSyntaxError, TargetError.
+        """
+        from probed.engine.probes import Probe
+        from probed.guest.symbols import Location
+        from probed.lang.handlers import make_handlers
+
+        engine = self.engine
+        if ret:
+            raise Unsupported("return probes on user functions (-r) need the engine's return probes, which are "
+                              "not built yet (see UserProbes.entry_hit)")
+        parsed = parse_user_spec(spec)
+        if file_copy is None and engine.sysroot is not None:
+            candidate = Path(engine.sysroot) / parsed.path.lstrip("/")
+            file_copy = str(candidate) if candidate.is_file() else None
+        elf = UserElf(file_copy) if file_copy else None
+        offset = _file_offset(parsed, elf, spec)
+        if elf is not None and parsed.symbol:
+            # kprobes' rule, checked on the host copy: a probe starts an instruction.
+            await verify_boundary(elf.read_many, engine.arch.name, spec, parsed.symbol, parsed.symbol_offset, offset)
+        types = await engine.kernel_types()
+        pre_h, post_h = await make_handlers([pre, post], engine.arch, engine.symbols, function=None, offset=offset,
+                                            load_types=engine.kernel_types, user=True)
+        cond = engine.make_condition(condition, pre_h, post_h)
+
+        async def apply() -> Probe:
+            self._prepare(types)
+            file = await self._file(parsed.path, elf)
+            where = _place(parsed, elf, offset)
+            probe = Probe(
+                id=engine.table.new_id(),
+                name=engine.new_name(name, _default_name(parsed, offset)),
+                spec=spec,
+                location=Location(spec, parsed.path, parsed.symbol, offset, offset),
+                kind="user", pre=pre_h, post=post_h, condition=cond, priority=priority, file_tag=file.tag,
+                where=where,
+            )
+            engine.table.add(probe)
+            await engine.breakpoints.reconcile()
+            return probe
+
+        return await engine.call_stopped(apply)
+
+    def _prepare(self, types: Any) -> None:
+        if self.layout is not None:
+            return
+        try:
+            self.layout = MmLayout.from_btf(types.btf)
+        except LookupError as exc:
+            raise Unsupported(f"user probes need a Linux 6.1 or later kernel (maple-tree VMAs): {exc}") from None
+        symbols = self.engine.symbols
+        for hook in HOOKS:
+            try:
+                self.hooks[symbols.lookup(hook).address] = hook
+            except UnknownSymbol:
+                raise Unsupported(f"user probes need the kernel symbol {hook} (CONFIG_UPROBES, with the "
+                                  "kernel's kallsyms loaded)") from None
+
+    async def _file(self, path: str, elf: UserElf | None) -> UserFile:
+        """The probed file at `path`, its mappings read from every process the first time."""
+        init_task = self._symbol("init_task")
+        try:
+            fid = await self._run(lookup_path(self.layout, self._read, init_task, path))
+        except NotInDcache as exc:
+            raise BadSpec(path, str(exc)) from None
+        file = self.files.get(fid.inode)
+        if file is not None and file.id == fid:
+            if elf is not None and file.elf is None:
+                file.elf = elf
+            return file
+        try:
+            (base,) = await self.engine.target.read_many([(self._symbol("page_offset_base"), 8)])
+            if not isinstance(base, Exception):
+                self.direct_map = int.from_bytes(base, "little")
+        except TargetError:
+            pass
+        file = self.files[fid.inode] = UserFile(path, fid, elf)
+        seen: set[int] = set()
+        for _task, _tgid, _pid, mm in await self._run(tasks(self.layout, self._read, init_task)):
+            if mm and mm not in seen:
+                seen.add(mm)
+                await self._scan_mm(mm, [file])
+        return file
+
+    async def _scan_mm(self, mm: int, files: Sequence[UserFile]) -> bool:
+        """Read an mm's VMAs and file those of `files`; True if any was found."""
+        layout = self.layout
+        vmas = await self._run(mm_vmas(layout, self._read, mm))
+        wanted = {f.id.inode: f for f in files}
+        found = [v for v in vmas if v.inode in wanted]
+        if found:
+            pgd = await self._run(pgd_of(layout, self._read, mm, self.direct_map))
+            for v in found:
+                wanted[v.inode].mappings[v.address] = (pgd, v)
+        return bool(found)
+
+    def _symbol(self, name: str) -> int:
+        try:
+            return self.engine.symbols.lookup(name).address
+        except UnknownSymbol:
+            raise Unsupported(f"user probes need the kernel symbol {name} (load the kernel's kallsyms)") from None
+
+    # -- breakpoints --------------------------------------------------------------------------------
+
+    def wanted(self) -> set[Key]:
+        """The breakpoints user probes need now: one per mapped address, and the kernel hooks."""
+        points = [p for p in self.engine.table.points.values() if p.kind == "user"]
+        live_tags = {p.key[3] for p in points}
+        for inode in [i for i, f in self.files.items() if f.tag not in live_tags]:
+            del self.files[inode]  # no probe on it any more: forget its mappings
+        by_tag = {f.tag: f for f in self.files.values()}
+        armed: dict[int, list[tuple[UserFile, int]]] = {}
+        for point in points:
+            file = by_tag.get(point.key[3])
+            if file is None or not point.active():
+                continue
+            for address in file.addresses(point.address):
+                armed.setdefault(address, []).append((file, point.address))
+        self._armed = armed
+        if not points:
+            return set()
+        # The hooks stay while any user probe exists, enabled or not: its file's mappings stay current.
+        return {("break", a, 0, "x") for a in armed} | {("break", a, 0, "x") for a in self.hooks}
+
+    def owns(self, pc: int) -> bool:
+        return pc in self._armed or (pc in self.hooks and bool(self._armed or self.files))
+
+    # -- stops --------------------------------------------------------------------------------------
+
+    async def on_stop(self, pc: int, g: bytes) -> list[Probe]:
+        """The user probes this stop is a hit of (possibly none); kernel hooks update the mappings here."""
+        engine = self.engine
+        self.code = None
+        regs = RegisterView(engine.target, g)
+        if pc in self.hooks:
+            self.hook_stops += 1
+            if await self._hook(self.hooks[pc], regs):
+                await engine.breakpoints.reconcile()
+            if pc not in self._armed:
+                return []
+        places = self._armed.get(pc, [])
+        pgd = regs["cr3"] & CR3_ADDRESS_MASK
+        hits = [(f, off) for f, off in places if pgd in f.addresses(off).get(pc, ())]
+        if not hits and pgd not in self._unknown_ok:
+            hits = await self._settle_unknown(pc, pgd, regs)
+        if not hits or not await self._executes(pc):
+            self.silent += 1
+            return []
+        probes: list[Probe] = []
+        for file, offset in hits:
+            point = engine.table.points.get(("user", offset, 0, file.tag))
+            if point is not None:
+                probes += point.active()
+        probes.sort(key=lambda p: (-p.priority, p.order))
+        self.entry_hit(probes, regs)
+        return probes
+
+    def entry_hit(self, probes: list[Probe], regs: RegisterView) -> None:
+        """Where return probes will hook in: every user hit at a probe's place, before its handlers run."""
+
+    async def _settle_unknown(self, pc: int, pgd: int, regs: RegisterView) -> list[tuple[UserFile, int]]:
+        """A stop in an address space we have no mapping for (a forked child): read its VMAs."""
+        current = self.engine.types.current if self.engine.types is not None else None
+        if current is None:
+            return []
+        kgs = regs[current.user_register]
+        task = await self._run(read_word(self._read, kgs + current.percpu_offset))
+        mm = await self._run(read_word(self._read, task + self.layout.task_mm))
+        if not mm or not await self._scan_mm(mm, list(self.files.values())):
+            self._unknown_ok.add(pgd)
+            return []
+        self.engine.breakpoints.dirty = True
+        return [(f, off) for f, off in self._armed.get(pc, []) if pgd in f.addresses(off).get(pc, ())]
+
+    async def _executes(self, pc: int) -> bool:
+        """Whether the instruction at pc can be fetched (its page present): else this stop is the first of two.
+
+        The bytes read are kept in `code` for the engine (it simulates or steps the instruction next).
+        """
+        end = min(pc + MAX_INSN, (pc // PAGE + 1) * PAGE)
+        (code,) = await self.engine.target.read_many([(pc, end - pc)])
+        if isinstance(code, Exception):
+            return False
+        if end - pc >= MAX_INSN:
+            self.code = code
+            return True
+        # The instruction may cross into the next page: it executes only if that page is there too,
+        # unless it ends on this one.
+        (more,) = await self.engine.target.read_many([(end, pc + MAX_INSN - end)])
+        if isinstance(more, Exception):
+            return _fits(code, pc)
+        self.code = code + more
+        return True
+
+    async def _hook(self, name: str, regs: RegisterView) -> bool:
+        """Update the mappings from a kernel hook's arguments; True when the breakpoints must change."""
+        layout = self.layout
+        if name == "uprobe_mmap":
+            vma = await self._run(read_vma(layout, self._read, regs["rdi"]))
+            file = self.files.get(vma.inode)
+            if file is None:
+                return False
+            pgd = await self._run(pgd_of(layout, self._read, vma.mm, self.direct_map))
+            file.mappings[vma.address] = (pgd, vma)
+            self._unknown_ok.discard(pgd)
+            return True
+        if name == "uprobe_munmap":
+            address, start, end = regs["rdi"], regs["rsi"], regs["rdx"]
+            for file in self.files.values():
+                held = file.mappings.get(address)
+                if held is not None and start <= held[1].start and end >= held[1].end:
+                    del file.mappings[address]
+                    return True
+            return False
+        if name == "uprobe_dup_mmap" and self._unknown_ok:
+            self._unknown_ok.discard(await self._run(pgd_of(layout, self._read, regs["rsi"], self.direct_map)))
+        return False
+
+    # -- reads --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _read(address: int, length: int):
+        data = yield (address, length)
+        return data
+
+    async def _run(self, gen) -> Any:
+        """Drive a sans-IO reader generator against the target."""
+        read_many = self.engine.target.read_many
+        try:
+            request = next(gen)
+            while True:
+                (data,) = await read_many([request])
+                if isinstance(data, Exception):
+                    request = gen.throw(TargetError(f"cannot read guest memory at {request[0]:#x}: {data}"))
+                else:
+                    request = gen.send(data)
+        except StopIteration as done:
+            return done.value
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "files": {f.path: len(f.mappings) for f in self.files.values()},
+            "addresses": len(self._armed),
+            "silent_stops": self.silent,
+            "hook_stops": self.hook_stops,
+        }
+
+
+def _file_offset(parsed: UserSpec, elf: UserElf | None, spec: str) -> int:
+    if parsed.offset is not None:
+        return parsed.offset
+    if elf is None:
+        raise BadSpec(spec, "a symbol needs the file's ELF: name a host copy of it (--file-copy HOSTPATH, or "
+                      "probed --sysroot DIR holding DIR/PATH), or give the file offset (PATH:0xOFFSET)")
+    return elf.resolve(parsed.symbol, parsed.symbol_offset)
+
+
+def _place(parsed: UserSpec, elf: UserElf | None, offset: int) -> str:
+    where = elf.symbolize(offset) if elf is not None else None
+    return f"{parsed.path}:{where or hex(offset)}"
+
+
+def _default_name(parsed: UserSpec, offset: int) -> str:
+    base = parsed.path.rsplit("/", 1)[-1]
+    what = parsed.symbol + (f"+{parsed.symbol_offset:#x}" if parsed.symbol_offset else "") if parsed.symbol else hex(offset)
+    return f"{base}:{what}".replace("-", "_")
+
+
+def _fits(code: bytes, pc: int) -> bool:
+    """Whether the first instruction of `code` ends within `code` (decoded with capstone, x86_64)."""
+    from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+
+    for insn in Cs(CS_ARCH_X86, CS_MODE_64).disasm(code, pc, count=1):
+        return insn.size <= len(code)
+    return False

@@ -1,0 +1,73 @@
+"""User probes while a real GDB debugs the Linux guest through probed's stub (GDB driven with pygdbmi)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from probed.guest.userfile import UserElf
+from probed.testing.qemu import CACHE
+from tests.daemon import Daemon
+from tests.linux.uprogs import uprog_path
+from tests.test_gdb import Gdb
+
+pytestmark = pytest.mark.linux
+
+
+@pytest.fixture
+def stubbed_linux(linux_guest, tmp_path):
+    class Kernel:
+        target = linux_guest.target
+        elf = linux_guest.kallsyms
+
+    sock = tmp_path / "gdb.sock"
+    daemon = Daemon(Kernel, tmp_path, "--gdb-listen", f"unix:{sock}")
+    daemon.gdb_socket = sock
+    yield daemon
+    if daemon.proc.poll() is None:
+        daemon.proc.kill()
+        daemon.proc.wait()
+
+
+def _events(daemon, probe: str, count: int) -> list[dict]:
+    out = daemon.ctl("events", "--probe", probe, "--count", str(count), "--json").stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_user_probes_fire_while_gdb_debugs(linux_guest, stubbed_linux):
+    copy = uprog_path(CACHE / "linux", "utarget")
+    stubbed_linux.ctl("add", "-n", "u", "--file-copy", str(copy), "/bin/utarget:utarget", "$comm", "a=$arg1:s64",
+                      "b=$arg2:s64")
+    gdb = Gdb(copy, stubbed_linux.gdb_socket)  # the program's ELF: GDB knows `utarget` at its link address
+    try:
+        assert gdb.mi("-exec-continue")["message"] == "running"
+        linux_guest.shell("utarget 3 & ucopy 3 & wait")  # runs under GDB's continue
+        assert [(r["pre"]["comm"], r["pre"]["a"], r["pre"]["b"]) for r in _events(stubbed_linux, "u", 3)] == \
+            [("utarget", 1, 1), ("utarget", 2, 4), ("utarget", 3, 9)]
+
+        gdb.mi("-exec-interrupt")
+        gdb.stopped()
+        # GDB's own breakpoint at the probed place: both see the call; GDB stops in the process that runs it.
+        gdb.mi("-break-insert *utarget")
+        address = UserElf(copy).resolve("utarget") + 0x400000  # the static program's load address, page 0
+        shell = threading.Thread(target=linux_guest.shell, args=("utarget 2",))
+        assert gdb.mi("-exec-continue")["message"] == "running"
+        shell.start()
+        try:
+            stop = gdb.stopped()
+            assert stop["reason"] == "breakpoint-hit", (stop, hex(gdb.pc()))
+            assert gdb.pc() == address and gdb.value("$rdi") == 1 and gdb.value("$rsi") == 1
+            gdb.mi("-break-delete")
+            assert gdb.mi("-exec-continue")["message"] == "running"
+        finally:
+            shell.join(timeout=120)
+        assert not shell.is_alive()
+        records = _events(stubbed_linux, "u", 5)
+        assert [(r["pre"]["a"], r["pre"]["b"]) for r in records[3:]] == [(1, 1), (2, 4)]  # once each
+        gdb.mi("-target-detach")
+    finally:
+        gdb.close()
+    stats = json.loads(stubbed_linux.ctl("stats", "--json").stdout)
+    assert stats["user"]["addresses"] == 0
