@@ -6,7 +6,8 @@ This module moves bytes: it writes what the protocol returns, reads what the soc
 into return values, with time limits on the waits.
 
 Speed matters (a probe hit is several exchanges): writes go out in one system call when the socket takes
-them (`send_now`), and for a while after a resume the socket is polled rather than slept on (`poll_until`).
+them (`send_now`), and for a while after a resume the socket may be polled rather than slept on
+(`poll_next`, when `rsp.polling.PollChooser` finds it pays on this host now).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .client import ClientProtocol, Closed, Output, Reply, Resend, Stopped
 from .errors import ConnectionClosed, LocalProtocolError, RemoteError, TargetTimeout
 from .framing import NEED_DATA
 from .packets import raise_for_error
+from .polling import PollChooser
 from .stop import StopEvent
 
 __all__ = ["RSPClient", "open_stream", "parse_target", "send_now"]
@@ -96,6 +98,8 @@ class RSPClient:
         protocol: the protocol state machine this pumps.
         console: text of `O` packets received outside a monitor command.
         poll_until: trio time until which receiving polls the socket instead of sleeping (`_poll_receive`).
+        poller: chooses whether the wait after `poll_next` polls (its `window` is 0, never, until the
+            owner sets it).
     """
 
     def __init__(self, stream: trio.abc.Stream, *, timeout: float = 10.0):
@@ -108,6 +112,8 @@ class RSPClient:
         self._begun = 0  # replies to `begin` not taken yet
         self.console: list[bytes] = []
         self.poll_until = 0.0
+        self.poller = PollChooser(0.0)
+        self._timed = False  # a wait begun by `poll_next` is being timed for `poller`
 
     @classmethod
     async def connect(cls, target: str, *, timeout: float = 10.0) -> RSPClient:
@@ -196,11 +202,23 @@ class RSPClient:
                 raise ConnectionClosed(f"the target closed the connection{what}")
             return event
 
+    def poll_next(self) -> None:
+        """The next bytes are expected soon (a stop after a resume): wait for them the way `poller` finds
+        cheaper now, polling for `poller.window` or sleeping."""
+        self.poll_until = self.poller.begin(trio.current_time())
+        self._timed = True
+
     async def _receive(self) -> bytes:
         try:
             if self.poll_until and trio.current_time() < self.poll_until:
-                return await self._poll_receive()
-            return await self._stream.receive_some(65536)
+                data = await self._poll_receive()
+            else:
+                data = await self._stream.receive_some(65536)
+            if self._timed:
+                self._timed = False
+                self.poll_until = 0.0
+                self.poller.end(trio.current_time())
+            return data
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.protocol.close()
             raise ConnectionClosed(f"connection lost: {exc}") from exc

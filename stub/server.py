@@ -65,6 +65,7 @@ from rsp.commands import (
 from rsp.connection import parse_target, send_now
 from rsp.features import build_qsupported_reply
 from rsp.framing import ACK, NACK, NEED_DATA, BadChecksum, Framer, Interrupt, Nack, Packet, encode_packet
+from rsp.polling import PollChooser
 from rsp.stop import StopEvent, StopReply, ThreadId
 from stub.policy import forwarded, monitor_refusal
 
@@ -80,6 +81,7 @@ STUB_FEATURES = build_qsupported_reply(
 MAX_PACKET = 4 * PACKET_SIZE
 """Bytes a packet from GDB may span (escapes included); GDB keeps to `PacketSize`, a longer one is dropped."""
 HOT_SECONDS = 0.001
+"""How long the stub may poll for GDB's next packet (when `rsp.polling.PollChooser` finds it pays)."""
 
 class GdbSession:
     """One attached GDB."""
@@ -102,7 +104,7 @@ class GdbSession:
         self.link = DebuggerLink(self._send_stop)
         self.closed = False
         self.waiting_stop = False  # GDB resumed the guest and waits for a stop reply
-        self._hot_until = 0.0
+        self.poller = PollChooser(HOT_SECONDS if len(os.sched_getaffinity(0)) > 1 else 0.0)
         sock = getattr(stream, "socket", None)  # None for a stream that is not a socket (tests' memory streams)
         self._fd = sock.fileno() if sock is not None else None
 
@@ -164,9 +166,6 @@ class GdbSession:
                     log.warning("could not detach GDB cleanly: %s", exc)
             log.info("GDB detached; its breakpoints are gone and the guest runs on")
 
-    def _kick(self) -> None:
-        self._hot_until = trio.current_time() + HOT_SECONDS
-
     async def _receive(self) -> bytes:
         """GDB's next bytes (b"" when it is gone).
 
@@ -174,16 +173,25 @@ class GdbSession:
         and a process woken from epoll takes about as long again to run (measured here: a ping-pong over
         a socket costs 40-55 us asleep, 17-20 us polling). So for `HOT_SECONDS` after each packet this
         polls the socket between scheduler passes (other tasks run, and their sockets are polled too),
-        and only then sleeps in epoll as usual.
+        and only then sleeps in epoll as usual. When no core is free for GDB (a busy host), polling takes
+        the core GDB needs and costs a time slice a packet: `poller` measures which way pays and takes it.
         """
-        while self._fd is not None and trio.current_time() < self._hot_until:
+        if self._fd is None:
+            return await self.stream.receive_some(65536)
+        poller = self.poller
+        hot_until = poller.begin(trio.current_time())
+        while trio.current_time() < hot_until:
             try:
-                return os.read(self._fd, 65536)
+                data = os.read(self._fd, 65536)
+                break
             except BlockingIOError:
                 await trio.lowlevel.checkpoint()
             except OSError:
                 return b""
-        return await self.stream.receive_some(65536)
+        else:
+            data = await self.stream.receive_some(65536)
+        poller.end(trio.current_time())
+        return data
 
     async def _read_loop(self) -> None:
         """Read GDB's bytes and answer each packet in turn.
@@ -198,7 +206,6 @@ class GdbSession:
                 self.framer.receive_data(data)
                 while (event := self.framer.next_event()) is not NEED_DATA:
                     if isinstance(event, Packet):
-                        self._kick()
                         self._ack_owed = self.ack
                         if await self.handle(event.payload):
                             return

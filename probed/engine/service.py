@@ -57,14 +57,16 @@ class Service:
         self.free_running = False  # a `c` went and no stop came back yet: an interrupt may be sent
         self.gdb_changes = False  # GDB's breakpoint changes wait for the next `c`, in one write with it
         self.dead: BaseException | None = None
-        # Poll for the next stop this long after a hit, when a core is free for it (see RSPClient).
-        self.poll_seconds = 0.001 if (os.cpu_count() or 1) > 1 else 0.0
+        # After a hit, the next stop may be polled for this long, when that pays on this host (see
+        # RSPClient.poll_next); never on one core, where the poll always takes the guest's core.
+        self.poll_seconds = 0.001 if len(os.sched_getaffinity(0)) > 1 else 0.0
 
     # -- the loop -------------------------------------------------------------------------------------
 
     async def loop(self) -> None:
         engine = self.engine
         client = engine.client
+        client.poller.window = self.poll_seconds
         guest = engine.guest
         running = False
         while True:
@@ -99,9 +101,9 @@ class Service:
             guest.move(Event.STOPPED)
             with client.bounded(engine.timeout):
                 running = await self.on_stop(event)
-            if running and self.poll_seconds:
+            if running:
                 # Hits come in bursts: the next stop is likely within a millisecond.
-                client.poll_until = trio.current_time() + self.poll_seconds
+                client.poll_next()
 
     async def on_stop(self, event: StopEvent) -> bool:
         """Handle one stop; returns True when the guest was already resumed."""
