@@ -27,8 +27,9 @@ class PollChooser:
             until that way was tried.
     """
 
-    WEIGHT = 1 / 8
-    """How much one wait moves the average: a few dozen waits make up the current picture."""
+    WEIGHT = 1 / 4
+    """How much one wait moves the average: the last few dozen waits of a way make up its picture, so a host
+    that frees up is noticed within a few hundred waits (the other way is tried one wait in 16)."""
     EXPLORE = 1 / 16
     """Share of the waits made the other way, to keep its average current."""
     LONGEST = 0.02
