@@ -32,9 +32,10 @@ class PollChooser:
     that frees up is noticed within a few hundred waits (the other way is tried one wait in 16)."""
     EXPLORE = 1 / 16
     """Share of the waits made the other way, to keep its average current."""
-    LONGEST = 0.02
-    """A wait counts as at most this long: one for a guest that ran a while says little about the way of
-    waiting (a wait behind a busy core takes a few time slices, ~4 ms each), and must not swamp the rest."""
+    LONGEST = 0.005
+    """A wait counts as at most this long. Polling behind a busy core costs about a time slice (a few ms)
+    a wait, which this still shows; a longer wait is the peer's own time (a guest that ran, a person at
+    GDB's prompt), which says nothing about the way of waiting and must not swamp the short ones."""
 
     def __init__(self, window: float, *, seed: int | None = None):
         self.window = window
