@@ -75,23 +75,30 @@ class Gdb:
         os.mkfifo(answers)
         script = workdir / f"{name}.py"
         script.write_text(textwrap.dedent(SCRIPT.format(orders=str(self.orders_path), answers=str(answers))))
-        self.proc = subprocess.Popen(
-            ["gdb", "-batch", "-nx", str(elf), "-ex", f"target remote {where}", "-x", str(script)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
+        # GDB's output goes to a file: a pipe nobody reads while GDB works would fill and stall it.
+        self.log = workdir / f"{name}.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                ["gdb", "-batch", "-nx", str(elf), "-ex", f"target remote {where}", "-x", str(script)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
         self.orders = open(self.orders_path, "w", buffering=1)  # noqa: SIM115 (open as long as GDB runs)
         self.answers = open(answers)  # noqa: SIM115
         if self.answers.readline().strip() != "ready":
-            raise RuntimeError(f"{name}: GDB did not get ready:\n{self.proc.communicate()[0][-2000:]}")
+            raise RuntimeError(f"{name}: GDB did not get ready:\n{self.output()}")
 
     def batch(self, what: str, count: int) -> tuple[float, int]:
         """Run one batch; returns (seconds, guest turns advanced)."""
         self.orders.write(f"{what} {count}\n")
         line = self.answers.readline()
         if not line:
-            raise RuntimeError(f"GDB failed:\n{self.proc.communicate()[0][-2000:]}")
+            raise RuntimeError(f"GDB failed:\n{self.output()}")
         seconds, turns = line.split()
         return float(seconds), int(turns)
+
+    def output(self) -> str:
+        """The end of what GDB printed."""
+        return self.log.read_text(errors="replace")[-2000:]
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
