@@ -104,7 +104,11 @@ class GdbSession:
         self.link = DebuggerLink(self._send_stop)
         self.closed = False
         self.waiting_stop = False  # GDB resumed the guest and waits for a stop reply
-        self.poller = PollChooser(HOT_SECONDS if len(os.sched_getaffinity(0)) > 1 else 0.0)
+        # Waits for GDB's next packet after a reply (GDB answers in microseconds) and after a resume (the
+        # guest runs first; meanwhile polling keeps the engine's wait for QEMU's stop hot too) cost
+        # differently: each kind has its own measure.
+        window = HOT_SECONDS if len(os.sched_getaffinity(0)) > 1 else 0.0
+        self.pollers = {False: PollChooser(window), True: PollChooser(window)}
         sock = getattr(stream, "socket", None)  # None for a stream that is not a socket (tests' memory streams)
         self._fd = sock.fileno() if sock is not None else None
 
@@ -174,11 +178,11 @@ class GdbSession:
         a socket costs 40-55 us asleep, 17-20 us polling). So for `HOT_SECONDS` after each packet this
         polls the socket between scheduler passes (other tasks run, and their sockets are polled too),
         and only then sleeps in epoll as usual. When no core is free for GDB (a busy host), polling takes
-        the core GDB needs and costs a time slice a packet: `poller` measures which way pays and takes it.
+        the core GDB needs and costs a time slice a packet: `pollers` measure which way pays, and it is taken.
         """
         if self._fd is None:
             return await self.stream.receive_some(65536)
-        poller = self.poller
+        poller = self.pollers[self.waiting_stop]
         hot_until = poller.begin(trio.current_time())
         while trio.current_time() < hot_until:
             try:
