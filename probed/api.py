@@ -37,9 +37,34 @@ from probed.engine.engine import Engine
 from probed.engine.probes import Probe
 from probed.guest.linux.kernel import LinuxKernel, use_linux
 from probed.lang.context import HitContext
+from probed.records.aggregate import Aggregation
 from probed.records.events import Subscription
 
-__all__ = ["Engine", "HitContext", "Probe", "Subscription", "attach"]
+__all__ = ["Aggregation", "Engine", "HitContext", "Probe", "Subscription", "aggregate", "attach"]
+
+
+def aggregate(engine: Engine, func: str, *, probe: Probe | int | str | None = None, field: str | None = None,
+              by: Sequence[str] = (), backlog: bool = False) -> Aggregation:
+    """A bpftrace-style map over the engine's hit records, counted as they are published.
+
+        with aggregate(engine, "hist", probe=probe, field="len") as hist:
+            ...
+            print(format_map(hist.snapshot()))      # probed.records.maps_text
+
+    Args:
+        func: count, sum, min, max, avg, stats or hist.
+        probe: whose records (a Probe, an id or a name); None for every probe's.
+        field: the value (not for count): a fetched field, or `duration_ns`, `cpu`, ...
+        by: the keys: fetched fields, `probe`, `cpu`, ...
+        backlog: start with the records still in the ring buffer.
+
+    Returns:
+        The attached `Aggregation` (`rows()`, `snapshot()`); `close()` it, or use it as a context manager.
+    """
+    probe_id = None
+    if probe is not None:
+        probe_id = probe.id if isinstance(probe, Probe) else engine.find_probe(probe).id
+    return Aggregation(func, probe=probe_id, field=field, by=tuple(by)).attach(engine.hub, backlog=backlog)
 
 
 @asynccontextmanager

@@ -50,9 +50,11 @@ class Daemon:
         self._drain.join(timeout=30)
         return code
 
-    def ctl(self, *args: str, check: int | None = 0) -> subprocess.CompletedProcess:
+    def ctl(self, *args: str, check: int | None = 0, input: str | None = None, cwd: Path | None = None
+            ) -> subprocess.CompletedProcess:
+        """probectl with these args (and `input` on its stdin, run in `cwd`); its exit code must be `check`."""
         out = subprocess.run([sys.executable, "-m", "probed.front.cli", "--control", str(self.control), *args],
-                             capture_output=True, text=True, timeout=120)
+                             capture_output=True, text=True, timeout=120, input=input, cwd=cwd)
         if check is not None:
             assert out.returncode == check, f"{out.stderr}\nthe daemon's log:\n{self.stderr()}"
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import trio
@@ -31,16 +32,34 @@ def probectl_lines(tag: str) -> list[tuple[str, list[str]]]:
             if line.startswith("probectl ")]
 
 
+def kprobe_events_files() -> list[tuple[str, str]]:
+    """(file name, text) of each ```kprobe_events FILENAME block."""
+    out = []
+    for doc in sorted(DOCS.glob("*.md")):
+        for info, body in FENCE.findall(doc.read_text()):
+            words = info.split()
+            if words and words[0] == "kprobe_events":
+                out.append((words[1], body))
+    return out
+
+
 def test_the_docs_have_examples():
     assert len(probectl_lines("guest")) >= 8 and len(probectl_lines("linux")) >= 5 and blocks("python")
 
 
 def run_examples(guest, tmp_path, tag: str, *daemon_args: str) -> None:
-    """Each `probectl` line of the docs' blocks tagged `tag`, against a daemon on `guest`: all exit 0."""
+    """Each `probectl` line of the docs' blocks tagged `tag`, against a daemon on `guest`: all exit 0.
+
+    They run in a directory holding the docs' `kprobe_events FILENAME` blocks as files (for `probectl load`).
+    """
+    files = tmp_path / "files"
+    files.mkdir()
+    for info, body in kprobe_events_files():
+        (files / info).write_text(body)
     daemon = Daemon(guest, tmp_path, *daemon_args)
     try:
         for doc, args in probectl_lines(tag):
-            out = daemon.ctl(*args, check=None)
+            out = daemon.ctl(*args, check=None, cwd=files)
             assert out.returncode == 0, f"{doc}: probectl {' '.join(args)}: {out.stderr}"
     finally:
         code = daemon.stop()  # (an assert here would hide the failure that brought us here)
@@ -132,3 +151,14 @@ def test_the_state_table_in_the_docs_is_the_codes():
     code = {(state.name, event.value, new.name) for state, moves in TRANSITIONS.items()
             for event, new in moves.items() if event not in (Event.LOST, Event.DETACHED)}
     assert rows == code
+
+
+def test_probectl_lines_mean_the_same_to_bash():
+    """A line pasted into bash gets the words the docs test runs (no unquoted `(` or `$arg1`)."""
+    lines = [line for _, body in blocks("probectl") for line in body.splitlines() if line.startswith("probectl ")]
+    assert lines
+    for line in lines:
+        script = "printf '%s\\n' " + line.removeprefix("probectl ")
+        out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+        assert out.returncode == 0, f"{line}: {out.stderr}"
+        assert out.stdout.splitlines() == shlex.split(line)[1:], line

@@ -261,3 +261,15 @@ def test_loading_and_suggesting_among_100k_symbols(tmp_path):
     with pytest.raises(UnknownSymbol) as info:
         store.lookup("irq_aloc_do_12345")
     assert info.value.suggestions[0] == "irq_alloc_do_12345"
+
+
+def test_a_symbol_file_short_name_keeps_its_version(tmp_path):
+    dump = tmp_path / "kallsyms-6.1.0-57-amd64.txt"
+    dump.write_text("ffffffff81000000 T _stext\nffffffff81363fa0 T do_sys_openat2\n")
+    store = SymbolStore()
+    sf = store.add_file(dump)
+    assert sf.name == "kallsyms-6.1.0-57-amd64"
+    assert store.resolve("kallsyms-6.1.0-57-amd64:do_sys_openat2").address == 0xFFFFFFFF81363FA0
+    sysmap = tmp_path / "System.map-6.1.0-57-amd64"
+    sysmap.write_text("ffffffff81000000 T _stext\n")
+    assert store.add_file(sysmap).name == "System.map-6.1.0-57-amd64"

@@ -99,6 +99,7 @@ class Engine:
         self.code_mode: CodeMode | None = None
         self.guest = GuestState()
         self.stops = 0
+        self.stop_seen_ns: int | None = None  # perf_counter_ns() of the latest stop reply (metrics' hit latency)
         self.simulated = 0  # instructions simulated instead of single-stepped (probes' and GDB's)
         self.spurious_steps = 0  # QEMU's single-steps that ran nothing, done again (SPURIOUS_RETRIES)
         self.current_thread: ThreadId | None = None

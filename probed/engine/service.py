@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -114,6 +115,7 @@ class Service:
         if not isinstance(event, StopReply):
             return False
         engine.stops += 1
+        engine.stop_seen_ns = time.perf_counter_ns()  # for the metrics' hit latency
         if event.thread is not None:
             engine.current_thread = event.thread
         debugger = engine.debugger

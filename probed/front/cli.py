@@ -10,8 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from probed import __version__
+from probed.front.cli_tracing import VERBS as TRACING_VERBS
+from probed.front.cli_tracing import add_parsers as add_tracing_parsers
+from probed.front.cli_tracing import run_tracing
 from probed.front.control import API_VERSION, default_control_path
 from probed.front.render import print_events_line, print_table
+from probed.records.trace_text import format_trace_line
 
 EXIT_OK, EXIT_DAEMON_ERROR, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
 
@@ -132,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--file-copy", metavar="HOSTPATH",
                      help="user probes: a host copy of the guest's file, to resolve /PATH:SYMBOL")
     add.add_argument("spec", help="sym, sym+off, file:sym+off, 0xADDR; in a Linux guest's user space "
-                     "/PATH:OFFSET or /PATH:SYMBOL[+OFF]")
+                     "/PATH:OFFSET or /PATH:SYMBOL[+OFF]; sym%%return for a return probe")
     add.add_argument("fetchargs", nargs="*", metavar="FETCHARG", help="pre-handler fetch args")
     add.add_argument("--post", nargs="*", metavar="FETCHARG", help="post-handler fetch args (may be none)")
     add.add_argument("--if", dest="condition", metavar="EXPR", help="report a hit only when EXPR holds")
@@ -164,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     events = sub.add_parser("events", help="hit records: the ring buffer, then (with --follow) new ones")
     events.add_argument("--follow", "-f", action="store_true")
-    events.add_argument("--json", action="store_true")
+    events.add_argument("--json", action="store_true", help="JSON lines (as --format json)")
+    events.add_argument("--format", choices=["text", "json", "trace"], default=None,
+                        help="text (default), json lines, or trace: ftrace's trace_pipe lines")
     events.add_argument("--probe", metavar="ID|NAME")
     events.add_argument("--count", type=int, metavar="N")
 
@@ -172,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     symbols.add_argument("file", nargs="?", metavar="FILE@BIAS")
     symbols.add_argument("--json", action="store_true")
     sub.add_parser("resume", help="let a guest held by probed --stopped run")
+    add_tracing_parsers(sub)
     ap.commands = sub.choices  # parse_args needs the verb's own parser for intermixed fetch args
     return ap
 
@@ -222,6 +229,8 @@ def run(args: argparse.Namespace, client: Client) -> int:
             print_table(cmd, result)
     elif cmd == "events":
         return _events(args, client)
+    elif cmd in TRACING_VERBS:
+        return run_tracing(args, client)
     return EXIT_OK
 
 
@@ -230,12 +239,15 @@ def _events(args: argparse.Namespace, client: Client) -> int:
     if args.probe is not None:
         params["probe"] = int(args.probe) if args.probe.isdigit() else args.probe
     client.send("events", params)
+    fmt = args.format or ("json" if args.json else "text")
     while True:
         msg = client.read()
         if msg.get("method") == "event":
             record = msg["params"]
-            if args.json:
+            if fmt == "json":
                 sys.stdout.write(json.dumps(record) + "\n")
+            elif fmt == "trace":
+                print(format_trace_line(record))
             else:
                 print_events_line(record)
             sys.stdout.flush()

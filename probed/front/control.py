@@ -27,6 +27,7 @@ from probed.errors import ProbedError
 from probed.front.names import check_probe_name
 from probed.front.paths import SocketInUse, make_private_dir
 from probed.front.paths import prepare_socket_path as prepare_unix_path
+from probed.front.tracing_methods import TracingMethods, add_options
 from probed.guest.symbols import parse_file_arg
 from probed.records.events import encode_record
 from probed.records.size import MAX_RECORD_BYTES, RecordTooLarge, check_record_size
@@ -46,7 +47,7 @@ API_VERSION = 1
 PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR = -32700, -32600, -32601, -32602, -32603
 MAX_LINE = 1 << 20
 EVENTS_BUFFER = 4096  # records a streaming client may fall behind before it misses some
-STATE_CHANGES = frozenset({"add", "watch", "rm", "enable", "disable", "symbols"})  # methods that change the state file
+STATE_CHANGES = frozenset({"add", "watch", "rm", "enable", "disable", "symbols", "load"})  # methods that change the state file
 
 
 class InvalidParams(Exception):
@@ -107,6 +108,7 @@ class ControlServer:
             "symbols": self.symbols,
             "resume": self.resume,
         }
+        self.methods.update(TracingMethods(engine, on_added=self._remember).methods())
 
     # -- methods: each takes the request's params and returns its result --------------------------------
 
@@ -115,8 +117,10 @@ class ControlServer:
 
     async def add(self, params: dict[str, Any]) -> dict[str, Any]:
         checked = self._check_new_probe(params)
+        spec, extra = add_options(self.engine, _text(params, "spec", required=True), params)
         probe = await self.engine.add_probe(
-            _text(params, "spec", required=True),
+            spec,
+            **extra,
             name=_text(params, "name"),
             pre=_fetchargs(params, "pre") or None,
             post=_fetchargs(params, "post"),

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "/proc/PID/mem is readable, else through the gdbstub (the log says why); "
                          "gdbstub: always through the gdbstub's m packets")
     ap.add_argument("--qemu-pid", type=int, metavar="PID", help="QEMU's pid, if not found from the gdbstub socket")
+    ap.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics here: tcp:127.0.0.1:PORT")
+    ap.add_argument("--metrics-public", action="store_true", help="allow --metrics on a non-loopback address")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--version", action="version", version=f"probed {__version__}")
     return ap
@@ -209,6 +211,10 @@ async def run(args: argparse.Namespace) -> None:
     control = args.control or default_control_path()
     prepare_socket_path(control)  # refuse a second daemon, or an unsafe directory, before touching the target
     gdb_listen = gdb_address(args.gdb_listen, control, args.gdb_allow_remote) if serve_gdb is not None else None
+    if args.metrics:
+        from probed.records.metrics import parse_listen
+
+        parse_listen(args.metrics, public=args.metrics_public)  # refuse a bad address before attaching
     state_path = None if args.no_state else (args.state or default_state_path(control))
     saved = None
     if state_path is not None:
@@ -239,6 +245,8 @@ async def run(args: argparse.Namespace) -> None:
                 await nursery.start(write_events, engine, events)
             await nursery.start(partial(serve_control, engine, control, state=state,
                                         max_record_bytes=args.max_record_bytes))
+            if args.metrics:
+                await _start_metrics(nursery, engine, args)
             if serve_gdb is not None:
                 options = _gdb_options(serve_gdb, args.gdb_allow_monitor)
                 listeners = await nursery.start(partial(serve_gdb, engine, gdb_listen, **options))
@@ -263,6 +271,13 @@ async def _restore(engine: Engine, state: ProbeState, saved: dict | None, *, hol
     finally:
         if saved and not hold:
             await engine.resume()  # whatever happened above: never leave the guest stopped because of us
+
+
+async def _start_metrics(nursery: trio.Nursery, engine: Engine, args: argparse.Namespace) -> None:
+    from probed.records.metrics import serve_metrics
+
+    host, port = await nursery.start(partial(serve_metrics, engine, args.metrics, public=args.metrics_public))
+    log.info("serving metrics on http://%s:%d/metrics", host, port)
 
 
 def _where(listener) -> str:

@@ -85,6 +85,20 @@ def no_gc_pauses():
             gc.enable()
 
 
+_EXTENSIONS = {".elf", ".txt", ".map", ".sym", ".syms", ".debug", ".dbg", ".ko", ".o", ".so", ".out", ".bin"}
+
+
+def short_name(path: Path) -> str:
+    """How specs name a symbol file by default: its file name less one known extension.
+
+    Version numbers stay whole: `kallsyms-6.1.0-57-amd64.txt` is `kallsyms-6.1.0-57-amd64`, `guest.elf`
+    is `guest`, `System.map-6.1.0-57-amd64` keeps its name.
+    """
+    name = path.name
+    suffix = path.suffix
+    return name[: -len(suffix)] if suffix.lower() in _EXTENSIONS and len(name) > len(suffix) else name
+
+
 class SymbolFile:
     """One loaded symbol file: its symbols at link addresses, and a bias added to each."""
 
@@ -130,7 +144,7 @@ class SymbolFile:
         if not is_elf and raw[-1][1] == 0:
             raise BadSpec(str(path), "every address is 0: dump /proc/kallsyms as root (kernel.kptr_restrict hides them)")
         sections = _elf_sections(path) if is_elf else []
-        return cls(name or path.stem.split(".")[0] or path.name, path, raw, bias, sections)
+        return cls(name or short_name(path), path, raw, bias, sections)
 
     @classmethod
     def from_entries(

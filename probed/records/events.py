@@ -204,6 +204,15 @@ class EventHub:
             if not sub._offer(record, size) and self._on_missed is not None:
                 self._on_missed(record["probe"])
 
+    def add_consumer(self, consumer: Any) -> None:
+        """Hand every new record to `consumer._offer(record, size)` as it is published, the way a subscription
+        gets it, but with no buffer: aggregations (`probed.records.aggregate`) count in the daemon so."""
+        self._subscriptions.add(consumer)
+
+    def remove_consumer(self, consumer: Any) -> None:
+        """Stop handing records to a consumer."""
+        self._subscriptions.discard(consumer)
+
     def recent(self, probe: int | None = None) -> list[dict[str, Any]]:
         """The records still in the ring buffer, oldest first (decoded from their JSON)."""
         return [json.loads(line) for pid, line in self._ring if probe is None or pid == probe]
