@@ -40,9 +40,7 @@ def _engine_kwargs(engine: Any, ev: EventLine) -> dict[str, Any]:
         if ev.maxactive is not None:
             kwargs["maxactive"] = ev.maxactive
     if ev.user:
-        if not accepts(engine.add_probe, "kind"):
-            raise ev.error(_target_column(ev), "user-space probes (PATH:OFFSET) are not supported by this probed yet")
-        kwargs["kind"] = "user"
+        # The engine takes `/PATH:OFFSET` as it is: a user probe on that file (probed.engine.uprobes).
         if ev.ref_ctr is not None:
             raise ev.error(_target_column(ev), "uprobe reference counters (PATH:OFFSET(REF)) are not supported")
     return kwargs
