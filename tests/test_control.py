@@ -83,8 +83,12 @@ class StandInEngine:
         priority: int = 0,
         hw: bool = False,
         internal: bool = False,
+        retprobe: bool = False,
+        maxactive: int = 0,
     ) -> StandInProbe:
         kw = {"name": name, "pre": pre, "post": post, "condition": condition, "priority": priority, "hw": hw}
+        if retprobe:
+            kw.update(retprobe=retprobe, maxactive=maxactive)
         return self._add("add_probe", spec, kw)
 
     async def add_watch(

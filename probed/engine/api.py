@@ -50,6 +50,8 @@ class EngineAPI(Protocol):
         priority: int = 0,
         hw: bool = False,
         internal: bool = False,
+        retprobe: bool = False,
+        maxactive: int = 0,
     ) -> ProbeInfo: ...
 
     async def add_watch(

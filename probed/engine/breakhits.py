@@ -16,11 +16,11 @@ import logging
 from typing import TYPE_CHECKING
 
 from probed.engine.hits import Hit
-from probed.engine.probes import HookPoint
+from probed.engine.probes import HookPoint, Probe
 from probed.engine.state import Event
 from probed.sim.emulate import MAX_INSN
 from rsp.packets import raise_for_error, read_memory, read_registers
-from rsp.stop import StopEvent, StopReply
+from rsp.stop import StopEvent, StopReply, ThreadId
 
 if TYPE_CHECKING:
     from probed.engine.engine import Engine
@@ -100,8 +100,9 @@ class BreakHits:
             engine.pipeline.abandon(unfinished)
         point = engine.table.breakpoint_at(pc)
         probes = engine.table.active_at(pc)
+        returning = engine.returns.armed(pc)
         debugger_wants = debugger is not None and not stepped and debugger.wants_break(pc)
-        if not probes:
+        if not probes and not returning:
             if stepped:
                 await self.finish_step()
             elif debugger is not None and debugger.running:
@@ -112,7 +113,7 @@ class BreakHits:
             return False
         self.last_point = point
         engine.guest.move(Event.HIT)
-        hit = await engine.pipeline.begin("break", thread, pc, g, probes)
+        hit = await self.begin(thread, pc, g, probes, returning)
         if debugger_wants:
             # Both want this place: the probe hit is recorded, and the debugger gets the stop. The probed
             # instruction is stepped (and the post-handlers run) when the debugger resumes.
@@ -125,6 +126,23 @@ class BreakHits:
             if await self.simulate(hit, g, code):
                 return True
         return await self.complete(hit, stepped=stepped)
+
+    async def begin(self, thread: ThreadId | None, pc: int, g: bytes, probes: list[Probe], returning: bool) -> Hit:
+        """The hit of a breakpoint stop at `pc`: the returns it ends (their records come first), the
+        breakpoint probes there, and the entries of return probes there (`probed.engine.returns`)."""
+        engine = self.engine
+        entries = [p for p in probes if p.retprobe]
+        if entries:
+            probes = [p for p in probes if not p.retprobe]
+        hit = await engine.returns.on_return(thread, pc, g) if returning else None
+        if probes or hit is None:
+            plain = await engine.pipeline.begin("break", thread, pc, g, probes)
+            hit = plain if hit is None else engine.pipeline.merge(hit, plain)
+        if entries:
+            seq = next((r.seq for r in hit.records if r.kind == "break"), None)
+            if await engine.returns.on_entry(thread, g, entries, seq):
+                await engine.breakpoints.reconcile()  # the return breakpoint, before the guest goes on
+        return hit
 
     async def simulate(self, hit: Hit, g: bytes, code: bytes | Exception) -> bool:
         """Get past the breakpoint by simulating the instruction and continue, in one write."""

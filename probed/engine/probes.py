@@ -24,7 +24,9 @@ class Probe:
     """One probe: a location, a pre-handler, an optional post-handler, and its counters.
 
     `kind` is "break" (a breakpoint, software or `hw`) or "watch" (a data watchpoint with `length` and
-    `access` in "w", "r", "rw").
+    `access` in "w", "r", "rw"). A breakpoint probe with `retprobe` is a return probe: its breakpoint is
+    at the function's entry, and its handler runs at the function's return (`probed.engine.returns`), with
+    at most `maxactive` calls in flight at once.
     """
 
     id: int
@@ -39,6 +41,8 @@ class Probe:
     hw: bool = False
     length: int = 0
     access: str = "w"
+    retprobe: bool = False
+    maxactive: int = 0
     enabled: bool = True
     disabled_reason: str | None = None
     hits: int = 0
@@ -85,6 +89,7 @@ class Probe:
             "missed": self.missed,
             "faults": self.faults,
             "state": self.state,
+            **({"retprobe": True, "maxactive": self.maxactive} if self.retprobe else {}),
         }
 
 

@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("-n", "--name")
     add.add_argument("--priority", type=int, default=0)
     add.add_argument("--hw", action="store_true", help="use a hardware breakpoint (takes a debug-register slot)")
+    add.add_argument("-r", "--return", dest="retprobe", action="store_true",
+                     help="a return probe: fetch at the function's return ($retval; $argN as at the entry)")
+    add.add_argument("--maxactive", type=int, default=0, metavar="N",
+                     help="a return probe's limit of calls in flight (default max(10, 2 * CPUs))")
     add.add_argument("spec", help="sym, sym+off, file:sym+off or 0xADDR")
     add.add_argument("fetchargs", nargs="*", metavar="FETCHARG", help="pre-handler fetch args")
     add.add_argument("--post", nargs="*", metavar="FETCHARG", help="post-handler fetch args (may be none)")
@@ -187,7 +191,10 @@ def run(args: argparse.Namespace, client: Client) -> int:
         print(f"probectl: the daemon speaks API {version.get('api')}, this probectl {API_VERSION}", file=sys.stderr)
         return EXIT_DAEMON_ERROR
     if cmd == "add":
-        info = client.call("add", {"spec": args.spec, "priority": args.priority, "hw": args.hw, **_handler_params(args)})
+        params = {"spec": args.spec, "priority": args.priority, "hw": args.hw, **_handler_params(args)}
+        if args.retprobe or args.maxactive:
+            params.update(retprobe=args.retprobe, maxactive=args.maxactive)
+        info = client.call("add", params)
         print(info["id"])
     elif cmd == "watch":
         info = client.call("watch", {"spec": args.spec, "length": args.length, "access": args.access,

@@ -123,6 +123,8 @@ class ControlServer:
             condition=_text(params, "condition"),
             priority=_integer(params, "priority", 0),
             hw=bool(params.get("hw")),
+            **({"retprobe": bool(params.get("retprobe")), "maxactive": _integer(params, "maxactive", 0)}
+               if params.get("retprobe") or params.get("maxactive") else {}),
         )
         if not checked:
             await self._check_added_probe(probe)
