@@ -63,7 +63,7 @@ async def test_entry_and_return_probes_on_one_function_count_the_same(guest_i386
     async with attach(guest_i386.target, symbols=[str(guest_i386.elf)], stopped=True) as engine:
         entry = await engine.add_probe("depth_sum", name="entry", pre=["n=$arg1:s32"])
         ret = await engine.add_probe("depth_sum", name="ret", retprobe=True, pre=["n=$arg1:s32", "r=$retval:s32"])
-        turn = await engine.add_probe("elsewhere", name="turn", pre=["t=$arg1:s32"])
+        await engine.add_probe("elsewhere", name="turn", pre=["t=$arg1:s32"])
         assert engine.stats()["breakpoints"] == 2  # one at depth_sum for both probes, one at elsewhere
         records = []
         with trio.fail_after(90), engine.hub.subscribe(maxsize=10000) as sub:
