@@ -50,6 +50,26 @@ class BreakHits:
         self.engine = engine
         self.last_point: HookPoint | None = None  # the point hit last: likely the next one too
         self.unfinished: Hit | None = None  # a hit whose step ran nothing after its `c` went
+        # Which stop followed which: with return probes, stops alternate between a function and its
+        # return address (or go down a recursion and back up), so "the same place again" guesses wrong.
+        self.last_pc: int | None = None
+        self.next_pc: dict[int, int] = {}
+
+    def _code_guess(self, guess: HookPoint | None) -> int | None:
+        """The address whose instruction to read with the registers: where the stop after the last one
+        went last time (if a probe or a return probe is still there), else the last point's."""
+        if self.last_pc is not None:
+            pc = self.next_pc.get(self.last_pc)
+            if pc is not None and (self.engine.table.breakpoint_at(pc) or self.engine.returns.armed(pc)):
+                return pc
+        return guess.address if guess is not None else None
+
+    def _learn(self, pc: int) -> None:
+        if self.last_pc is not None:
+            if len(self.next_pc) > 4096:
+                self.next_pc.clear()
+            self.next_pc[self.last_pc] = pc
+        self.last_pc = pc
 
     def _guess(self) -> HookPoint | None:
         point = self.last_point
@@ -66,6 +86,8 @@ class BreakHits:
         debugger = engine.debugger
         guess = self._guess()
         code: bytes | None = None
+        code_at: int | None = None
+        prefetched: dict[tuple[int, int], bytes | Exception] = {}
         stepped = False
         unfinished, self.unfinished = self.unfinished, None
         if debugger is not None and debugger.has_breakpoints():
@@ -83,12 +105,19 @@ class BreakHits:
             stepped = True
         else:
             # Read the registers and (speculatively) the instruction of the likely probe.
-            reqs = [read_registers()] + ([read_memory(guess.address, MAX_INSN)] if guess is not None else [])
+            code_at = self._code_guess(guess)
+            reqs = [read_registers()] + ([read_memory(code_at, MAX_INSN)] if code_at is not None else [])
+            # (And, at a return probe's function, the return address where it was last time.)
+            ahead = engine.returns.prefetch(code_at) if code_at is not None else None
+            if ahead is not None:
+                reqs.append(read_memory(*ahead))
             replies = await client.pipeline(reqs)
             g = replies[0]
             raise_for_error(g, b"g")
             if len(replies) > 1 and replies[1][:1] != b"E" and replies[1]:
                 code = bytes.fromhex(replies[1].decode("ascii"))
+            if ahead is not None and replies[2][:1] != b"E" and len(replies[2]) == 2 * ahead[1]:
+                prefetched[ahead] = bytes.fromhex(replies[2].decode("ascii"))
         pc = target.pc_of(g)
         if debugger is not None:
             debugger.remember_registers(thread, g)
@@ -112,8 +141,9 @@ class BreakHits:
                 log.debug("stop at %#x that no probe wants", pc)
             return False
         self.last_point = point
+        self._learn(pc)
         engine.guest.move(Event.HIT)
-        hit = await self.begin(thread, pc, g, probes, returning)
+        hit = await self.begin(thread, pc, g, probes, returning, prefetched)
         if debugger_wants:
             # Both want this place: the probe hit is recorded, and the debugger gets the stop. The probed
             # instruction is stepped (and the post-handlers run) when the debugger resumes.
@@ -121,13 +151,21 @@ class BreakHits:
             await engine.gdb.deliver(event)
             return False
         if not stepped and not any(p.post for p in probes) and not engine.service.must_stop():
-            if guess is not point or code is None:
+            if code_at != pc or code is None:
                 (code,) = await target.read_many([(pc, MAX_INSN)])
             if await self.simulate(hit, g, code):
                 return True
         return await self.complete(hit, stepped=stepped)
 
-    async def begin(self, thread: ThreadId | None, pc: int, g: bytes, probes: list[Probe], returning: bool) -> Hit:
+    async def begin(
+        self,
+        thread: ThreadId | None,
+        pc: int,
+        g: bytes,
+        probes: list[Probe],
+        returning: bool,
+        prefetched: dict[tuple[int, int], bytes | Exception] | None = None,
+    ) -> Hit:
         """The hit of a breakpoint stop at `pc`: the returns it ends (their records come first), the
         breakpoint probes there, and the entries of return probes there (`probed.engine.returns`)."""
         engine = self.engine
@@ -140,7 +178,7 @@ class BreakHits:
             hit = plain if hit is None else engine.pipeline.merge(hit, plain)
         if entries:
             seq = next((r.seq for r in hit.records if r.kind == "break"), None)
-            if await engine.returns.on_entry(thread, g, entries, seq):
+            if await engine.returns.on_entry(thread, pc, g, entries, seq, prefetched):
                 await engine.breakpoints.reconcile()  # the return breakpoint, before the guest goes on
         return hit
 

@@ -92,6 +92,19 @@ class EntryContext:
         return RegisterView(self.target, self.g)
 
 
+class _EntryReads(HitContext):
+    """The entry's hit context, serving reads already made with the registers (`ReturnProbes.prefetch`)."""
+
+    def __init__(self, target: Any, cpu: int, g: bytes, prefetched: dict[tuple[int, int], bytes | Exception]):
+        super().__init__(target, cpu, "entry", g)
+        self._prefetched = prefetched
+
+    async def read_many(self, requests):
+        missing = [r for r in requests if r not in self._prefetched]
+        got = dict(zip(missing, await super().read_many(missing), strict=True)) if missing else {}
+        return [self._prefetched[r] if r in self._prefetched else got[r] for r in requests]
+
+
 class ReturnProbes:
     """Live instances of return probes, the return addresses armed for them, and their stops."""
 
@@ -103,6 +116,7 @@ class ReturnProbes:
         self.addresses: OrderedDict[int, set[int]] = OrderedDict()  # return address -> probe ids using it
         self.reaped = 0  # instances whose frame went without a return
         self._programs: dict[int, FetchProgram] = {}
+        self.entry_sp: dict[int, int] = {}  # function -> sp at its last entry (`prefetch`)
 
     # -- what is armed -------------------------------------------------------------------------------------
 
@@ -126,6 +140,7 @@ class ReturnProbes:
                     del group[sp]
         self.active.pop(probe.id, None)
         self._programs.pop(probe.id, None)
+        self.entry_sp.pop(probe.address, None)
         for address in list(self.addresses):
             users = self.addresses[address]
             users.discard(probe.id)
@@ -155,16 +170,36 @@ class ReturnProbes:
             program = self._programs[probe.id] = FetchProgram(tuple(fields), arch)
         return program
 
-    async def on_entry(self, thread: ThreadId | None, g: bytes, probes: list[Probe], seq: int | None) -> bool:
+    def prefetch(self, pc: int) -> tuple[int, int] | None:
+        """A read to send with the registers of a stop expected at `pc`: the return address where it was
+        at the last entry there (a function is usually entered at the same stack depth again)."""
+        sp = self.entry_sp.get(pc)
+        if sp is None or not self.engine.arch.return_address_on_stack:
+            return None
+        return (sp, self.engine.arch.word_size)
+
+    async def on_entry(
+        self,
+        thread: ThreadId | None,
+        pc: int,
+        g: bytes,
+        probes: list[Probe],
+        seq: int | None,
+        prefetched: dict[tuple[int, int], bytes | Exception] | None = None,
+    ) -> bool:
         """Keep an instance per return probe entered at this stop; True when a return breakpoint must be
-        installed before the guest goes on (`Breakpoints.reconcile`)."""
+        installed before the guest goes on (`Breakpoints.reconcile`). `prefetched`: reads already made
+        with the registers (see `prefetch`)."""
         engine = self.engine
         target = engine.target
         cpu = cpu_of(thread)
         sp = target.layout.value(g, engine.arch.sp)
+        if len(self.entry_sp) > 4096:
+            self.entry_sp.clear()
+        self.entry_sp[pc] = sp
         task = self.task_of(cpu, sp)
         self._reap(task, sp)
-        ctx = HitContext(target, cpu, "entry", g)
+        ctx = _EntryReads(target, cpu, g, prefetched or {})
         now = time.monotonic_ns()
         install = False
         for probe in probes:
