@@ -87,7 +87,7 @@ class StandInEngine:
         maxactive: int = 0,
     ) -> StandInProbe:
         kw = {"name": name, "pre": pre, "post": post, "condition": condition, "priority": priority, "hw": hw}
-        if retprobe:
+        if retprobe or maxactive:
             kw.update(retprobe=retprobe, maxactive=maxactive)
         return self._add("add_probe", spec, kw)
 
@@ -274,6 +274,13 @@ async def test_add_passes_spec_and_handlers_through(client, engine):
         ("add_probe", "elsewhere",
          {"name": None, "pre": None, "post": None, "condition": None, "priority": 0, "hw": False}),
     ]
+
+
+async def test_add_passes_the_return_flag(client, engine):
+    await client.result("add", {"spec": "probe_target", "retprobe": True, "maxactive": 4, "pre": ["r=$retval"]})
+    await client.result("add", {"spec": "elsewhere", "maxactive": 2})  # (the engine refuses it: not a return probe)
+    assert [call[2].get("retprobe") for call in engine.calls] == [True, False]
+    assert [call[2].get("maxactive") for call in engine.calls] == [4, 2]
 
 
 async def test_watch_passes_length_and_access(client, engine):
