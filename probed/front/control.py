@@ -208,14 +208,15 @@ class ControlServer:
         arch = getattr(self.engine, "arch", None)
         if arch is None:
             return True  # not attached (the engine says so), or a stand-in engine
-        from probed.lang.fetch import TypesNeeded, parse_fetchargs
+        from probed.lang.fetch import FetchEnv, TypesNeeded, parse_fetchargs
 
         fields = []
         for key in ("pre", "post"):
             args = _fetchargs(params, key)
             if args:
+                env = FetchEnv(retprobe=key == "pre" and bool(params.get("retprobe")))  # ($retval is a return probe's)
                 try:
-                    fields += parse_fetchargs(args, arch, self.engine.symbols).fields_spec
+                    fields += parse_fetchargs(args, arch, self.engine.symbols, env).fields_spec
                 except TypesNeeded:
                     return False
         check_record_size(fields, self.max_record_bytes)
