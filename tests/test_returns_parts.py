@@ -13,6 +13,7 @@ import trio
 from probed.engine.probes import Probe
 from probed.engine.returns import IDLE_RETURN_POINTS, ReturnProbes
 from probed.guest.symbols import Location
+from probed.lang.fetch import FetchEnv
 from probed.lang.handlers import make_handler
 from rsp.arch import ARCHES
 from rsp.stop import ThreadId
@@ -36,7 +37,7 @@ class _Target:
         self.g_register_names = ARCH.registers
         self.memory: dict[int, int] = {}
 
-    async def read_many(self, requests):
+    async def read_many(self, requests, registers=None, scope=None):
         return [self.memory[a].to_bytes(n, "little") if a in self.memory else RuntimeError("E14") for a, n in requests]
 
     def symbolize(self, address: int) -> None:
@@ -57,7 +58,7 @@ class _Engine:
 def _probe(pid: int, maxactive: int = 10, pre=("n=$arg1:s64",)) -> Probe:
     return Probe(
         id=pid, name=f"p{pid}", spec="f", location=Location("f", None, "f", 0, 0x1000 * pid), retprobe=True,
-        maxactive=maxactive, pre=make_handler(list(pre), ARCH, None, retprobe=True),
+        maxactive=maxactive, pre=make_handler(list(pre), ARCH, None, FetchEnv(retprobe=True)),
     )
 
 

@@ -24,7 +24,20 @@ from probed.errors import FetchSyntaxError
 
 from . import typed
 from .program import STRING_MAX, FetchProgram, Unfetched, read_c_string
-from .tree import Arg, Deref, FetchField, FieldType, Imm, Memory, Node, Reg, RetVal, StackEntry, StackPointer, StrImm
+from .tree import (
+    Arg,
+    Deref,
+    FetchField,
+    FieldType,
+    Imm,
+    Memory,
+    Node,
+    Reg,
+    RetVal,
+    StackEntry,
+    StackPointer,
+    StrImm,
+)
 
 __all__ = [
     "STRING_MAX", "FetchEnv", "FetchField", "FetchProgram", "TypesNeeded", "parse_fetchargs", "parse_fetcharg",

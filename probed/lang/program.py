@@ -8,7 +8,19 @@ from dataclasses import is_dataclass, replace
 from typing import Any
 
 from .tree import (
-    Arg, Deref, Failed, FetchField, FieldType, Imm, Memory, Node, Reg, RetVal, StackEntry, StackPointer, StrImm,
+    Arg,
+    Deref,
+    Failed,
+    FetchField,
+    FieldType,
+    Imm,
+    Memory,
+    Node,
+    Reg,
+    RetVal,
+    StackEntry,
+    StackPointer,
+    StrImm,
 )
 
 __all__ = ["PAGE", "STRING_MAX", "FetchProgram", "Unfetched", "read_c_string"]
