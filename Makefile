@@ -22,6 +22,7 @@ demo: tools $(STAMP)
 
 bench: tools $(STAMP)
 	$(PY) bench/hits.py
+	$(PY) bench/retprobe.py
 	$(PY) bench/gdb_proxy.py
 
 lint: $(STAMP)

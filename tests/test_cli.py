@@ -189,3 +189,25 @@ def test_a_follower_that_vanishes_does_not_hurt_the_daemon(daemon):
         follower.stdout.close()
     assert json.loads(daemon.ctl("list", "--json").stdout)[0]["state"] == "enabled"
     assert daemon.stop() == 0
+
+
+def test_return_probes_from_probectl(daemon):
+    assert daemon.ctl("add", "-r", "-n", "sums", "depth_sum", "n=$arg1:s32", "sum=$retval:s32").stdout.strip() == "1"
+    assert daemon.ctl("add", "--return", "--maxactive", "1", "-n", "one", "depth_sum").stdout.strip() == "2"
+    out = daemon.ctl("add", "depth_sum", "r=$retval", check=1)
+    assert "column 3: $retval is only for return probes" in out.stderr
+    out = daemon.ctl("add", "-r", "depth_sum+1", check=1)
+    assert "without an offset" in out.stderr
+    out = daemon.ctl("add", "--maxactive", "3", "depth_sum", check=1)
+    assert "maxactive is for return probes" in out.stderr
+    daemon.ctl("resume")
+    records = [json.loads(x) for x in daemon.ctl("events", "--probe", "sums", "--count", "5", "--json").stdout.splitlines()]
+    # Turn 1: depth_sum(1) -> depth_sum(0): returns 0 then 1; turn 2: 0, 1, 3.
+    assert [(r["pre"]["n"], r["pre"]["sum"]) for r in records] == [(0, 0), (1, 1), (0, 0), (1, 1), (2, 3)]
+    assert all(r["kind"] == "return" for r in records)
+    listing = {p["name"]: p for p in json.loads(daemon.ctl("list", "--json").stdout)}
+    assert listing["sums"]["retprobe"] is True and listing["sums"]["maxactive"] == 10
+    assert listing["one"]["maxactive"] == 1 and listing["one"]["missed"] >= 1 + 2  # turns 1 and 2: 1 + 2 nested
+    human = daemon.ctl("events", "--probe", "sums", "--count", "1").stdout
+    assert human.startswith("#1 sums cpu0 returned to pc=0x") and "(depth_sum+0x" in human and "n=0 sum=0" in human
+    assert daemon.stop() == 0

@@ -84,11 +84,14 @@ class StandInEngine:
         hw: bool = False,
         internal: bool = False,
         file_copy: str | None = None,
-        ret: bool = False,
+        retprobe: bool = False,
+        maxactive: int = 0,
     ) -> StandInProbe:
         kw = {"name": name, "pre": pre, "post": post, "condition": condition, "priority": priority, "hw": hw}
-        if file_copy is not None or ret:
-            kw |= {"file_copy": file_copy, "ret": ret}
+        if file_copy is not None:
+            kw["file_copy"] = file_copy
+        if retprobe or maxactive:
+            kw.update(retprobe=retprobe, maxactive=maxactive)
         return self._add("add_probe", spec, kw)
 
     async def add_watch(
@@ -274,6 +277,13 @@ async def test_add_passes_spec_and_handlers_through(client, engine):
         ("add_probe", "elsewhere",
          {"name": None, "pre": None, "post": None, "condition": None, "priority": 0, "hw": False}),
     ]
+
+
+async def test_add_passes_the_return_flag(client, engine):
+    await client.result("add", {"spec": "probe_target", "retprobe": True, "maxactive": 4, "pre": ["r=$retval"]})
+    await client.result("add", {"spec": "elsewhere", "maxactive": 2})  # (the engine refuses it: not a return probe)
+    assert [call[2].get("retprobe") for call in engine.calls] == [True, False]
+    assert [call[2].get("maxactive") for call in engine.calls] == [4, 2]
 
 
 async def test_watch_passes_length_and_access(client, engine):

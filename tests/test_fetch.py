@@ -287,7 +287,7 @@ async def test_string_of_a_register_reads_at_its_value():
         ("a=+0(%di):u8[1025]", 11, "array length must be 1..1024"),
         ("x=$argz", 3, "$arg needs a number"),
         ("x=$arg0", 3, "$arg needs a number"),
-        ("x=$retval", 3, "$retval is not available"),
+        ("x=$retval", 3, "$retval is only for return probes"),
         ("x=$comm", 3, "$comm needs the kernel's types (BTF), and none are loaded"),
         ("x=$pid", 3, "$pid needs the kernel's types"),
         ("x=$foo", 3, "expected $stack, $stackN, $argN, $comm, $pid, $tid or $current"),

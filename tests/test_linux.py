@@ -57,3 +57,29 @@ async def test_watch_jiffies_sees_the_timer(linux_guest):
         assert rec["access"] == "write" and rec["new"] > rec["old"]
         assert rec["where"]  # the writing instruction is in a known kernel function
     assert got[1]["old"] == got[0]["new"] and got[2]["old"] == got[1]["new"]
+
+
+async def test_return_probe_on_do_sys_openat2_sees_fds_and_enoent(linux_guest):
+    await trio.to_thread.run_sync(linux_guest.shell, "echo probed > /tmp/retprobe-yes; rm -f /tmp/retprobe-no")
+    async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
+        # $arg2 is the filename pointer kept at the entry; it is read (user memory) at the return.
+        probe = await engine.add_probe(
+            "do_sys_openat2", name="opened", retprobe=True,
+            pre=["dfd=$arg1:s32", "filename=+0($arg2):ustring", "fd=$retval:s64"],
+            condition='filename ~ "/tmp/retprobe-*"',
+        )
+        with trio.fail_after(120):
+            with engine.hub.subscribe(probe.id, maxsize=1000) as sub:
+                out = await trio.to_thread.run_sync(linux_guest.shell, "cat /tmp/retprobe-yes; cat /tmp/retprobe-no || true")
+                records = [await sub.receive() for _ in range(2)]
+    assert out.startswith("probed\n") and "No such file" in out
+    # busybox cat opens its file with fds 0, 1 and 2 taken (the shell channel's): the first free is 3.
+    assert [r["pre"] for r in records] == [
+        {"dfd": -100, "filename": "/tmp/retprobe-yes", "fd": 3},
+        {"dfd": -100, "filename": "/tmp/retprobe-no", "fd": -2},  # -ENOENT
+    ]
+    func = engine.symbols.lookup("do_sys_openat2").address
+    for r in records:
+        assert r["kind"] == "return" and r["func"] == hex(func) and r["error"] is None
+        assert r["where"] and not r["where"].startswith("do_sys_openat2")  # its caller, after the call
+        assert r["duration_ns"] > 0

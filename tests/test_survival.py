@@ -204,3 +204,15 @@ def test_a_64_by_4k_record_probe_keeps_memory_bounded(guest):
 
 def stat_mode(path: Path) -> int:
     return os.stat(path).st_mode & 0o777
+
+
+def test_a_return_probe_is_restored_as_a_return_probe(guest):
+    with guest.daemon() as first:
+        first.ctl("add", "-r", "--maxactive", "3", "-n", "sums", "guest:depth_sum", "n=$arg1:s32", "s=$retval:s32")
+        assert first.stop() == 0
+    with guest.daemon() as second:
+        (probe,) = second.json("list")
+        assert (probe["name"], probe["retprobe"], probe["maxactive"]) == ("sums", True, 3)
+        records = _records(second.ctl("events", "--probe", "sums", "--count", "6", "--json").stdout)
+        assert all(r["kind"] == "return" and r["pre"]["s"] == r["pre"]["n"] * (r["pre"]["n"] + 1) // 2 for r in records)
+        assert second.stop() == 0

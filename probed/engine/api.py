@@ -51,7 +51,8 @@ class EngineAPI(Protocol):
         hw: bool = False,
         internal: bool = False,
         file_copy: str | None = None,
-        ret: bool = False,
+        retprobe: bool = False,
+        maxactive: int = 0,
     ) -> ProbeInfo: ...
 
     async def add_watch(

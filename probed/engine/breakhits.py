@@ -16,11 +16,11 @@ import logging
 from typing import TYPE_CHECKING
 
 from probed.engine.hits import Hit
-from probed.engine.probes import HookPoint
+from probed.engine.probes import HookPoint, Probe
 from probed.engine.state import Event
 from probed.sim.emulate import MAX_INSN
 from rsp.packets import raise_for_error, read_memory, read_registers
-from rsp.stop import StopEvent, StopReply
+from rsp.stop import StopEvent, StopReply, ThreadId
 
 if TYPE_CHECKING:
     from probed.engine.engine import Engine
@@ -50,6 +50,26 @@ class BreakHits:
         self.engine = engine
         self.last_point: HookPoint | None = None  # the point hit last: likely the next one too
         self.unfinished: Hit | None = None  # a hit whose step ran nothing after its `c` went
+        # Which stop followed which: with return probes, stops alternate between a function and its
+        # return address (or go down a recursion and back up), so "the same place again" guesses wrong.
+        self.last_pc: int | None = None
+        self.next_pc: dict[int, int] = {}
+
+    def _code_guess(self, guess: HookPoint | None) -> int | None:
+        """The address whose instruction to read with the registers: where the stop after the last one
+        went last time (if a probe or a return probe is still there), else the last point's."""
+        if self.last_pc is not None:
+            pc = self.next_pc.get(self.last_pc)
+            if pc is not None and (self.engine.table.breakpoint_at(pc) or self.engine.returns.armed(pc)):
+                return pc
+        return guess.address if guess is not None else None
+
+    def _learn(self, pc: int) -> None:
+        if self.last_pc is not None:
+            if len(self.next_pc) > 4096:
+                self.next_pc.clear()
+            self.next_pc[self.last_pc] = pc
+        self.last_pc = pc
 
     def _guess(self) -> HookPoint | None:
         point = self.last_point
@@ -66,6 +86,8 @@ class BreakHits:
         debugger = engine.debugger
         guess = self._guess()
         code: bytes | None = None
+        code_at: int | None = None
+        prefetched: dict[tuple[int, int], bytes | Exception] = {}
         stepped = False
         unfinished, self.unfinished = self.unfinished, None
         if debugger is not None and debugger.has_breakpoints():
@@ -83,12 +105,19 @@ class BreakHits:
             stepped = True
         else:
             # Read the registers and (speculatively) the instruction of the likely probe.
-            reqs = [read_registers()] + ([read_memory(guess.address, MAX_INSN)] if guess is not None else [])
+            code_at = self._code_guess(guess)
+            reqs = [read_registers()] + ([read_memory(code_at, MAX_INSN)] if code_at is not None else [])
+            # (And, at a return probe's function, the return address where it was last time.)
+            ahead = engine.returns.prefetch(code_at) if code_at is not None else None
+            if ahead is not None:
+                reqs.append(read_memory(*ahead))
             replies = await client.pipeline(reqs)
             g = replies[0]
             raise_for_error(g, b"g")
             if len(replies) > 1 and replies[1][:1] != b"E" and replies[1]:
                 code = bytes.fromhex(replies[1].decode("ascii"))
+            if ahead is not None and replies[2][:1] != b"E" and len(replies[2]) == 2 * ahead[1]:
+                prefetched[ahead] = bytes.fromhex(replies[2].decode("ascii"))
         pc = target.pc_of(g)
         if debugger is not None:
             debugger.remember_registers(thread, g)
@@ -100,19 +129,20 @@ class BreakHits:
             engine.pipeline.abandon(unfinished)
         point = engine.table.breakpoint_at(pc)
         probes = engine.table.active_at(pc)
+        returning = engine.returns.armed(pc)
         debugger_wants = debugger is not None and not stepped and debugger.wants_break(pc)
         kind = "break"
         if engine.uprobes.owns(pc):
             # A user probe's address (a hit only in a process that maps the file there) or a kernel hook
             # that tracks mappings: with no probe to run, the instruction is stepped past silently.
             users = await engine.uprobes.on_stop(pc, g)
-            if not probes and not users and not debugger_wants:
+            if not probes and not users and not debugger_wants and not returning:
                 return await self.step_over(thread, g, pc, stepped)
             if users:
                 probes, kind = probes + users, "user" if not probes else "break"
             if point is None:
                 code = engine.uprobes.code  # read by on_stop (a user hit's instruction), else None
-        if not probes:
+        if not probes and not returning:
             if stepped:
                 await self.finish_step()
             elif debugger is not None and debugger.running:
@@ -122,8 +152,9 @@ class BreakHits:
                 log.debug("stop at %#x that no probe wants", pc)
             return False
         self.last_point = point
+        self._learn(pc)
         engine.guest.move(Event.HIT)
-        hit = await engine.pipeline.begin(kind, thread, pc, g, probes)
+        hit = await self.begin(thread, pc, g, probes, returning, prefetched, kind=kind)
         if debugger_wants:
             # Both want this place: the probe hit is recorded, and the debugger gets the stop. The probed
             # instruction is stepped (and the post-handlers run) when the debugger resumes.
@@ -131,7 +162,7 @@ class BreakHits:
             await engine.gdb.deliver(event)
             return False
         if not stepped and not any(p.post for p in probes) and not engine.service.must_stop():
-            if guess is not point or code is None:
+            if code_at != pc or code is None:
                 (code,) = await target.read_many([(pc, MAX_INSN)])
             if await self.simulate(hit, g, code):
                 return True
@@ -161,6 +192,32 @@ class BreakHits:
         await engine.client.resume(engine.target.step_packet(thread))
         await self.finish_step()
         return False
+
+    async def begin(
+        self,
+        thread: ThreadId | None,
+        pc: int,
+        g: bytes,
+        probes: list[Probe],
+        returning: bool,
+        prefetched: dict[tuple[int, int], bytes | Exception] | None = None,
+        kind: str = "break",
+    ) -> Hit:
+        """The hit of a breakpoint stop at `pc`: the returns it ends (their records come first), the
+        breakpoint probes there, and the entries of return probes there (`probed.engine.returns`)."""
+        engine = self.engine
+        entries = [p for p in probes if p.retprobe]
+        if entries:
+            probes = [p for p in probes if not p.retprobe]
+        hit = await engine.returns.on_return(thread, pc, g) if returning else None
+        if probes or hit is None:
+            plain = await engine.pipeline.begin(kind, thread, pc, g, probes)
+            hit = plain if hit is None else engine.pipeline.merge(hit, plain)
+        if entries:
+            seq = next((r.seq for r in hit.records if r.kind == "break"), None)
+            if await engine.returns.on_entry(thread, pc, g, entries, seq, prefetched):
+                await engine.breakpoints.reconcile()  # the return breakpoint, before the guest goes on
+        return hit
 
     async def simulate(self, hit: Hit, g: bytes, code: bytes | Exception) -> bool:
         """Get past the breakpoint by simulating the instruction and continue, in one write."""

@@ -76,6 +76,7 @@ class Breakpoints:
     def wanted(self) -> set[PointKey]:
         want = {key for key, point in self.engine.table.points.items() if point.active() and point.kind != "user"}
         want |= self.engine.uprobes.wanted()  # user probes: an address per process mapping, and kernel hooks
+        want |= self.engine.returns.keys()  # return addresses (probed.engine.returns)
         if self.engine.debugger is not None:
             want |= self.engine.debugger.keys()
         return want
@@ -121,8 +122,9 @@ class Breakpoints:
                     failures.append((key, exc))
                 else:
                     self.installed[key] = packet
+        # (A return probe's entry reads memory: the return address.)
         self.pipeline_step = all(
-            not (p.pre is not None and p.pre.needs_memory)
+            not (p.retprobe or (p.pre is not None and p.pre.needs_memory))
             for point in self.engine.table.points.values()
             if point.kind != "watch"
             for p in point.active()

@@ -6,6 +6,7 @@
     break_hits   probed.engine.breakhits    breakpoint stops: classify, step or simulate, complete
     watch        probed.engine.watch        watchpoint stops and watch requests
     breakpoints  probed.engine.breakpoints  the target's Z/z points made to match what is wanted; slots
+    returns      probed.engine.returns      return probes: instances kept at entries, return breakpoints
     gdb          probed.gdbside.side        GDB's requests through the stub
 
 Components reach each other through this object's public attributes only. The public API (what the control
@@ -27,13 +28,14 @@ from probed.engine.breakhits import BreakHits
 from probed.engine.breakpoints import Breakpoints
 from probed.engine.hits import HitPipeline
 from probed.engine.probes import FAULT_LIMIT, HookPoint, Probe, ProbeTable
+from probed.engine.returns import ReturnProbes, default_maxactive
 from probed.engine.service import Service
 from probed.engine.slots import SlotAllocator
 from probed.engine.state import Event, GuestState
 from probed.engine.target import Target
 from probed.engine.uprobes import UserProbes
 from probed.engine.watch import WatchHelper
-from probed.errors import BadSpec, NotFound, ProbedError, TargetError, Unsupported
+from probed.errors import BadSpec, NotFound, ProbedError, TargetError
 from probed.gdbside.debugger import DebuggerLink
 from probed.gdbside.side import GdbSide
 from probed.guest.insn import verify_boundary
@@ -47,7 +49,10 @@ from rsp.connection import RSPClient
 from rsp.errors import ConnectionClosed, RSPError, TargetTimeout
 from rsp.stop import StopReply, ThreadId
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "MAXACTIVE_MAX"]
+
+MAXACTIVE_MAX = 4096
+"""The largest `maxactive` (as kretprobes' KRETPROBE_MAXACTIVE_MAX)."""
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +115,7 @@ class Engine:
         self.hub = EventHub(buffer, on_missed=self.pipeline.count_missed)
         self.service = Service(self, hold=stopped)
         self.breakpoints = Breakpoints(self, self.slots)
+        self.returns = ReturnProbes(self)
         self.break_hits = BreakHits(self)
         self.watch = WatchHelper(self)
         self.gdb = GdbSide(self)
@@ -276,7 +282,8 @@ class Engine:
         hw: bool = False,
         internal: bool = False,
         file_copy: str | None = None,
-        ret: bool = False,
+        retprobe: bool = False,
+        maxactive: int = 0,
     ) -> Probe:
         """Add a breakpoint probe at `sym`, `sym+off`, `file:sym+off` or `0xADDR`; or a user probe at
         `/PATH:OFFSET` or `/PATH:SYMBOL[+OFF]` in a Linux guest (probed.engine.uprobes).
@@ -286,14 +293,18 @@ class Engine:
 
         Args:
             pre: fetch args (list of `NAME=FETCHARG[:TYPE]`) or a callable `fn(ctx)`, run before the
-                probed instruction.
+                probed instruction (in a return probe: at the function's return, see `retprobe`).
             post: the same, run after it is single-stepped; `[]` steps without fetching, None skips the
                 post phase.
             condition: a filter over the fetched names; a hit is reported only when it holds.
             hw: use a hardware breakpoint (takes a debug-register slot).
             internal: a guest model's own hook (not listed by `probes()`, publishes no records).
             file_copy: user probes: a host copy of the guest's file, for `PATH:SYMBOL`.
-            ret: a return probe (not available yet: Unsupported).
+            retprobe: a return probe (kretprobe) on the function at `spec`: `pre` runs at each return of
+                that call, with `$retval`, registers at the return, `$argN` as they were at the entry,
+                and `ctx.entry` (`probed.engine.returns.EntryContext`) for a callable.
+            maxactive: a return probe's limit of calls in flight at once (0: kretprobe's default,
+                max(10, 2 * CPUs)); entries past it are counted in `missed`.
 
         Raises:
             UnknownSymbol, BadSpec, FetchSyntaxError, FilterSyntaxError, SlotsExhausted, TargetError.
@@ -303,18 +314,29 @@ class Engine:
             if hw:
                 raise BadSpec(spec, "user probes use software breakpoints (--hw is for kernel code)")
             return await self.uprobes.add(spec, file_copy=file_copy, name=name, pre=pre, post=post,
-                                          condition=condition, priority=priority, ret=ret)
-        if ret:
-            raise Unsupported("return probes are not built yet")
+                                          condition=condition, priority=priority, ret=retprobe)
         location, pending = self._resolve_or_pending(spec)
         if pending and hw:
             raise BadSpec(spec, "a hardware probe needs its module loaded (its slot is taken when it is set)")
+        if retprobe:
+            if location.offset:
+                raise BadSpec(spec, "a return probe goes on a function's entry, without an offset")
+            if post is not None:
+                raise BadSpec(spec, "a return probe has no post-handler: its handler runs at the return")
+            if not 0 <= maxactive <= MAXACTIVE_MAX:
+                raise BadSpec(spec, f"maxactive must be 0..{MAXACTIVE_MAX}, not {maxactive}")
+            maxactive = maxactive or default_maxactive(len(self.target.threads))
+        elif maxactive:
+            raise BadSpec(spec, "maxactive is for return probes (retprobe=True, probectl add -r)")
         pre_h, post_h = await make_handlers([pre, post], self.arch, self.symbols, function=location.symbol,
-                                            offset=location.offset, load_types=self._kernel_types)
+                                            offset=location.offset, load_types=self._kernel_types,
+                                            retprobe=retprobe)
         cond = self._condition(condition, pre_h, post_h)
 
-        return await self._add(location, spec, name, pre=pre_h, post=post_h, condition=cond, priority=priority, hw=hw,
-                               pending=pending, internal=internal)
+        return await self._add(
+            location, spec, name, pre=pre_h, post=post_h, condition=cond, priority=priority, hw=hw,
+            retprobe=retprobe, maxactive=maxactive, pending=pending, internal=internal,
+        )
 
     def _resolve_or_pending(self, spec: str) -> tuple[Location, str | None]:
         """The spec's location, or for `MOD:SYM+off` of a module not loaded yet (when the guest model knows
@@ -415,7 +437,9 @@ class Engine:
         self.table.find(ref)
 
         async def apply() -> None:
-            self.table.remove(self.table.find(ref))
+            probe = self.table.find(ref)
+            self.table.remove(probe)
+            self.returns.forget(probe)
             await self.breakpoints.reconcile()
 
         await self.call_stopped(apply)
@@ -427,6 +451,7 @@ class Engine:
             probes = [p for p in self.table if not p.internal]
             for p in probes:
                 self.table.remove(p)
+                self.returns.forget(p)
             await self.breakpoints.reconcile()
             return len(probes)
 
@@ -465,6 +490,7 @@ class Engine:
             probe = self.table.find(ref)
             probe.enabled = False
             probe.disabled_reason = None
+            self.returns.forget(probe)
             await self.breakpoints.reconcile()
 
         await self.call_stopped(apply)
@@ -493,6 +519,7 @@ class Engine:
             moved = [p for p in self.table if p.location.file == file]
             for p in moved:
                 self.table.remove(p)
+                self.returns.forget(p)
                 p.location = self.symbols.relocate(p.location)
                 self.table.add(p)
             await self.breakpoints.reconcile()
@@ -527,6 +554,9 @@ class Engine:
             "faults": sum(p.faults for p in self.table),
             "filtered": sum(p.filtered for p in self.table),
             "breakpoints": len(self.breakpoints.installed),
+            "return_instances": self.returns.instances(),
+            "return_points": len(self.returns.addresses),
+            "reaped": self.returns.reaped,
             "slots": self.slots.table(),
             "retransmits": self.client.retransmits if self.target else 0,
             "memory_reads": dict(self.target.memory.stats) if self.target and self.target.memory else {},

@@ -6,8 +6,8 @@
       -> post-handlers
       -> finish (filter, then publish)
 
-Breakpoint hits (`BreakHits`), watchpoint hits (`probed.engine.watch`) and, later, return and user-space
-probes all go through `HitPipeline.begin` / `run_post` / `finish`, so counting, faults, filters, `seq` and
+Breakpoint hits (`BreakHits`), watchpoint hits (`probed.engine.watch`), return probes
+(`probed.engine.returns`) and, later, user-space probes all go through `HitPipeline.begin` / `run_post` / `finish`, so counting, faults, filters, `seq` and
 publishing happen in one place. A handler's time limit (issue 10) belongs in `HitPipeline.run_handler`.
 """
 
@@ -80,6 +80,7 @@ class HitPipeline:
         *,
         where_pc: Any = AT_STOP,
         extra: list[dict[str, Any]] | None = None,
+        entries: list[Any] | None = None,
     ) -> Hit:
         """Start a hit: count it on every probe, create its records (seq, time), run the pre-handlers.
 
@@ -88,6 +89,7 @@ class HitPipeline:
             pc: where the guest stopped; `where_pc` the address the records name, when another (None for
                 unknown).
             extra: per probe, the kind's own fields for its record.
+            entries: per probe, what a return probe kept at the entry (its handler's `ctx.entry`).
         """
         engine = self.engine
         self.hits += 1
@@ -108,10 +110,18 @@ class HitPipeline:
             )
         hit = Hit(kind, thread, cpu, pc, engine.stops, probes, records, g)
         ctx = HitContext(engine.target, cpu, "pre", g)
-        for probe, record in zip(probes, records, strict=True):
+        for i, (probe, record) in enumerate(zip(probes, records, strict=True)):
+            if entries is not None:
+                ctx.entry = entries[i]
             record.pre, error = await self.run_handler(probe, probe.pre, ctx)
             record.add_error(error)
         return hit
+
+    def merge(self, first: Hit, second: Hit) -> Hit:
+        """One hit of two begun at the same stop (returns ending at a place that is also probed)."""
+        first.probes += second.probes
+        first.records += second.records
+        return first
 
     async def run_post(self, hit: Hit, g: bytes) -> None:
         """Run the post-handlers over the registers after the probed instruction."""

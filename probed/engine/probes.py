@@ -25,7 +25,9 @@ class Probe:
 
     `kind` is "break" (a breakpoint, software or `hw`), "watch" (a data watchpoint with `length` and
     `access` in "w", "r", "rw") or "user" (a user-space probe on a file: `location.address` is the offset
-    into the file, `file_tag` names the file's inode; see probed.engine.uprobes).
+    into the file, `file_tag` names the file's inode; see probed.engine.uprobes). A breakpoint probe with
+    `retprobe` is a return probe: its breakpoint is at the function's entry, and its handler runs at the
+    function's return (`probed.engine.returns`), with at most `maxactive` calls in flight at once.
     """
 
     id: int
@@ -40,6 +42,8 @@ class Probe:
     hw: bool = False
     length: int = 0
     access: str = "w"
+    retprobe: bool = False
+    maxactive: int = 0
     enabled: bool = True
     disabled_reason: str | None = None
     hits: int = 0
@@ -90,6 +94,7 @@ class Probe:
             "missed": self.missed,
             "faults": self.faults,
             "state": self.state,
+            **({"retprobe": True, "maxactive": self.maxactive} if self.retprobe else {}),
         }
 
 

@@ -131,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("-n", "--name")
     add.add_argument("--priority", type=int, default=0)
     add.add_argument("--hw", action="store_true", help="use a hardware breakpoint (takes a debug-register slot)")
-    add.add_argument("-r", "--return", dest="ret", action="store_true",
-                     help="a return probe (user functions: not available yet)")
+    add.add_argument("-r", "--return", dest="retprobe", action="store_true",
+                     help="a return probe: fetch at the function's return ($retval; $argN as at the entry)")
+    add.add_argument("--maxactive", type=int, default=0, metavar="N",
+                     help="a return probe's limit of calls in flight (default max(10, 2 * CPUs))")
     add.add_argument("--file-copy", metavar="HOSTPATH",
                      help="user probes: a host copy of the guest's file, to resolve /PATH:SYMBOL")
     add.add_argument("spec", help="sym, sym+off, file:sym+off, 0xADDR; in a Linux guest's user space "
@@ -202,8 +204,8 @@ def run(args: argparse.Namespace, client: Client) -> int:
         params = {"spec": args.spec, "priority": args.priority, "hw": args.hw, **_handler_params(args)}
         if args.file_copy:
             params["file_copy"] = str(Path(args.file_copy).resolve())
-        if args.ret:
-            params["ret"] = True
+        if args.retprobe or args.maxactive:
+            params.update(retprobe=args.retprobe, maxactive=args.maxactive)
         info = client.call("add", params)
         print(info["id"])
     elif cmd == "watch":

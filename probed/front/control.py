@@ -118,6 +118,7 @@ class ControlServer:
     async def add(self, params: dict[str, Any]) -> dict[str, Any]:
         checked = self._check_new_probe(params)
         spec, extra = add_options(self.engine, _text(params, "spec", required=True), params)
+        extra.pop("maxactive", None)  # checked as an integer below
         probe = await self.engine.add_probe(
             spec,
             **extra,
@@ -128,7 +129,7 @@ class ControlServer:
             priority=_integer(params, "priority", 0),
             hw=bool(params.get("hw")),
             **({"file_copy": _text(params, "file_copy")} if params.get("file_copy") else {}),
-            **({"ret": True} if params.get("ret") else {}),
+            **({"maxactive": _integer(params, "maxactive", 0)} if params.get("maxactive") else {}),
         )
         if not checked:
             await self._check_added_probe(probe)
@@ -212,14 +213,15 @@ class ControlServer:
         arch = getattr(self.engine, "arch", None)
         if arch is None:
             return True  # not attached (the engine says so), or a stand-in engine
-        from probed.lang.fetch import TypesNeeded, parse_fetchargs
+        from probed.lang.fetch import FetchEnv, TypesNeeded, parse_fetchargs
 
         fields = []
         for key in ("pre", "post"):
             args = _fetchargs(params, key)
             if args:
+                env = FetchEnv(retprobe=key == "pre" and bool(params.get("retprobe")))  # ($retval is a return probe's)
                 try:
-                    fields += parse_fetchargs(args, arch, self.engine.symbols).fields_spec
+                    fields += parse_fetchargs(args, arch, self.engine.symbols, env).fields_spec
                 except TypesNeeded:
                     return False
         check_record_size(fields, self.max_record_bytes)

@@ -32,6 +32,10 @@ def format_record(rec: dict[str, Any]) -> str:
         else:
             parts.append(f"value={rec.get('value')}")
         parts.append(f"by pc={rec.get('pc')}{where}")
+    elif rec.get("kind") == "return":
+        duration = rec.get("duration_ns")
+        took = f" after {duration / 1000:.1f}us" if isinstance(duration, int) else ""
+        parts.append(f"returned to pc={rec['pc']}{where}{took}")
     else:
         parts.append(f"pc={rec['pc']}{where}")
     if rec.get("pre") is not None:

@@ -133,6 +133,8 @@ class ProbeState:
             spec.update(length=probe.length, access=probe.access)
         else:
             spec["hw"] = bool(params.get("hw"))
+            if getattr(probe, "retprobe", False):
+                spec.update(retprobe=True, maxactive=int(params.get("maxactive") or 0))
         self._specs[probe.id] = spec
 
     def snapshot(self) -> dict[str, Any]:
@@ -210,6 +212,7 @@ class ProbeState:
             probe = await engine.add_watch(entry["spec"], length=entry.get("length"), access=entry.get("access") or "w",
                                            **common)
         else:
-            probe = await engine.add_probe(entry["spec"], hw=bool(entry.get("hw")), **common)
+            returns = {"retprobe": True, "maxactive": int(entry.get("maxactive") or 0)} if entry.get("retprobe") else {}
+            probe = await engine.add_probe(entry["spec"], hw=bool(entry.get("hw")), **returns, **common)
         self.added(probe, entry.get("kind") or "break", entry)
         return probe

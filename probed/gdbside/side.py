@@ -214,11 +214,11 @@ class GdbSide:
                 g = await engine.target.read_g()
             pc = engine.target.pc_of(g)
             probes = engine.table.active_at(pc)
-            if probes:
+            if probes or engine.returns.armed(pc):
                 await engine.breakpoints.reconcile()
                 engine.stops += 1
                 engine.guest.move(Event.HIT)
-                hit = await engine.pipeline.begin("break", thread, pc, g, probes)
+                hit = await engine.break_hits.begin(thread, pc, g, probes, engine.returns.armed(pc))
                 event = await engine.break_hits.complete(hit, may_resume=False)
                 engine.guest.move(Event.HIT_DONE)
             elif (simulated := await self._simulate_step(link, g, pc)) is not None:
@@ -329,8 +329,9 @@ class GdbSide:
         link.remember_registers(thread, g)
         link.memory.clear()
         pc = engine.target.pc_of(g)
+        # A return probe's or a user probe's breakpoint is never GDB's alone: GDB does not see that stop.
         delivered = (gdbs is not None and g != unless and not engine.table.active_at(pc)
-                     and not engine.uprobes.owns(pc))
+                     and not engine.uprobes.owns(pc) and not engine.returns.armed(pc))
         if delivered:
             await self.deliver(gdbs)
         for address, length in reads:

@@ -50,7 +50,11 @@ class HitContext:
         cpu: the index of the CPU that hit (0-based).
         phase: "pre" (before the probed instruction) or "post" (after it).
         regs: registers by name (`ctx.regs["eax"]`, kprobe aliases too: `ctx.regs["ax"]`).
+        entry: in a return probe's handler, what was kept at the function's entry
+            (`probed.engine.returns.EntryContext`: `regs`, `args`, `sp`, `cpu`, `return_address`...); else None.
     """
+
+    entry = None
 
     def __init__(self, target: Target, cpu: int, phase: str, g_payload: bytes | None, probe: Probe | None = None):
         self._target = target
@@ -79,6 +83,11 @@ class HitContext:
     @property
     def pc(self) -> int:
         return self.regs[self._target.arch.pc]
+
+    @property
+    def retval(self) -> int:
+        """The return value register (meaningful in a return probe's handler)."""
+        return self.regs[self._target.arch.return_register]
 
     # -- memory -------------------------------------------------------------------------------------
 

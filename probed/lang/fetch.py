@@ -24,7 +24,20 @@ from probed.errors import FetchSyntaxError
 
 from . import typed
 from .program import STRING_MAX, FetchProgram, Unfetched, read_c_string
-from .tree import Arg, Deref, FetchField, FieldType, Imm, Memory, Node, Reg, StackEntry, StackPointer, StrImm
+from .tree import (
+    Arg,
+    Deref,
+    FetchField,
+    FieldType,
+    Imm,
+    Memory,
+    Node,
+    Reg,
+    RetVal,
+    StackEntry,
+    StackPointer,
+    StrImm,
+)
 
 __all__ = [
     "STRING_MAX", "FetchEnv", "FetchField", "FetchProgram", "TypesNeeded", "parse_fetchargs", "parse_fetcharg",
@@ -58,6 +71,7 @@ class FetchEnv:
         types_error: why `types` is None, if they were looked for ("" if nobody asked yet).
         user: the probe is in user space: the CPU runs with the user's GS base, the kernel's per-CPU base is
             parked in KERNEL_GS_BASE (swapgs), so `$comm`/`$pid`/`$tid` find `current` through that.
+        retprobe: the fetch args of a return probe (`$retval`; `$argN` and parameters as at the entry).
     """
 
     function: str | None = None
@@ -65,6 +79,7 @@ class FetchEnv:
     types: Any = None
     types_error: str = ""
     user: bool = False
+    retprobe: bool = False  # a return probe's handler: `$retval` allowed, `$argN` kept from the entry
 
 
 class TypesNeeded(FetchSyntaxError):
@@ -236,6 +251,10 @@ class _Parser:
             return self.task_field(what, start)
         if what == "current" and not n:
             return self.current_task(start)
+        if what == "retval" and not n:
+            if not self.env.retprobe:
+                raise self.fail("$retval is only for return probes (probectl add -r)", start)
+            return RetVal()
         raise self.fail(f"${what}{n} is not available for guest probes", start)
 
     def current_pointer(self, what: str, start: int) -> tuple[Any, Node]:

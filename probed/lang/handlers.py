@@ -42,6 +42,10 @@ class FetchHandler(Handler):
     async def run(self, ctx: Any) -> dict[str, Any]:
         if not self.fields:
             return {}
+        entry = getattr(ctx, "entry", None)
+        if entry is not None and self.program.entry_args:
+            # A return probe: `$argN` (and parameters by name) are the values kept at the function's entry.
+            return await self.program.bind(entry.args).evaluate(ctx)
         return await self.program.evaluate(ctx)
 
 
@@ -80,7 +84,7 @@ def make_handler(
 
 async def make_handlers(
     specs: Sequence[Any], arch: Any, symbols: Any, *, function: str | None = None, offset: int = 0,
-    load_types: Callable[[], Awaitable[Any]] | None = None, user: bool = False,
+    load_types: Callable[[], Awaitable[Any]] | None = None, user: bool = False, retprobe: bool = False,
 ) -> list[Handler | None]:
     """Handlers for a probe on `function+offset`, loading the kernel's types only if a fetch arg needs them.
 
@@ -88,6 +92,7 @@ async def make_handlers(
         load_types: returns the kernel's types (KernelTypes), or raises LookupError saying why there are none;
             called at most once, and only when a fetch arg uses `$comm`, a parameter name or `->`.
         user: the probe is on user-space code (FetchEnv.user).
+        retprobe: the first spec is a return probe's handler (`$retval`; `$argN` kept from the entry).
 
     Raises:
         FetchSyntaxError: as `parse_fetchargs`, with the reason types could not be had when that is the cause.
@@ -95,8 +100,12 @@ async def make_handlers(
     from .fetch import FetchEnv, TypesNeeded
 
     env = FetchEnv(function=function, at_entry=offset == 0, user=user)
+
+    def handlers(env: FetchEnv) -> list[Handler | None]:
+        return [make_handler(s, arch, symbols, replace(env, retprobe=retprobe and i == 0)) for i, s in enumerate(specs)]
+
     try:
-        return [make_handler(s, arch, symbols, env) for s in specs]
+        return handlers(env)
     except TypesNeeded:
         if load_types is None:
             raise
@@ -104,4 +113,4 @@ async def make_handlers(
         env = replace(env, types=await load_types())
     except LookupError as exc:  # NoKernelTypes: not Linux, no BTF, not readable
         env = replace(env, types_error=str(exc))
-    return [make_handler(s, arch, symbols, env) for s in specs]
+    return handlers(env)

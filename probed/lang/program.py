@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Mapping
+from dataclasses import fields as dc_fields
+from dataclasses import is_dataclass, replace
 from typing import Any
 
-from .tree import Arg, Deref, FetchField, FieldType, Imm, Memory, Node, Reg, StackEntry, StackPointer, StrImm
+from .tree import (
+    Arg,
+    Deref,
+    Failed,
+    FetchField,
+    FieldType,
+    Imm,
+    Memory,
+    Node,
+    Reg,
+    RetVal,
+    StackEntry,
+    StackPointer,
+    StrImm,
+)
 
 __all__ = ["PAGE", "STRING_MAX", "FetchProgram", "Unfetched", "read_c_string"]
 
@@ -65,8 +81,29 @@ def _register(regs: Mapping[str, int], name: str) -> int:
         raise _FieldError(f"<no register {name}>") from None
 
 
+def _walk_args(node: Any, found: set[int]) -> None:
+    """Collect the `$argN` numbers under a node (nodes and typed wrappers are dataclasses)."""
+    if isinstance(node, Arg):
+        found.add(node.index)
+    elif is_dataclass(node):
+        for f in dc_fields(node):
+            _walk_args(getattr(node, f.name), found)
+
+
+def _bind_args(node: Any, values: Mapping[int, Any]) -> Any:
+    """The node with each `$argN` replaced by its kept value (`Imm`) or why it has none (`Failed`)."""
+    if isinstance(node, Arg):
+        value = values.get(node.index)
+        return Imm(value) if isinstance(value, int) else Failed(str(value or f"<$arg{node.index} not kept>"))
+    if is_dataclass(node) and not isinstance(node, type):
+        changes = {f.name: _bind_args(getattr(node, f.name), values) for f in dc_fields(node)
+                   if is_dataclass(getattr(node, f.name))}
+        return replace(node, **changes) if changes else node
+    return node
+
+
 def _uses_registers(node: Node) -> bool:
-    if isinstance(node, Reg | StackPointer | StackEntry | Arg):
+    if isinstance(node, Reg | StackPointer | StackEntry | Arg | RetVal):
         return True
     return isinstance(node, Deref) and _uses_registers(node.inner)
 
@@ -97,6 +134,21 @@ class FetchProgram:
             _uses_memory(f.node, arch) or (f.type.is_string and not isinstance(f.node, StrImm)) for f in fields
         )
         self._dependent: list[_Read] = []  # the reads after the first round at the last hit
+
+    @property
+    def entry_args(self) -> tuple[int, ...]:
+        """The `$argN` numbers the fields use (in a return probe, fetched at the function's entry)."""
+        found: set[int] = set()
+        for f in self.fields_spec:
+            _walk_args(f.node, found)
+        return tuple(sorted(found))
+
+    def bind(self, values: Mapping[int, Any]) -> FetchProgram:
+        """This program with each `$argN` replaced by the value kept at the function's entry (`values[N]`:
+        an int, or an `Unfetched` message); what the fields do with it (dereferences...) runs at the return."""
+        return FetchProgram(
+            tuple(replace(f, node=_bind_args(f.node, values)) for f in self.fields_spec), self.arch
+        )
 
     async def evaluate(self, ctx: Any) -> dict[str, Any]:
         """Fetch every field, reading memory breadth-first (one `read_many` per round of dereferences).
@@ -158,6 +210,10 @@ class FetchProgram:
             return _register(regs, node.name)
         if isinstance(node, Imm):
             return node.value
+        if isinstance(node, Failed):
+            raise _FieldError(node.message)
+        if isinstance(node, RetVal):
+            return _register(regs, self.arch.return_register)
         if isinstance(node, StackPointer):
             return _register(regs, self.arch.sp)
         if isinstance(node, Arg):

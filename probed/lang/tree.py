@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Arg", "Deref", "FetchField", "FieldType", "Imm", "Memory", "Node", "Reg", "StackEntry",
+__all__ = ["Arg", "Deref", "Failed", "FetchField", "FieldType", "Imm", "Memory", "Node", "Reg", "RetVal", "StackEntry",
            "StackPointer", "StrImm"]
 
 
@@ -42,6 +42,18 @@ class Arg:
 
 
 @dataclass(frozen=True)
+class RetVal:
+    """`$retval`: the return value register, in a return probe."""
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A return probe's `$argN` that could not be fetched at the function's entry: its message."""
+
+    message: str
+
+
+@dataclass(frozen=True)
 class Memory:
     """`@ADDR` or `@SYM+OFF`: the memory at a fixed address."""
 
@@ -56,7 +68,7 @@ class Deref:
     inner: Any
 
 
-Node = Reg | Imm | StrImm | StackPointer | StackEntry | Arg | Memory | Deref
+Node = Reg | Imm | StrImm | StackPointer | StackEntry | Arg | RetVal | Failed | Memory | Deref
 
 
 @dataclass(frozen=True)

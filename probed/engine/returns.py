@@ -1,0 +1,311 @@
+"""Return probes (kretprobes): a probe's handler at its function's return, with what was kept at the entry.
+
+    entry stop (the probe's breakpoint on the function)      return stop (the breakpoint at the return address)
+      -> read the return address (x86: the word at sp;        -> the instances this return ends (the stack
+         aarch64 x30, riscv64 ra) and `$argN`, in one batch       pointer says which, see `ReturnProbes.end`)
+      -> keep an instance (`EntryContext`)                     -> one "return" record per instance, through
+      -> arm the return address's breakpoint                     the same pipeline as every other hit
+
+An instance is keyed by its task and its entry stack pointer. probed does not know the guest's tasks, so a
+task is its stack: kernel stacks are THREAD_SIZE-aligned (16 KiB on x86_64 Linux), so `(cpu, sp >> 14)`
+names one task's stack on one CPU. A return at sp matches the instance whose entry sp is the greatest one
+at or below it (x86: sp - word after `ret` popped the return address, or less after `ret N`; aarch64 and
+riscv64: sp itself), with that return address; so recursion, several CPUs and several tasks interleave
+correctly. A task that moved to another CPU while in the function is matched by the exact entry sp.
+
+Instances whose frame was unwound without a return (longjmp, an exception, a task that exited and whose
+stack was reused) are reaped: any stop of ours on the same CPU and stack with a stack pointer above an
+instance's entry sp means that frame is gone (`reaped` counts them).
+
+One breakpoint per return address serves every instance (and GDB's breakpoint or a probe's at the same
+place: `Breakpoints.wanted` is a set). A return address stays armed while a probe that used it is enabled,
+so a function called in a loop costs no `Z`/`z` per call; at most `IDLE_RETURN_POINTS` addresses without a
+live instance are kept. `maxactive` bounds a probe's live instances; an entry past it is counted in the
+probe's `missed` (kretprobe semantics) and gets no return record.
+
+Hook for user-space probes (branch `uprobes`): `task_of` is the one place a stop is mapped to a task; a
+user-space return probe keys by address space there, and `on_entry` / `end` work unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from probed.engine.hits import Hit, cpu_of
+from probed.engine.probes import Probe
+from probed.lang.context import HitContext, RegisterView
+from probed.lang.program import FetchProgram
+from probed.lang.tree import Arg, FetchField, FieldType, Reg, StackEntry
+from rsp.stop import ThreadId
+
+if TYPE_CHECKING:
+    from probed.engine.engine import Engine
+
+__all__ = ["EntryContext", "ReturnProbes", "IDLE_RETURN_POINTS", "STACK_REGION_BITS", "default_maxactive"]
+
+log = logging.getLogger("probed.engine.engine")
+
+STACK_REGION_BITS = 14
+"""A task is its stack: `sp >> 14` (16 KiB, x86_64 Linux's THREAD_SIZE) names one stack on one CPU."""
+
+IDLE_RETURN_POINTS = 64
+"""Return addresses kept armed with no live instance (a loop's calls then cost no `Z`/`z` each)."""
+
+
+def default_maxactive(cpus: int) -> int:
+    """kretprobe's default when maxactive is 0: max(10, 2 * CPUs)."""
+    return max(10, 2 * cpus)
+
+
+@dataclass(eq=False)
+class EntryContext:
+    """What a return probe kept at its function's entry; its handler sees it as `ctx.entry` at the return.
+
+    Attributes:
+        probe: the return probe.
+        cpu: the CPU of the entry (the return may be on another, if the task moved).
+        sp: the stack pointer at the entry.
+        return_address: where the function returns to.
+        args: `$argN` at the entry, by N (an int, or an `Unfetched` message).
+        seq: the entry record's `seq` when an entry probe on the same function recorded this call, else None.
+        time_ns: monotonic time when the daemon saw the entry.
+        g: the registers at the entry (`regs` decodes them).
+    """
+
+    probe: Probe
+    cpu: int
+    sp: int
+    return_address: int
+    args: dict[int, Any]
+    seq: int | None
+    time_ns: int
+    g: bytes = field(repr=False)
+    target: Any = field(repr=False, default=None)
+
+    @property
+    def regs(self) -> RegisterView:
+        """The registers at the entry, by name."""
+        return RegisterView(self.target, self.g)
+
+
+class _EntryReads(HitContext):
+    """The entry's hit context, serving reads already made with the registers (`ReturnProbes.prefetch`)."""
+
+    def __init__(self, target: Any, cpu: int, g: bytes, prefetched: dict[tuple[int, int], bytes | Exception]):
+        super().__init__(target, cpu, "entry", g)
+        self._prefetched = prefetched
+
+    async def read_many(self, requests):
+        missing = [r for r in requests if r not in self._prefetched]
+        got = dict(zip(missing, await super().read_many(missing), strict=True)) if missing else {}
+        return [self._prefetched[r] if r in self._prefetched else got[r] for r in requests]
+
+
+class ReturnProbes:
+    """Live instances of return probes, the return addresses armed for them, and their stops."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        # (cpu, stack region) -> entry sp -> the instances that entered there.
+        self.live: dict[tuple[int, int], dict[int, list[EntryContext]]] = {}
+        self.active: dict[int, int] = {}  # probe id -> live instances
+        self.addresses: OrderedDict[int, set[int]] = OrderedDict()  # return address -> probe ids using it
+        self.reaped = 0  # instances whose frame went without a return
+        self._programs: dict[int, FetchProgram] = {}
+        self.entry_sp: dict[int, int] = {}  # function -> sp at its last entry (`prefetch`)
+
+    # -- what is armed -------------------------------------------------------------------------------------
+
+    def keys(self) -> set[tuple[str, int, int, str]]:
+        """The breakpoints return probes want (`Breakpoints.wanted` adds them)."""
+        return {("break", address, 0, "x") for address in self.addresses}
+
+    def armed(self, pc: int) -> bool:
+        """Whether a return breakpoint is at `pc`: a stop there is ours, never GDB's alone."""
+        return pc in self.addresses
+
+    def instances(self) -> int:
+        return sum(self.active.values())
+
+    def forget(self, probe: Probe) -> None:
+        """Drop a probe's instances and the return addresses only it used (removed or disabled)."""
+        for group in self.live.values():
+            for sp in list(group):
+                group[sp] = [e for e in group[sp] if e.probe is not probe]
+                if not group[sp]:
+                    del group[sp]
+        self.active.pop(probe.id, None)
+        self._programs.pop(probe.id, None)
+        self.entry_sp.pop(probe.address, None)
+        for address in list(self.addresses):
+            users = self.addresses[address]
+            users.discard(probe.id)
+            if not users:
+                del self.addresses[address]
+
+    def task_of(self, cpu: int, sp: int) -> tuple[int, int]:
+        """The task a stop belongs to, as `(cpu, stack region)` (see the module's docstring)."""
+        return (cpu, sp >> STACK_REGION_BITS)
+
+    # -- the entry -----------------------------------------------------------------------------------------
+
+    def _program(self, probe: Probe) -> FetchProgram:
+        """What an entry reads for `probe`: the return address and the `$argN` its handler uses."""
+        program = self._programs.get(probe.id)
+        if program is None:
+            arch = self.engine.arch
+            word = FieldType("u", arch.word_size, None)
+            if arch.return_address_on_stack:
+                ret: Any = StackEntry(0)
+            else:
+                ret = Reg(arch.resolve_register("x30" if arch.name == "aarch64" else "ra"))
+            fields = [FetchField("ret", ret, word, "return address")]
+            used = getattr(probe.pre, "program", None)
+            for n in used.entry_args if used is not None else ():
+                fields.append(FetchField(f"arg{n}", Arg(n), word, f"$arg{n}"))
+            program = self._programs[probe.id] = FetchProgram(tuple(fields), arch)
+        return program
+
+    def prefetch(self, pc: int) -> tuple[int, int] | None:
+        """A read to send with the registers of a stop expected at `pc`: the return address where it was
+        at the last entry there (a function is usually entered at the same stack depth again)."""
+        sp = self.entry_sp.get(pc)
+        if sp is None or not self.engine.arch.return_address_on_stack:
+            return None
+        return (sp, self.engine.arch.word_size)
+
+    async def on_entry(
+        self,
+        thread: ThreadId | None,
+        pc: int,
+        g: bytes,
+        probes: list[Probe],
+        seq: int | None,
+        prefetched: dict[tuple[int, int], bytes | Exception] | None = None,
+    ) -> bool:
+        """Keep an instance per return probe entered at this stop; True when a return breakpoint must be
+        installed before the guest goes on (`Breakpoints.reconcile`). `prefetched`: reads already made
+        with the registers (see `prefetch`)."""
+        engine = self.engine
+        target = engine.target
+        cpu = cpu_of(thread)
+        sp = target.layout.value(g, engine.arch.sp)
+        if len(self.entry_sp) > 4096:
+            self.entry_sp.clear()
+        self.entry_sp[pc] = sp
+        task = self.task_of(cpu, sp)
+        self._reap(task, sp)
+        ctx = _EntryReads(target, cpu, g, prefetched or {})
+        now = time.monotonic_ns()
+        install = False
+        for probe in probes:
+            if self.active.get(probe.id, 0) >= probe.maxactive:
+                probe.missed += 1
+                continue
+            values = await self._program(probe).evaluate(ctx)
+            ret = values.pop("ret")
+            if not isinstance(ret, int):
+                probe.missed += 1
+                log.warning("return probe %s: cannot read the return address at entry: %s", probe.name, ret)
+                continue
+            args = {int(name[3:]): value for name, value in values.items()}
+            entry = EntryContext(probe, cpu, sp, ret, args, seq, now, g, target)
+            self.live.setdefault(task, {}).setdefault(sp, []).append(entry)
+            self.active[probe.id] = self.active.get(probe.id, 0) + 1
+            users = self.addresses.get(ret)
+            if users is None:
+                users = self.addresses[ret] = set()
+                install = ("break", ret, 0, "x") not in engine.breakpoints.installed
+            else:
+                self.addresses.move_to_end(ret)
+            users.add(probe.id)
+        self._trim()
+        return install
+
+    # -- the return ----------------------------------------------------------------------------------------
+
+    def end(self, cpu: int, pc: int, sp: int) -> list[EntryContext]:
+        """The instances a return to `pc` with stack pointer `sp` ends (taken out of the live set)."""
+        arch = self.engine.arch
+        task = self.task_of(cpu, sp)
+        group = self.live.get(task, {})
+        # x86: `ret` popped the return address, so the entry sp is below sp; elsewhere it is sp itself.
+        below = [e for e in group if (e < sp if arch.return_address_on_stack else e <= sp)]
+        ended: list[EntryContext] = []
+        for entry_sp in sorted(below, reverse=True):
+            ended = [e for e in group[entry_sp] if e.return_address == pc]
+            if ended:
+                rest = [e for e in group[entry_sp] if e.return_address != pc]
+                if rest:
+                    group[entry_sp] = rest
+                else:
+                    del group[entry_sp]
+                break
+        if not ended:
+            ended = self._migrated(task, pc, sp - arch.word_size if arch.return_address_on_stack else sp)
+        for entry in ended:
+            self._drop(entry)
+        self._reap(task, sp)
+        return ended
+
+    def _migrated(self, task: tuple[int, int], pc: int, entry_sp: int) -> list[EntryContext]:
+        """An instance of a task that moved to another CPU while in the function (matched by its exact sp)."""
+        for other, group in self.live.items():
+            if other != task and other[1] == task[1] and entry_sp in group:
+                ended = [e for e in group[entry_sp] if e.return_address == pc]
+                if ended:
+                    group[entry_sp] = [e for e in group[entry_sp] if e.return_address != pc]
+                    if not group[entry_sp]:
+                        del group[entry_sp]
+                    return ended
+        return []
+
+    async def on_return(self, thread: ThreadId | None, pc: int, g: bytes) -> Hit:
+        """The hit of a stop at an armed return address: one "return" record per instance it ends (none
+        for a stray return to the same place, e.g. a call that entered before the probe was added)."""
+        engine = self.engine
+        cpu = cpu_of(thread)
+        sp = engine.target.layout.value(g, engine.arch.sp)
+        ended = [e for e in self.end(cpu, pc, sp) if e.probe.enabled]
+        now = time.monotonic_ns()
+        extra = [
+            {"func": f"{e.probe.address:#x}", "duration_ns": now - e.time_ns, "entry_seq": e.seq} for e in ended
+        ]
+        return await engine.pipeline.begin(
+            "return", thread, pc, g, [e.probe for e in ended], extra=extra, entries=ended
+        )
+
+    # -- bookkeeping ---------------------------------------------------------------------------------------
+
+    def _drop(self, entry: EntryContext) -> None:
+        count = self.active.get(entry.probe.id, 0) - 1
+        if count > 0:
+            self.active[entry.probe.id] = count
+        else:
+            self.active.pop(entry.probe.id, None)
+
+    def _reap(self, task: tuple[int, int], sp: int) -> None:
+        """Instances of this task whose entry sp is below `sp`: their frames are gone without a return."""
+        group = self.live.get(task)
+        if not group:
+            return
+        for entry_sp in [e for e in group if e < sp]:
+            for entry in group.pop(entry_sp):
+                self._drop(entry)
+                self.reaped += 1
+                log.debug("return probe %s: frame at sp %#x went without a return", entry.probe.name, entry_sp)
+        if not group:
+            del self.live[task]
+
+    def _trim(self) -> None:
+        """Keep at most IDLE_RETURN_POINTS return addresses armed without a live instance (oldest go)."""
+        if len(self.addresses) <= IDLE_RETURN_POINTS:
+            return
+        busy = {e.return_address for group in self.live.values() for entries in group.values() for e in entries}
+        idle = [a for a in self.addresses if a not in busy]
+        for address in idle[: len(self.addresses) - IDLE_RETURN_POINTS]:
+            del self.addresses[address]
