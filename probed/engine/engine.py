@@ -383,7 +383,7 @@ class Engine:
                     await verify_boundary(self.target.read_many, self.arch.name, spec, location.symbol,
                                           location.offset, location.address)
             probe = Probe(
-                id=self.table.new_id(),
+                id=self.table.new_id(internal=bool(fields.get("internal"))),
                 name=self._new_name(name, location.symbol and _short(location) or f"{location.address:#x}"),
                 spec=spec,
                 location=location,

@@ -129,8 +129,15 @@ class ProbeTable:
         self._by_id: dict[int, Probe] = {}
         self.points: dict[tuple[str, int, int, str], HookPoint] = {}
         self._next_id = 1
+        self._next_internal_id = -1
 
-    def new_id(self) -> int:
+    def new_id(self, internal: bool = False) -> int:
+        """A fresh id: users' probes count 1, 2, 3...; the daemon's own hooks -1, -2... so they never take
+        an id a user would see (the first probe a user adds is 1, whatever the guest model hooked)."""
+        if internal:
+            pid = self._next_internal_id
+            self._next_internal_id -= 1
+            return pid
         pid = self._next_id
         self._next_id += 1
         return pid

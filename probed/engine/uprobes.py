@@ -120,8 +120,8 @@ class UserProbes:
 
         engine = self.engine
         if ret:
-            raise Unsupported("return probes on user functions (-r) need the engine's return probes, which are "
-                              "not built yet (see UserProbes.entry_hit)")
+            raise Unsupported("return probes on user functions (-r on /PATH:...) are not supported yet: "
+                              "return probes are for kernel functions")
         parsed = parse_user_spec(spec)
         if file_copy is None and engine.sysroot is not None:
             candidate = Path(engine.sysroot) / parsed.path.lstrip("/")
@@ -131,7 +131,10 @@ class UserProbes:
         if elf is not None and parsed.symbol:
             # kprobes' rule, checked on the host copy: a probe starts an instruction.
             await verify_boundary(elf.read_many, engine.arch.name, spec, parsed.symbol, parsed.symbol_offset, offset)
-        types = await engine.kernel_types()
+        try:
+            types = await engine.kernel_types()
+        except LookupError as exc:  # NoKernelTypes: not a Linux guest, or no BTF
+            raise Unsupported(f"user probes need a Linux guest with its kernel's types (BTF): {exc}") from None
         pre_h, post_h = await make_handlers([pre, post], engine.arch, engine.symbols, function=None, offset=offset,
                                             load_types=engine.kernel_types, user=True)
         cond = engine.make_condition(condition, pre_h, post_h)

@@ -219,7 +219,8 @@ class ControlServer:
         for key in ("pre", "post"):
             args = _fetchargs(params, key)
             if args:
-                env = FetchEnv(retprobe=key == "pre" and bool(params.get("retprobe")))  # ($retval is a return probe's)
+                retprobe = bool(params.get("retprobe")) or str(params.get("spec", "")).endswith("%return")
+                env = FetchEnv(retprobe=key == "pre" and retprobe)  # ($retval is a return probe's)
                 try:
                     fields += parse_fetchargs(args, arch, self.engine.symbols, env).fields_spec
                 except TypesNeeded:

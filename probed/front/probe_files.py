@@ -101,6 +101,7 @@ async def apply_lines(engine: Any, commands: Iterable[EventLine], groups: dict[i
 
 def _check(engine: Any, commands: list[EventLine], groups: dict[int, str]) -> None:
     """Everything that can be known before changing anything: names, symbols, fetch args, features."""
+    from probed.lang.fetch import FetchEnv, TypesNeeded
     from probed.lang.handlers import make_handler
 
     names = {p.name: groups.get(p.id) or (UPROBE_GROUP if p.kind == "user" else KPROBE_GROUP) for p in engine.probes()}
@@ -117,7 +118,10 @@ def _check(engine: Any, commands: list[EventLine], groups: dict[int, str]) -> No
         try:
             if not ev.user:
                 engine.symbols.resolve(ev.target)
-            make_handler(list(ev.fetchargs), engine.arch, engine.symbols)
+            make_handler(list(ev.fetchargs), engine.arch, engine.symbols,
+                         FetchEnv(retprobe=ev.retprobe, user=ev.user))
+        except TypesNeeded:
+            pass  # typed args (BTF) are checked by the engine, which loads the kernel's types
         except ProbedError as exc:
             raise ev.error(_column_of(ev, exc), _reason(exc)) from None
         names[ev.name] = ev.group or ev.default_group

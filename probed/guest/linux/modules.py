@@ -131,7 +131,7 @@ class ModuleTracker:
 
         engine = self.engine
         location = engine.symbols.resolve(function)
-        probe = Probe(id=engine.table.new_id(), name=f"linux:{function}", spec=function, location=location,
+        probe = Probe(id=engine.table.new_id(internal=True), name=f"linux:{function}", spec=function, location=location,
                       pre=PythonHandler(handler), internal=True)
         engine.table.add(probe)
         engine.breakpoints.dirty = True
