@@ -123,6 +123,11 @@ class RSPClient:
     # -- the protocol's state, as attributes (the engine reads them) ------------------------------------
 
     @property
+    def timeout(self) -> float:
+        """Seconds a request may wait for its reply, unless told otherwise."""
+        return self._timeout
+
+    @property
     def running(self) -> bool:
         """True between a resume command and the stop reply that ends it."""
         return self.protocol.running
@@ -339,8 +344,10 @@ class RSPClient:
         self.protocol.post(payloads)
 
     @contextmanager
-    def bounded(self, seconds: float) -> Iterator[None]:
+    def bounded(self, seconds: float) -> Iterator[trio.CancelScope]:
         """One time limit for a whole exchange of several requests (cheaper than one scope each).
+
+        Yields the scope: its `deadline` may be moved (the engine takes a handler's time out of it).
 
         Raises:
             TargetTimeout: the exchange did not finish in time.
@@ -348,7 +355,7 @@ class RSPClient:
         with trio.move_on_after(seconds) as scope:
             self._bounded += 1
             try:
-                yield
+                yield scope
             finally:
                 self._bounded -= 1
         if scope.cancelled_caught:
