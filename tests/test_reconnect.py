@@ -5,12 +5,15 @@ The bundled guest calls `probe_target(n, 3n + 1, ...)` on turn n, so each record
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import time
 
 import trio
 
 from probed.api import attach
+from tests.daemon import Daemon
 
 FREEZE_SECONDS = 15
 
@@ -117,3 +120,41 @@ async def test_requests_while_waiting_are_refused_clearly(guest_i386):
         with engine.hub.subscribe(probe.id) as sub:
             (rec,) = await _records(sub, 1)
         assert rec["error"] is None
+
+
+def _status(daemon) -> dict:
+    return json.loads(daemon.ctl("status", "--json").stdout)
+
+
+def _poll(predicate, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "not within the deadline"
+        time.sleep(0.02)
+
+
+def test_the_daemon_waits_for_qemu_and_says_so(guest_i386, tmp_path):
+    daemon = Daemon(guest_i386, tmp_path)
+    try:
+        daemon.ctl("add", "-n", "count", "probe_target", "a=$arg1:s32")
+        daemon.ctl("events", "--probe", "count", "--count", "5")
+        guest_i386.kill()
+        _poll(lambda: _status(daemon)["state"] == "waiting for the target", 10)
+        status = _status(daemon)
+        assert status["guest"] == "waiting for the target" and status["probes"] == 1
+        out = daemon.ctl("add", "probe_target", check=None)
+        assert out.returncode != 0 and "waiting for it" in out.stderr
+        guest_i386.restart()
+        _poll(lambda: _status(daemon)["state"] != "waiting for the target", 5)
+        hits = json.loads(daemon.ctl("list", "--json").stdout)[0]["hits"]
+        daemon.ctl("events", "--probe", "count", "--count", str(hits + 5))  # firing again, the guest runs
+        assert _status(daemon)["reconnects"] == 1
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_no_reconnect_ends_the_daemon_with_one_line(guest_i386, tmp_path):
+    daemon = Daemon(guest_i386, tmp_path, "--no-reconnect")
+    guest_i386.kill()
+    assert daemon.wait(timeout=30) == 1
+    assert daemon.stderr().strip().splitlines()[-1].startswith("probed: the target went away")
