@@ -8,6 +8,7 @@ The state file (`--state`, beside the control socket by default) is what brings 
 attaches (QEMU's `?` drops the breakpoints the dead one left), re-adds the saved probes while the guest is
 still stopped, and resumes it. Run it under a supervisor that restarts it (docs/operations.md: systemd's
 `Restart=always`).
+
 A lost connection to QEMU is waited for and picked up again (docs/operations.md), unless
 `--no-reconnect`.
 """
