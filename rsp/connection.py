@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -239,6 +240,22 @@ class RSPClient:
             except BlockingIOError:
                 await trio.lowlevel.checkpoint()
         return await self._stream.receive_some(65536)
+
+    async def wait_hangup(self) -> str:
+        """Return when the peer closes the connection (why, in words); for a caller that expects nothing
+        from the peer meanwhile (the target is stopped). Data that does come is left for the next read,
+        and this then waits for good."""
+        sock = getattr(self._stream, "socket", None)
+        if sock is None:
+            await trio.sleep_forever()
+        try:
+            data = await sock.recv(1, socket.MSG_PEEK)
+        except OSError as exc:
+            return f"connection lost: {exc}"
+        if not data:
+            return "the target closed the connection"
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
 
     async def _reply(self) -> bytes:
         """The payload of the next `Reply` (unasked stops and write-behind replies are kept aside)."""

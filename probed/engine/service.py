@@ -183,9 +183,21 @@ class Service:
     # -- requests -------------------------------------------------------------------------------------
 
     async def _wait_for_wake(self) -> None:
+        """Wait while the guest is held and nothing is asked; a target that hangs up meanwhile is lost
+        at once (nobody would read the connection otherwise until the hold ends)."""
         while self.holding() and not self.requests:
             self._wake = trio.Event()
-            await self._wake.wait()
+            gone: list[str] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_hangup, gone)
+                await self._wake.wait()
+                nursery.cancel_scope.cancel()
+            if gone:
+                raise ConnectionClosed(gone[0])
+
+    async def _watch_hangup(self, gone: list[str]) -> None:
+        gone.append(await self.engine.client.wait_hangup())
+        self._wake.set()
 
     async def serve_requests(self) -> None:
         breakpoints = self.engine.breakpoints
@@ -254,6 +266,8 @@ class Service:
         self.reconnects += 1
         self.lost_reason = None
         engine.guest.move(Event.RECONNECTED)
+        if engine.debugger is not None and engine.debugger.holding:
+            engine.guest.move(Event.TO_GDB)  # GDB held the guest: it still does
         log.info("target %s back after %d attempt(s): re-arming %d hook point(s)",
                  engine.target_address, attempts, len(engine.table.points))
 
