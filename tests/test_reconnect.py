@@ -152,9 +152,3 @@ def test_the_daemon_waits_for_qemu_and_says_so(guest_i386, tmp_path):
     finally:
         assert daemon.stop() == 0
 
-
-def test_no_reconnect_ends_the_daemon_with_one_line(guest_i386, tmp_path):
-    daemon = Daemon(guest_i386, tmp_path, "--no-reconnect")
-    guest_i386.kill()
-    assert daemon.wait(timeout=30) == 1
-    assert daemon.stderr().strip().splitlines()[-1].startswith("probed: the target went away")
