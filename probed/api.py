@@ -23,7 +23,9 @@ A handler gets a `probed.lang.context.HitContext`: `ctx.regs[name]` (target-desc
 aliases), `await ctx.read(addr, n)`, `await ctx.read_u(addr, size)`, `await ctx.read_string(addr)`,
 `ctx.symbolize(addr)`, `ctx.cpu`, `ctx.pc`, `ctx.probe`, `ctx.phase`. It returns a JSON-serialisable value,
 which the hit record carries as `pre` or `post`. An exception is recorded in that hit's `error`; after
-`fault_limit` faults in a row the probe is disabled.
+`fault_limit` faults in a row the probe is disabled. A handler runs within a time limit (`add_probe(...,
+timeout=SECONDS)`, else the engine's `handler_timeout`, 5 s): past it the hit is a fault too; a plain
+function runs in a worker thread, abandoned past its limit (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -80,7 +82,9 @@ async def attach(target: str, *, symbols: Sequence[str] = (), linux: bool | Linu
         linux: the guest is an x86_64 Linux kernel (`probed --linux`): True, or a configured
             `probed.guest.linux.kernel.LinuxKernel` (its cache, progress callback). Its KASLR slide is found,
             symbol files are rebased, or symbols are read from the guest; modules are followed.
-        **options: passed to `Engine` (`stopped`, `hw_slots`, `buffer`, `fault_limit`).
+        **options: passed to `Engine` (`stopped`, `hw_slots`, `buffer`, `fault_limit`, `timeout`,
+            `handler_timeout`, `reconnect`: a lost connection is waited for and picked up again unless
+            `reconnect=False`; see docs/operations.md).
     """
     try:
         async with trio.open_nursery() as nursery:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -121,6 +122,11 @@ class RSPClient:
         return cls(await open_stream(target), timeout=timeout)
 
     # -- the protocol's state, as attributes (the engine reads them) ------------------------------------
+
+    @property
+    def timeout(self) -> float:
+        """Seconds a request may wait for its reply, unless told otherwise."""
+        return self._timeout
 
     @property
     def running(self) -> bool:
@@ -235,6 +241,22 @@ class RSPClient:
                 await trio.lowlevel.checkpoint()
         return await self._stream.receive_some(65536)
 
+    async def wait_hangup(self) -> str:
+        """Return when the peer closes the connection (why, in words); for a caller that expects nothing
+        from the peer meanwhile (the target is stopped). Data that does come is left for the next read,
+        and this then waits for good."""
+        sock = getattr(self._stream, "socket", None)
+        if sock is None:
+            await trio.sleep_forever()
+        try:
+            data = await sock.recv(1, socket.MSG_PEEK)
+        except OSError as exc:
+            return f"connection lost: {exc}"
+        if not data:
+            return "the target closed the connection"
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
     async def _reply(self) -> bytes:
         """The payload of the next `Reply` (unasked stops and write-behind replies are kept aside)."""
         while True:
@@ -339,8 +361,10 @@ class RSPClient:
         self.protocol.post(payloads)
 
     @contextmanager
-    def bounded(self, seconds: float) -> Iterator[None]:
+    def bounded(self, seconds: float) -> Iterator[trio.CancelScope]:
         """One time limit for a whole exchange of several requests (cheaper than one scope each).
+
+        Yields the scope: its `deadline` may be moved (the engine takes a handler's time out of it).
 
         Raises:
             TargetTimeout: the exchange did not finish in time.
@@ -348,7 +372,7 @@ class RSPClient:
         with trio.move_on_after(seconds) as scope:
             self._bounded += 1
             try:
-                yield
+                yield scope
             finally:
                 self._bounded -= 1
         if scope.cancelled_caught:

@@ -86,6 +86,7 @@ class StandInEngine:
         file_copy: str | None = None,
         retprobe: bool = False,
         maxactive: int = 0,
+        timeout: float | None = None,
     ) -> StandInProbe:
         kw = {"name": name, "pre": pre, "post": post, "condition": condition, "priority": priority, "hw": hw}
         if file_copy is not None:
@@ -105,6 +106,7 @@ class StandInEngine:
         post: Any = None,
         condition: str | None = None,
         priority: int = 0,
+        timeout: float | None = None,
     ) -> StandInProbe:
         kw = {"length": length, "access": access, "name": name, "pre": pre, "post": post, "condition": condition,
               "priority": priority}

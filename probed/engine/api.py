@@ -53,6 +53,7 @@ class EngineAPI(Protocol):
         file_copy: str | None = None,
         retprobe: bool = False,
         maxactive: int = 0,
+        timeout: float | None = None,
     ) -> ProbeInfo: ...
 
     async def add_watch(
@@ -66,6 +67,7 @@ class EngineAPI(Protocol):
         post: Any = None,
         condition: str | None = None,
         priority: int = 0,
+        timeout: float | None = None,
     ) -> ProbeInfo: ...
 
     async def remove_probe(self, ref: int | str) -> None: ...

@@ -31,7 +31,7 @@ from probed.engine.probes import FAULT_LIMIT, HookPoint, Probe, ProbeTable
 from probed.engine.returns import ReturnProbes, default_maxactive
 from probed.engine.service import Service
 from probed.engine.slots import SlotAllocator
-from probed.engine.state import Event, GuestState
+from probed.engine.state import Event, Guest, GuestState
 from probed.engine.target import Target
 from probed.engine.uprobes import UserProbes
 from probed.engine.watch import WatchHelper
@@ -49,10 +49,13 @@ from rsp.connection import RSPClient
 from rsp.errors import ConnectionClosed, RSPError, TargetTimeout
 from rsp.stop import StopReply, ThreadId
 
-__all__ = ["Engine", "MAXACTIVE_MAX"]
+__all__ = ["Engine", "HANDLER_TIMEOUT", "MAXACTIVE_MAX"]
 
 MAXACTIVE_MAX = 4096
 """The largest `maxactive` (as kretprobes' KRETPROBE_MAXACTIVE_MAX)."""
+
+HANDLER_TIMEOUT = 5.0
+"""Seconds a Python handler may run by default (see `probed.engine.hits`)."""
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,11 @@ class Engine:
         hw_slots: hardware debug-register slots (x86: 4).
         buffer: how many recent hit records the ring buffer keeps.
         fault_limit: consecutive handler faults after which a probe is disabled.
-        timeout: seconds the target may take to answer a request.
+        timeout: seconds the target may take to answer a request; past it the connection counts as lost.
+        handler_timeout: seconds a Python handler may run (a probe's own `timeout` wins); 0: no limit.
+        reconnect: when the connection is lost (EOF, reset, no answer within `timeout`), keep the probes
+            and connect again (backoff 0.1 s doubling to 1 s), re-arm them and resume the guest; False:
+            `run` ends with TargetError.
         guest_memory: "auto" (guest RAM read directly when QEMU's memory is readable here) or "gdbstub".
         qemu_pid: QEMU's pid, when not found from the gdbstub connection.
         sysroot: a host directory holding copies of the guest's files (DIR/bin/prog for /bin/prog), where
@@ -84,11 +91,15 @@ class Engine:
         buffer: int = 65536,
         fault_limit: int = FAULT_LIMIT,
         timeout: float = 10.0,
+        handler_timeout: float = HANDLER_TIMEOUT,
+        reconnect: bool = True,
         guest_memory: str = "auto",
         qemu_pid: int | None = None,
         sysroot: str | os.PathLike | None = None,
     ):
         self.target_address = target
+        self.handler_timeout = handler_timeout
+        self.reconnect = reconnect
         self._memory_options = {"guest_memory": guest_memory, "qemu_pid": qemu_pid}
         self.sysroot = sysroot
         self.symbols = SymbolStore()
@@ -154,34 +165,28 @@ class Engine:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Attach, report started, and run until cancelled; then clean up and detach.
 
+        A lost connection is reconnected (`reconnect=True`, see `probed.engine.service`); the first attach
+        must succeed.
+
         Raises:
-            TargetError: the target cannot be reached, or went away.
+            TargetError: the target cannot be reached, or went away (without `reconnect`).
         """
         service = self.service
         try:
-            client = await RSPClient.connect(self.target_address, timeout=self.timeout)
-        except ConnectionClosed as exc:
-            raise TargetError(str(exc)) from exc
-        self.target = Target(client, self.symbols, **self._memory_options)
-        try:
-            try:
-                await self.target.attach()
-            except TargetTimeout as exc:
-                raise TargetError(
-                    f"cannot attach to {self.target_address}: it does not answer ({exc}); "
-                    "QEMU serves one debugger at a time: is another one attached?"
-                ) from exc
-            except RSPError as exc:
-                raise TargetError(f"cannot attach to {self.target_address}: {exc}") from exc
-            self.emulator = Emulator(self.arch, self.target.layout, self.symbols.image_ranges)
-            self.code_mode = CodeMode(self.target)
+            await self.attach()
             self.guest.move(Event.ATTACHED)
             log.info("attached to %s (%s, %d cpu)", self.target_address, self.arch.name, len(self.target.threads))
             for hook in self.attach_hooks:
                 await hook(self)
             task_status.started()
-            await service.loop()
-        except ConnectionClosed as exc:
+            while True:
+                try:
+                    await service.loop()
+                except (ConnectionClosed, TargetTimeout) as exc:
+                    if not self.reconnect:
+                        raise
+                    await service.reconnect(exc)
+        except (ConnectionClosed, TargetTimeout) as exc:
             service.dead = TargetError(f"the target went away: {exc}")
             raise service.dead from exc
         except BaseException as exc:
@@ -189,11 +194,48 @@ class Engine:
             raise
         finally:
             service.fail_requests()
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(5):
-                    await service.shutdown()
+            if self.target is not None and self.guest.state is not Guest.WAITING:
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(5):
+                        await service.shutdown()
             self.hub.close()
             self.guest.move(Event.DETACHED)
+
+    async def attach(self) -> None:
+        """Connect to the target and learn it; the connection is closed if this fails.
+
+        Reconnecting keeps the `Target` object (with a new client): whatever holds it (a guest model's
+        memory reader, say) goes on with the new connection.
+
+        Raises:
+            TargetError: nothing answers there, or it cannot be attached.
+        """
+        try:
+            client = await RSPClient.connect(self.target_address, timeout=self.timeout)
+        except ConnectionClosed as exc:
+            raise TargetError(str(exc)) from exc
+        target = self.target if self.target is not None else Target(client, self.symbols, **self._memory_options)
+        target.client = client
+        if target.memory is not None:  # reconnecting: the old QEMU's memory (maybe a dead process's)
+            target.memory.close()
+            target.memory = None
+        try:
+            try:
+                await target.attach()
+            except TargetTimeout as exc:
+                raise TargetError(
+                    f"cannot attach to {self.target_address}: it does not answer ({exc}); "
+                    "QEMU serves one debugger at a time: is another one attached?"
+                ) from exc
+            except RSPError as exc:
+                raise TargetError(f"cannot attach to {self.target_address}: {exc}") from exc
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await client.aclose()
+            raise
+        self.target = target
+        self.emulator = Emulator(self.arch, target.layout, self.symbols.image_ranges)
+        self.code_mode = CodeMode(target)
 
     async def call_stopped(self, fn: Callable[[], Awaitable[Any]]) -> Any:
         """Run `fn` in the engine task while the guest is stopped; returns its result.
@@ -284,6 +326,7 @@ class Engine:
         file_copy: str | None = None,
         retprobe: bool = False,
         maxactive: int = 0,
+        timeout: float | None = None,
     ) -> Probe:
         """Add a breakpoint probe at `sym`, `sym+off`, `file:sym+off` or `0xADDR`; or a user probe at
         `/PATH:OFFSET` or `/PATH:SYMBOL[+OFF]` in a Linux guest (probed.engine.uprobes).
@@ -305,6 +348,8 @@ class Engine:
                 and `ctx.entry` (`probed.engine.returns.EntryContext`) for a callable.
             maxactive: a return probe's limit of calls in flight at once (0: kretprobe's default,
                 max(10, 2 * CPUs)); entries past it are counted in `missed`.
+            timeout: seconds a Python handler of this probe may run (None: the engine's `handler_timeout`;
+                0: no limit); past it the hit is a fault and the guest goes on.
 
         Raises:
             UnknownSymbol, BadSpec, FetchSyntaxError, FilterSyntaxError, SlotsExhausted, TargetError.
@@ -336,6 +381,7 @@ class Engine:
         return await self._add(
             location, spec, name, pre=pre_h, post=post_h, condition=cond, priority=priority, hw=hw,
             retprobe=retprobe, maxactive=maxactive, pending=pending, internal=internal,
+            timeout=_timeout(timeout),
         )
 
     def _resolve_or_pending(self, spec: str) -> tuple[Location, str | None]:
@@ -361,8 +407,10 @@ class Engine:
         post: Any = None,
         condition: str | None = None,
         priority: int = 0,
+        timeout: float | None = None,
     ) -> Probe:
-        """Add a data watchpoint probe on a data symbol or `0xADDR` (see `probed.engine.watch`)."""
+        """Add a data watchpoint probe on a data symbol or `0xADDR` (see `probed.engine.watch`); `timeout` as
+        in `add_probe`."""
         self._require_attached()
         location, length, access = self.watch.check(spec, length, access)
         pre_h, post_h = await make_handlers([pre, post], self.arch, self.symbols, load_types=self._kernel_types)
@@ -370,7 +418,7 @@ class Engine:
 
         return await self._add(
             location, spec, name, kind="watch", pre=pre_h, post=post_h, condition=cond, priority=priority,
-            length=length, access=access,
+            length=length, access=access, timeout=_timeout(timeout),
         )
 
     async def _add(self, location: Location, spec: str, name: str | None, **fields: Any) -> Probe:
@@ -575,6 +623,8 @@ class Engine:
             "probes": len(self.probes()),
             "hook_points": len(self.table.points),
             "symbol_files": [f.name for f in self.symbols.files()],
+            "reconnects": self.service.reconnects,
+            **({"lost": self.service.lost_reason} if self.service.lost_reason else {}),
             **(self.linux.status() if self.linux is not None else {}),
             "guest_memory": self.target.memory.describe() if self.target and self.target.memory else None,
         }
@@ -604,7 +654,17 @@ class Engine:
             raise TargetError("the engine is not attached to a target yet")
         if self.service.dead is not None:
             raise TargetError("the engine has stopped")
+        if self.guest.state is Guest.WAITING:
+            raise TargetError(f"the target is not connected ({self.service.lost_reason}); probed is waiting for it")
 
+
+def _timeout(seconds: float | None) -> float | None:
+    """A handler time limit as given (None: the engine's default), checked."""
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0 or seconds != seconds:
+        raise BadSpec(str(seconds), "a handler time limit is a number of seconds >= 0 (0: no limit)")
+    return float(seconds)
 
 
 def _short(location: Location) -> str:

@@ -8,20 +8,30 @@
 
 Breakpoint hits (`BreakHits`), watchpoint hits (`probed.engine.watch`), return probes
 (`probed.engine.returns`) and, later, user-space probes all go through `HitPipeline.begin` / `run_post` / `finish`, so counting, faults, filters, `seq` and
-publishing happen in one place. A handler's time limit (issue 10) belongs in `HitPipeline.run_handler`.
+publishing happen in one place.
+
+Handlers' time limit: `HitPipeline.run_handler` runs a Python handler within its probe's `timeout` (else
+the engine's `handler_timeout`), see `PythonHandler.run_limited`. Past it the hit is a fault like a handler
+that raised (counted, the probe disabled after `fault_limit` in a row), and the hit goes on: the guest
+resumes. The handler's time is not the target's: the time limit on the target's answers (the service's
+bounded exchange) is suspended while a Python handler runs and moved on by the time it took.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import trio
 
 from probed.engine.probes import Probe
 from probed.errors import ProbedError
 from probed.lang.context import HitContext
-from probed.lang.handlers import Handler
+from probed.lang.handlers import Handler, PythonHandler
 from probed.records.events import HitRecord
+from rsp.errors import ConnectionClosed, TargetTimeout
 from rsp.stop import ThreadId
 
 if TYPE_CHECKING:
@@ -69,6 +79,7 @@ class HitPipeline:
         self.hits = 0  # stops that hit at least one probe
         self.records = 0  # records published
         self._warned: set[tuple[int, str]] = set()
+        self.open: list[Hit] = []  # hits begun and not published yet (published anyway if the target goes)
 
     async def begin(
         self,
@@ -109,6 +120,7 @@ class HitPipeline:
                 )
             )
         hit = Hit(kind, thread, cpu, pc, engine.stops, probes, records, g)
+        self.open.append(hit)
         ctx = HitContext(engine.target, cpu, "pre", g)
         for i, (probe, record) in enumerate(zip(probes, records, strict=True)):
             if entries is not None:
@@ -137,8 +149,13 @@ class HitPipeline:
             return None, None
         ctx.probe = probe
         try:
-            value = await handler.run(ctx)
-        except Exception as exc:  # a handler's bug is recorded, never fatal
+            if isinstance(handler, PythonHandler):
+                value = await self._run_python(probe, handler, ctx)
+            else:
+                value = await handler.run(ctx)
+        except (ConnectionClosed, TargetTimeout):
+            raise  # the target's fault, not the handler's: the service reconnects
+        except Exception as exc:  # a handler's bug (or its time limit) is recorded, never fatal
             probe.faults += 1
             probe.fault_run += 1
             if probe.fault_run >= self.engine.fault_limit and probe.enabled:
@@ -150,6 +167,27 @@ class HitPipeline:
         probe.fault_run = 0
         return value, None
 
+    async def _run_python(self, probe: Probe, handler: PythonHandler, ctx: HitContext) -> Any:
+        """Run a Python handler within its time limit, its time taken out of the target's."""
+        limit = probe.timeout if probe.timeout is not None else self.engine.handler_timeout
+        bound = self.engine.service.bound
+        if bound is None:
+            return await handler.run_limited(ctx, limit)
+        saved = bound.deadline
+        bound.deadline = math.inf
+        began = trio.current_time()
+        try:
+            return await handler.run_limited(ctx, limit)
+        finally:
+            bound.deadline = saved + (trio.current_time() - began)
+
+    def abandon_open(self, reason: str) -> None:
+        """Publish every hit still open (the connection went away): their records say why they end here."""
+        for hit in list(self.open):
+            for record in hit.records:
+                record.add_error(reason)
+            self.finish(hit)
+
     def abandon(self, hit: Hit) -> None:
         """Publish a hit whose instruction's step never ran (the guest went elsewhere): no post values."""
         note = "the probed instruction's step did not run; no post values"
@@ -160,6 +198,10 @@ class HitPipeline:
 
     def finish(self, hit: Hit) -> None:
         """Filter and publish every record of the hit."""
+        try:
+            self.open.remove(hit)
+        except ValueError:
+            return  # published already
         for probe, record in zip(hit.probes, hit.records, strict=True):
             self.publish(probe, record)
 

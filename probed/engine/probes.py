@@ -58,6 +58,7 @@ class Probe:
     internal: bool = False  # the daemon's own (a guest model's hook): not listed, no hit records
     file_tag: str = ""  # user probes: "inode:ADDR" of the probed file
     where: str = ""  # user probes: the place in the file, for records ("/bin/utarget:utarget")
+    timeout: float | None = None  # Python handlers' time limit in seconds (None: the engine's default)
     order: int = field(default=0, repr=False)
 
     @property

@@ -9,6 +9,14 @@ Rules it keeps:
   interrupts are sent only while the guest runs freely after `c`.
 
 Who holds the guest at each point is `probed.engine.state`; this loop moves it through RESUMED/STOPPED/HOLD.
+
+Reconnecting (`reconnect`): when the connection drops (EOF, reset) or the target does not answer a request
+within the engine's `timeout`, the loop ends with `ConnectionClosed` or `TargetTimeout`; the engine then
+calls `reconnect`: the guest state goes to WAITING, hits still open are published with an error, queued
+requests fail, and connecting is tried again with a capped backoff (`RECONNECT_DELAYS`). A new connection
+is attached like the first (`?` makes QEMU drop every breakpoint it held), nothing is taken as installed,
+and the loop starts again: its first `reconcile` re-arms every enabled probe (and GDB's points), then it
+resumes the guest. Probes, their counters (so `seq`) and GDB's session are kept.
 """
 
 from __future__ import annotations
@@ -23,16 +31,20 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from probed.engine.breakhits import SIGTRAP
-from probed.engine.state import Event
+from probed.engine.state import Event, Guest
 from probed.errors import TargetError
 from probed.sim.emulate import NoEmulator
+from rsp.errors import ConnectionClosed, RSPError, TargetTimeout
 from rsp.packets import cont, detach
 from rsp.stop import Exited, StopEvent, StopReply, Terminated
 
 if TYPE_CHECKING:
     from probed.engine.engine import Engine
 
-__all__ = ["Service"]
+__all__ = ["RECONNECT_DELAYS", "Service"]
+
+RECONNECT_DELAYS = (0.1, 1.0)
+"""The first wait between connection attempts, and the most it doubles up to (seconds)."""
 
 log = logging.getLogger("probed.engine.engine")
 
@@ -58,6 +70,9 @@ class Service:
         self.free_running = False  # a `c` went and no stop came back yet: an interrupt may be sent
         self.gdb_changes = False  # GDB's breakpoint changes wait for the next `c`, in one write with it
         self.dead: BaseException | None = None
+        self.bound: trio.CancelScope | None = None  # the time limit on the target's answers during a stop
+        self.reconnects = 0  # connections made again after one was lost
+        self.lost_reason: str | None = None  # why the connection was lost, while WAITING
         # After a hit, the next stop may be polled for this long, when that pays on this host (see
         # RSPClient.poll_next); never on one core, where the poll always takes the guest's core.
         self.poll_seconds = 0.001 if len(os.sched_getaffinity(0)) > 1 else 0.0
@@ -100,8 +115,11 @@ class Service:
             finally:
                 self.free_running = False
             guest.move(Event.STOPPED)
-            with client.bounded(engine.timeout):
-                running = await self.on_stop(event)
+            try:
+                with client.bounded(engine.timeout) as self.bound:
+                    running = await self.on_stop(event)
+            finally:
+                self.bound = None
             if running:
                 # Hits come in bursts: the next stop is likely within a millisecond.
                 client.poll_next()
@@ -110,7 +128,7 @@ class Service:
         """Handle one stop; returns True when the guest was already resumed."""
         engine = self.engine
         if isinstance(event, Exited | Terminated):
-            raise TargetError(f"the guest is gone ({event})")
+            raise ConnectionClosed(f"the guest is gone ({event})")
         self.check_deferred()
         if not isinstance(event, StopReply):
             return False
@@ -165,9 +183,21 @@ class Service:
     # -- requests -------------------------------------------------------------------------------------
 
     async def _wait_for_wake(self) -> None:
+        """Wait while the guest is held and nothing is asked; a target that hangs up meanwhile is lost
+        at once (nobody would read the connection otherwise until the hold ends)."""
         while self.holding() and not self.requests:
             self._wake = trio.Event()
-            await self._wake.wait()
+            gone: list[str] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_hangup, gone)
+                await self._wake.wait()
+                nursery.cancel_scope.cancel()
+            if gone:
+                raise ConnectionClosed(gone[0])
+
+    async def _watch_hangup(self, gone: list[str]) -> None:
+        gone.append(await self.engine.client.wait_hangup())
+        self._wake.set()
 
     async def serve_requests(self) -> None:
         breakpoints = self.engine.breakpoints
@@ -186,11 +216,60 @@ class Service:
             breakpoints.dirty = False
             await breakpoints.reconcile()
 
-    def fail_requests(self) -> None:
+    def fail_requests(self, reason: str = "the engine is not running") -> None:
         while self.requests:
             req = self.requests.popleft()
-            req.error = TargetError("the engine is not running")
+            req.error = TargetError(reason)
             req.done.set()
+
+    # -- losing the target and getting it back --------------------------------------------------------
+
+    async def reconnect(self, exc: BaseException) -> None:
+        """The connection is lost (`exc` says how): keep the probes, wait for the target, attach again.
+
+        Returns when attached again; the caller runs `loop` again, which re-arms every probe and resumes.
+        """
+        engine = self.engine
+        reason = _why(exc)
+        self.lost_reason = reason
+        if engine.guest.state is not Guest.WAITING:
+            engine.guest.move(Event.LOST)
+        log.warning("lost the target %s (%s): probes kept, waiting for it", engine.target_address, reason)
+        self.free_running = False
+        engine.pipeline.abandon_open(f"the connection to the target was lost during this hit ({reason})")
+        engine.break_hits.unfinished = None
+        debugger = engine.debugger
+        if debugger is not None:
+            debugger.parked.clear()  # published just above, with the error
+            debugger.forget_registers()
+            debugger.memory.clear()
+        self.fail_requests(f"the target is not connected ({reason}); probed is waiting for it to come back")
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await engine.client.aclose()
+        delay, most = RECONNECT_DELAYS
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                await engine.attach()
+            except (RSPError, TargetError) as err:
+                if attempts == 1:
+                    log.info("target %s not back yet: %s (trying again every %g s at most)",
+                             engine.target_address, err, most)
+                await trio.sleep(delay)
+                delay = min(delay * 2, most)
+                continue
+            break
+        engine.breakpoints.installed.clear()  # `?` made QEMU drop them all: none is installed now
+        engine.breakpoints.dirty = True  # the loop's first `reconcile` re-arms every wanted point
+        self.gdb_changes = False
+        self.reconnects += 1
+        self.lost_reason = None
+        engine.guest.move(Event.RECONNECTED)
+        if engine.debugger is not None and engine.debugger.holding:
+            engine.guest.move(Event.TO_GDB)  # GDB held the guest: it still does
+        log.info("target %s back after %d attempt(s): re-arming %d hook point(s)",
+                 engine.target_address, attempts, len(engine.table.points))
 
     async def call_stopped(self, fn: Callable[[], Awaitable[Any]]) -> Any:
         """Run `fn` in the engine task while the guest is stopped; returns its result.
@@ -200,6 +279,8 @@ class Service:
         """
         if self.engine.target is None or self.dead is not None:
             raise TargetError("the engine is not attached to a target")
+        if self.engine.guest.state is Guest.WAITING:
+            raise TargetError(f"the target is not connected ({self.lost_reason}); probed is waiting for it to come back")
         req = _Request(fn)
         self.requests.append(req)
         await self.wakeup()
@@ -232,3 +313,9 @@ class Service:
         finally:
             with trio.move_on_after(1):
                 await client.aclose()
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, TargetTimeout):
+        return f"it did not answer: {exc}"
+    return str(exc) or type(exc).__name__

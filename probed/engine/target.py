@@ -107,15 +107,16 @@ class Target:
 
     # -- reads --------------------------------------------------------------------------------------
 
-    async def read_g(self) -> bytes:
+    async def read_g(self, *, timeout: float | None = None) -> bytes:
         """The register block of the current thread (the one that stopped)."""
         packet = read_registers()
-        reply = await self.client.request(packet)
+        reply = await self.client.request(packet, timeout=timeout)
         raise_for_error(reply, packet)
         return reply
 
     async def read_many(
-        self, requests: Sequence[tuple[int, int]], *, registers: bytes | None = None, scope: object = None
+        self, requests: Sequence[tuple[int, int]], *, registers: bytes | None = None, scope: object = None,
+        timeout: float | None = None,
     ) -> list[bytes | Exception]:
         """Several memory reads, from guest RAM directly where it can be read (`probed.guest.memory`), else
         through the stub (`read_many_stub`); a refused read comes back as its exception.
@@ -123,12 +124,15 @@ class Target:
         Args:
             registers: the `g` block of the CPU that stopped, at this stop (page tables for direct reads).
             scope: an object living for this stop only (a hit's context): reads sharing it share a cache.
+            timeout: for reads through the stub, the time limit on the reply.
         """
         if self.memory is not None:
             return await self.memory.read_many(requests, registers, scope)
-        return await self.read_many_stub(requests)
+        return await self.read_many_stub(requests, timeout=timeout)
 
-    async def read_many_stub(self, requests: Sequence[tuple[int, int]]) -> list[bytes | Exception]:
+    async def read_many_stub(
+        self, requests: Sequence[tuple[int, int]], *, timeout: float | None = None
+    ) -> list[bytes | Exception]:
         """Several memory reads through the stub's `m` in one write, each cut into `MAX_MEMORY_READ` pieces
         (the one chunked memory reader of probed/); a refused read comes back as its exception."""
         packets: list[bytes] = []
@@ -138,7 +142,7 @@ class Target:
             for a in range(address, address + max(length, 0), MAX_MEMORY_READ):
                 packets.append(read_memory(a, min(MAX_MEMORY_READ, address + length - a)))
             spans.append((first, len(packets)))
-        replies = await self.client.pipeline(packets) if packets else []
+        replies = await self.client.pipeline(packets, timeout=timeout) if packets else []
         out: list[bytes | Exception] = []
         for first, end in spans:
             try:

@@ -8,6 +8,9 @@ The state file (`--state`, beside the control socket by default) is what brings 
 attaches (QEMU's `?` drops the breakpoints the dead one left), re-adds the saved probes while the guest is
 still stopped, and resumes it. Run it under a supervisor that restarts it (docs/operations.md: systemd's
 `Restart=always`).
+
+A lost connection to QEMU is waited for and picked up again (docs/operations.md), unless
+`--no-reconnect`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import TextIO
 import trio
 
 from probed import __version__
-from probed.engine.engine import Engine
+from probed.engine.engine import HANDLER_TIMEOUT, Engine
 from probed.errors import ProbedError, Unsupported
 from probed.front.control import default_control_path, prepare_socket_path, serve_control
 from probed.front.paths import UnsafePath, check_loopback, make_private_dir, open_private_append
@@ -86,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--qemu-pid", type=int, metavar="PID", help="QEMU's pid, if not found from the gdbstub socket")
     ap.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics here: tcp:127.0.0.1:PORT")
     ap.add_argument("--metrics-public", action="store_true", help="allow --metrics on a non-loopback address")
+    ap.add_argument("--handler-timeout", type=float, default=HANDLER_TIMEOUT, metavar="SECONDS",
+                    help=f"time limit of a Python handler, unless its probe has its own (default {HANDLER_TIMEOUT:g}; "
+                         "0: none)")
+    ap.add_argument("--target-timeout", type=float, default=10.0, metavar="SECONDS",
+                    help="seconds QEMU may take to answer; past it the connection counts as lost (default 10)")
+    ap.add_argument("--no-reconnect", dest="reconnect", action="store_false",
+                    help="exit (status 1) when the connection to QEMU is lost, instead of waiting for it")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--version", action="version", version=f"probed {__version__}")
     return ap
@@ -222,7 +232,8 @@ async def run(args: argparse.Namespace) -> None:
         saved = read_state(state_path)
     engine = Engine(args.target, symbol_files=args.symbols, stopped=args.stopped or bool(saved), hw_slots=args.hw_slots,
                     buffer=args.buffer, guest_memory=args.guest_memory, qemu_pid=args.qemu_pid,
-                    sysroot=args.sysroot)
+                    sysroot=args.sysroot, handler_timeout=args.handler_timeout, timeout=args.target_timeout,
+                    reconnect=args.reconnect)
     engine.hub.buffer_bytes = args.buffer_bytes
     state = ProbeState(engine, state_path) if state_path is not None else None
     progress = None

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from probed.engine.breakhits import SPURIOUS_RETRIES, is_plain_trap
 from probed.engine.state import Event, Guest
-from probed.errors import Unsupported
+from probed.errors import TargetError, Unsupported
 from probed.gdbside.debugger import DebuggerLink, gdb_key
 from probed.sim.emulate import MAX_INSN
 from rsp.packets import raise_for_error, read_memory, read_registers, set_thread
@@ -97,7 +97,25 @@ class GdbSide:
             engine.guest.move(Event.GDB_RESUMED)
             await engine.breakpoints.reconcile()
 
-        await engine.call_stopped(apply)
+        def forget() -> None:
+            # No target to talk to: forget GDB now; reconnecting re-arms only what is still wanted.
+            if engine.debugger is link:
+                for slot in link.slots.values():
+                    engine.slots.free(slot)
+                link.slots.clear()
+                link.points.clear()
+                link.parked.clear()
+                engine.debugger = None
+
+        if engine.guest.state is Guest.WAITING:
+            forget()
+            return
+        try:
+            await engine.call_stopped(apply)
+        except TargetError:
+            if engine.guest.state is not Guest.WAITING:
+                raise
+            forget()
 
     async def request(self, payloads: Sequence[bytes]) -> list[bytes]:
         """Forward packets to the target while the debugger holds it (in one write); the replies."""

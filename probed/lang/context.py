@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
+import trio
+
 from probed.lang.program import STRING_MAX, read_c_string
+from rsp.errors import TargetTimeout
 
 if TYPE_CHECKING:
     from probed.engine.probes import Probe
@@ -76,7 +79,8 @@ class HitContext:
     async def registers(self) -> RegisterView:
         """The registers, read with one `g` the first time they are needed."""
         if self._regs is None:
-            self._g = await self._target.read_g()
+            with trio.CancelScope(shield=True):  # see `read_many`
+                self._g = await self._target.read_g(timeout=getattr(getattr(self._target, "client", None), "timeout", None))
             self._regs = RegisterView(self._target, self._g)
         return self._regs
 
@@ -95,7 +99,15 @@ class HitContext:
         """Several reads in one round trip; a failed read is returned as its exception."""
         self.reads += len(requests)
         # This context lives for one stop: reads share its registers (page tables) and a cache.
-        return await self._target.read_many(requests, registers=self._g, scope=self)
+        # A handler cancelled at its time limit must not cut a request short (its reply would then be
+        # taken for the next request's): the read finishes, bounded by the target's own time limit.
+        client = getattr(self._target, "client", None)
+        if client is None:  # a stand-in target (unit tests): nothing to protect
+            return await self._target.read_many(requests, registers=self._g, scope=self)
+        with trio.CancelScope(shield=True), trio.move_on_after(client.timeout):
+            return await self._target.read_many(requests, registers=self._g, scope=self, timeout=client.timeout)
+        client.protocol.abandon()
+        raise TargetTimeout(f"the target did not answer a handler's read within {client.timeout:g} s")
 
     @property
     def reads_are_cheap(self) -> bool:

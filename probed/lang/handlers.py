@@ -8,11 +8,24 @@ reads only registers lets the engine send the register read and the single-step 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-__all__ = ["FetchHandler", "Handler", "PythonHandler", "make_handler", "make_handlers"]
+import trio
+
+__all__ = ["FetchHandler", "Handler", "HandlerTimeout", "PythonHandler", "make_handler", "make_handlers"]
+
+
+class HandlerTimeout(Exception):
+    """A Python handler ran past its probe's time limit (the hit is a fault; the guest goes on)."""
+
+    def __init__(self, seconds: float, sync: bool):
+        self.seconds = seconds
+        self.sync = sync
+        what = "its worker thread is abandoned and runs on" if sync else "it was cancelled"
+        super().__init__(f"the handler ran past its time limit of {seconds:g} s ({what})")
 
 
 class Handler:
@@ -50,19 +63,46 @@ class FetchHandler(Handler):
 
 
 class PythonHandler(Handler):
-    """A Python callable `fn(ctx)`; it may be a coroutine function (to `await ctx.read(...)`)."""
+    """A Python callable `fn(ctx)`; it may be a coroutine function (to `await ctx.read(...)`).
+
+    Time limit (`limit` seconds, `run_limited`): a coroutine function runs in the engine's task inside a
+    cancel scope, cancelled at the limit. A plain function runs in a worker thread
+    (`trio.to_thread.run_sync`, `abandon_on_cancel=True`): past the limit the engine stops waiting for it
+    and goes on; Python cannot kill a thread, so one that never returns keeps running (and holding a CPU
+    and the GIL now and then) until the daemon exits; whatever it returns later is dropped. With no limit
+    (`math.inf` or 0), a plain function runs inline in the engine's task, as fast as it gets, unbounded.
+    """
 
     needs_memory = True  # it may read anything: the engine reads before it steps
 
     def __init__(self, fn: Callable[[Any], Any]):
         self.fn = fn
         self.description = getattr(fn, "__qualname__", repr(fn))
+        self.is_async = inspect.iscoroutinefunction(fn)
 
     async def run(self, ctx: Any) -> Any:
         result = self.fn(ctx)
         if inspect.isawaitable(result):
             result = await result
         return result
+
+    async def run_limited(self, ctx: Any, limit: float) -> Any:
+        """`run` bounded by `limit` seconds.
+
+        Raises:
+            HandlerTimeout: the handler did not finish in time.
+        """
+        if not limit or limit == math.inf:
+            return await self.run(ctx)
+        with trio.move_on_after(limit):
+            if self.is_async:
+                return await self.run(ctx)
+            result = await trio.to_thread.run_sync(self.fn, ctx, abandon_on_cancel=True,
+                                                   thread_name=f"probed handler {self.description}")
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+        raise HandlerTimeout(limit, sync=not self.is_async)
 
 
 def make_handler(

@@ -205,15 +205,31 @@ class QemuGuest:
             raise QemuError(f"QEMU exited at once: {self.stderr()}")
         return self
 
+    def kill(self) -> None:
+        """SIGKILL QEMU and wait for it (the guest is gone; `restart()` starts a new one on the same socket)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self) -> QemuGuest:
+        """Kill QEMU (if it runs) and start a new one whose gdbstub listens at the same `target` (the same
+        unix path or TCP port); the new gdbstub accepts connections when this returns."""
+        self.kill()
+        return self.start()
+
     def _listen(self) -> socket.socket:
         if self.gdb == "unix":
             path = self.workdir / "gdb.sock"
+            if path.is_socket():
+                path.unlink()  # left by a QEMU we killed (restart)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(str(path))
             self.target = f"unix:{path}"
         elif self.gdb == "tcp":
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            port = int(self.target.rsplit(":", 1)[1]) if self.target else 0  # restart: the same port
+            sock.bind(("127.0.0.1", port))
             self.target = f"tcp:127.0.0.1:{sock.getsockname()[1]}"
         else:
             raise ValueError(f"gdb must be 'unix' or 'tcp', not {self.gdb!r}")
