@@ -23,6 +23,7 @@ demo: tools $(STAMP)
 bench: tools $(STAMP)
 	$(PY) bench/hits.py
 	$(PY) bench/retprobe.py
+	$(PY) bench/fetch.py
 	$(PY) bench/gdb_proxy.py
 
 lint: $(STAMP)

@@ -10,6 +10,7 @@ command -v gdb  >/dev/null 2>&1 || need="$need gdb"
 command -v gcc  >/dev/null 2>&1 || need="$need gcc"
 command -v ld   >/dev/null 2>&1 || need="$need binutils"
 command -v cpio >/dev/null 2>&1 || need="$need cpio"
+command -v tmux >/dev/null 2>&1 || need="$need tmux"
 python3 -c "import ensurepip, venv" >/dev/null 2>&1 || need="$need python3-venv"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -53,7 +53,7 @@ def run_examples(guest, tmp_path, tag: str, *daemon_args: str) -> None:
     They run in a directory holding the docs' `kprobe_events FILENAME` blocks as files (for `probectl load`).
     """
     files = tmp_path / "files"
-    files.mkdir()
+    files.mkdir(exist_ok=True)
     for info, body in kprobe_events_files():
         (files / info).write_text(body)
     daemon = Daemon(guest, tmp_path, *daemon_args)
@@ -96,6 +96,9 @@ def test_probectl_examples_of_user_probes(linux_guest, tmp_path, monkeypatch):
     (tmp_path / "guest-files" / "bin").mkdir(parents=True)
     for name in ("utarget", "utarget-pie", "ucopy"):
         (tmp_path / "guest-files" / "bin" / name).symlink_to(uprog_path(CACHE / "linux", name))
+    # probectl runs in files/ (run_examples), the daemon here: both see guest-files/ as the page shows.
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "guest-files").symlink_to(tmp_path / "guest-files")
     monkeypatch.chdir(tmp_path)
     assert len(probectl_lines("uprobes")) >= 5
 

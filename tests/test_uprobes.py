@@ -151,7 +151,7 @@ async def test_bad_user_specs(linux_guest):
         with pytest.raises(BadSpec, match="dentry cache"):
             await engine.add_probe("/bin/nosuchprogram:0x1000")
         with pytest.raises(Unsupported, match="return probes"):
-            await engine.add_probe("/bin/utarget:utarget", file_copy=_copy("utarget"), ret=True)
+            await engine.add_probe("/bin/utarget:utarget", file_copy=_copy("utarget"), retprobe=True)
         assert engine.probes() == [] and engine.stats()["breakpoints"] == 0
 
 

@@ -19,7 +19,7 @@ from probed.engine.probes import Probe
 from probed.engine.slots import Slot, SlotAllocator
 from probed.errors import ProbedError, TargetError, Unsupported
 from rsp.errors import RSPError, UnsupportedPacket
-from rsp.packets import BreakpointType, insert_breakpoint, raise_for_error, remove_breakpoint
+from rsp.packets import Z_KEYS, Z_TYPES, BreakpointType, insert_breakpoint, raise_for_error, remove_breakpoint
 
 if TYPE_CHECKING:
     from probed.engine.engine import Engine
@@ -30,14 +30,8 @@ log = logging.getLogger("probed.engine.engine")
 
 PointKey = tuple[str, int, int, str]
 
-Z_TYPES: dict[tuple[str, str], BreakpointType] = {
-    ("break", "x"): BreakpointType.SOFTWARE,
-    ("hbreak", "x"): BreakpointType.HARDWARE,
-    ("watch", "w"): BreakpointType.WRITE,
-    ("watch", "r"): BreakpointType.READ,
-    ("watch", "rw"): BreakpointType.ACCESS,
-}
-_KEY_OF_Z = {ztype: kind_access for kind_access, ztype in Z_TYPES.items()}
+# The one map of hook-point kinds to `Z` types lives with the packets (rsp.packets.Z_TYPES).
+_KEY_OF_Z = Z_KEYS
 
 
 def key_for_z(ztype: int, address: int, kind: int) -> PointKey:
