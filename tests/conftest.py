@@ -14,7 +14,7 @@ import pytest
 from hypothesis import settings
 
 from probed.testing.qemu import QemuGuest
-from tests.linux.conftest_linux import linux_guest, linux_kaslr_guest  # noqa: F401  (the session's Linux guests)
+from tests.linux.conftest_linux import linux_guest, linux_kaslr_guest, own_linux_guest  # noqa: F401  (the Linux guests)
 
 # Property tests are judged by their examples, not their speed: a per-example deadline only measures how
 # busy the host is (CI shares 2 cores with QEMU guests).

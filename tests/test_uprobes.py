@@ -21,6 +21,13 @@ pytestmark = pytest.mark.linux
 ARGS = ["$comm", "$pid", "a=$arg1:s64", "b=$arg2:s64"]
 
 
+@pytest.fixture(scope="module")
+def linux_guest(own_linux_guest):
+    """A guest of this module's own: what other modules' tests left running in the session's guest would
+    change what these tests count."""
+    return own_linux_guest
+
+
 def _copy(name: str) -> str:
     return str(uprog_path(CACHE / "linux", name))
 

@@ -10,11 +10,8 @@ import pytest
 from .guest import LinuxGuest, LinuxUnavailable, fetch_linux
 
 
-@pytest.fixture(scope="session")
-def linux_guest(tmp_path_factory):
-    """A running Linux guest (nokaslr) doing its workload: `.target`, `.kallsyms`, `.system_map`,
-    `.console_log`, `.kernel_version`. Skips if the Debian packages cannot be had; QEMU is killed at teardown.
-    """
+def boot_linux_guest(tmp_path_factory):
+    """Boot a Linux guest (nokaslr) for a fixture; skips where the Debian packages cannot be had."""
     try:
         files = fetch_linux()
     except LinuxUnavailable as exc:
@@ -24,6 +21,21 @@ def linux_guest(tmp_path_factory):
         yield guest
     finally:
         guest.close()
+
+
+@pytest.fixture(scope="session")
+def linux_guest(tmp_path_factory):
+    """A running Linux guest (nokaslr) doing its workload: `.target`, `.kallsyms`, `.system_map`,
+    `.console_log`, `.kernel_version`. Skips if the Debian packages cannot be had; QEMU is killed at teardown.
+    """
+    yield from boot_linux_guest(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def own_linux_guest(tmp_path_factory):
+    """A Linux guest of this test module's own: for tests whose exact counts would see processes or
+    mappings that other modules' tests left in the session's guest."""
+    yield from boot_linux_guest(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
