@@ -108,7 +108,8 @@ async def probed_run(target: str, elf: Path, hits: int, post: bool, arch: str) -
     async with attach(target, symbols=[str(elf)], stopped=True) as engine:
         calls = engine.symbols.lookup("calls").address
         client = engine.target.client
-        before = int.from_bytes(await client.read_memory(calls, 4), "little")
+        # Through the engine task: it owns the connection (and watches it while the guest is held).
+        before = int.from_bytes(await engine.call_stopped(lambda: client.read_memory(calls, 4)), "little")
         probe = await engine.add_probe("probe_target", pre=[f"v=%{reg}"], post=[f"v=%{reg}"] if post else None)
         with engine.hub.subscribe(probe.id, maxsize=hits + 10) as sub:
             t0 = time.perf_counter()

@@ -83,7 +83,8 @@ async def probed_run(target: str, elf: Path, n: int, arch: str) -> tuple[float, 
     async with attach(target, symbols=[str(elf)], stopped=True) as engine:
         calls = engine.symbols.lookup("calls").address
         client = engine.target.client
-        before = int.from_bytes(await client.read_memory(calls, 4), "little")
+        # Through the engine task: it owns the connection (and watches it while the guest is held).
+        before = int.from_bytes(await engine.call_stopped(lambda: client.read_memory(calls, 4)), "little")
         probe = await engine.add_probe("probe_target", retprobe=True, pre=[f"r=$retval:{t}"])
         with engine.hub.subscribe(probe.id, maxsize=n + 10) as sub:
             t0 = time.perf_counter()
