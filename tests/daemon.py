@@ -3,6 +3,7 @@ test_docs)."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -58,6 +59,17 @@ class Daemon:
         if check is not None:
             assert out.returncode == check, f"{out.stderr}\nthe daemon's log:\n{self.stderr()}"
         return out
+
+    def records(self, probe: str, count: int) -> list[dict]:
+        """The probe's next `count` hit records (from the ring first), as `probectl events --json` gives them."""
+        out = self.ctl("events", "--probe", probe, "--count", str(count), "--json").stdout
+        return [json.loads(line) for line in out.splitlines()]
+
+    def kill(self) -> None:
+        """SIGKILL if still running (a fixture's teardown after a test that did not stop it)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.wait(timeout=30)
 
     def stop(self) -> int:
         if self.proc.poll() is None:

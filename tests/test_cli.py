@@ -23,9 +23,7 @@ NAMES = ["alpha", "beta", "gamma", "delta"]
 def daemon(guest_i386, tmp_path):
     d = Daemon(guest_i386, tmp_path, "--stopped")
     yield d
-    if d.proc.poll() is None:
-        d.proc.kill()
-    d.wait(timeout=30)
+    d.kill()
 
 
 def test_add_probes_and_read_exact_hits(daemon):

@@ -97,9 +97,7 @@ def stubbed(guest_i386, tmp_path):
     daemon.gdb_socket = sock
     daemon.elf = guest_i386.elf
     yield daemon
-    if daemon.proc.poll() is None:
-        daemon.proc.kill()
-        daemon.proc.wait()
+    daemon.kill()
 
 
 def probes(daemon) -> dict:

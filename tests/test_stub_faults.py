@@ -42,9 +42,7 @@ def stubbed(guest_i386, tmp_path):
     daemon.ctl("add", "-n", "count", "probe_target")
     daemon.ctl("resume")
     yield daemon
-    if daemon.proc.poll() is None:
-        daemon.proc.kill()
-        daemon.wait(timeout=30)
+    daemon.kill()
 
 
 class Raw:

@@ -28,14 +28,7 @@ N = 22
 def daemon(guest_i386, tmp_path):
     d = Daemon(guest_i386, tmp_path, "--stopped")
     yield d
-    if d.proc.poll() is None:
-        d.proc.kill()
-        d.proc.wait()
-
-
-def _records(daemon, probe: str, count: int) -> list[dict]:
-    out = daemon.ctl("events", "--probe", probe, "--count", str(count), "--json").stdout
-    return [json.loads(line) for line in out.splitlines()]
+    d.kill()
 
 
 def test_load_save_round_trip(daemon, tmp_path):
@@ -57,9 +50,9 @@ def test_load_save_round_trip(daemon, tmp_path):
         "p:kprobes/second guest:elsewhere\n"
     )
     daemon.ctl("resume")
-    first = _records(daemon, "first", 3)
+    first = daemon.records("first", 3)
     assert [r["pre"] for r in first] == [{"a": n, "name": NAMES[n % 4]} for n in (1, 2, 3)]
-    second = _records(daemon, "p_probe_target_1", 2)
+    second = daemon.records("p_probe_target_1", 2)
     assert [r["pre"] for r in second] == [{"b": 3 * n + 1} for n in (1, 2)]
     assert second[0]["where"] == "probe_target+0x1"
 
@@ -116,7 +109,7 @@ def test_events_as_trace_pipe_lines(daemon):
     daemon.ctl("add", "-n", "pt", "probe_target", "a=$arg1:s32", "b=$arg2:x32", "name=+0($arg3):string")
     daemon.ctl("resume")
     lines = daemon.ctl("events", "--probe", "pt", "--count", "3", "--format", "trace").stdout.splitlines()
-    records = _records(daemon, "pt", 3)
+    records = daemon.records("pt", 3)
     pattern = re.compile(r"^ +<\.\.\.>-0 +\[000\] \.\.\.\.\. +(\d+)\.(\d{6}): pt: \(probe_target\) (.*)$")
     for n, (line, rec) in enumerate(zip(lines, records, strict=True), start=1):
         m = pattern.match(line)
@@ -137,7 +130,7 @@ def test_aggregations_exact_live_and_from_the_ring(daemon):
          "name", "--follow", "--interval", "0.1", "--json"], stdout=subprocess.PIPE, text=True)
     try:
         daemon.ctl("resume")
-        assert len(_records(daemon, "pt", N)) == N
+        assert len(daemon.records("pt", N)) == N
         for line in follow.stdout:  # the map as it grows, until all N records are in
             if json.loads(line)["records"] == N:
                 break
@@ -207,7 +200,7 @@ def test_python_api_aggregate(guest_i386):
 def test_export_perfetto_reads_back(daemon, tmp_path):
     daemon.ctl("add", "-n", "pt", "probe_target", "a=$arg1:s32", "name=+0($arg3):string", "--if", "a <= 5")
     daemon.ctl("resume")
-    records = _records(daemon, "pt", 5)
+    records = daemon.records("pt", 5)
     out = daemon.ctl("export", "--perfetto", str(tmp_path / "hits.pftrace")).stdout
     assert out.startswith("5 records, ") and "ui.perfetto.dev" in out
     trace = Trace()
@@ -270,7 +263,7 @@ def test_loaded_probes_are_in_the_state_file(guest_i386, tmp_path):
     try:
         assert [(p["name"], p["spec"]) for p in json.loads(second.ctl("list", "--json").stdout)] == [
             ("kept", "probe_target")]
-        a = [r["pre"]["a"] for r in _records(second, "kept", 2)]
+        a = [r["pre"]["a"] for r in second.records("kept", 2)]
         assert a[1] == a[0] + 1
     finally:
         assert second.stop() == 0

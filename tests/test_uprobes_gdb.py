@@ -26,14 +26,7 @@ def stubbed_linux(linux_guest, tmp_path):
     daemon = Daemon(Kernel, tmp_path, "--gdb-listen", f"unix:{sock}")
     daemon.gdb_socket = sock
     yield daemon
-    if daemon.proc.poll() is None:
-        daemon.proc.kill()
-        daemon.proc.wait()
-
-
-def _events(daemon, probe: str, count: int) -> list[dict]:
-    out = daemon.ctl("events", "--probe", probe, "--count", str(count), "--json").stdout
-    return [json.loads(line) for line in out.splitlines()]
+    daemon.kill()
 
 
 def test_user_probes_fire_while_gdb_debugs(linux_guest, stubbed_linux):
@@ -44,7 +37,7 @@ def test_user_probes_fire_while_gdb_debugs(linux_guest, stubbed_linux):
     try:
         assert gdb.mi("-exec-continue")["message"] == "running"
         linux_guest.shell("utarget 3 & ucopy 3 & wait")  # runs under GDB's continue
-        assert [(r["pre"]["comm"], r["pre"]["a"], r["pre"]["b"]) for r in _events(stubbed_linux, "u", 3)] == \
+        assert [(r["pre"]["comm"], r["pre"]["a"], r["pre"]["b"]) for r in stubbed_linux.records("u", 3)] == \
             [("utarget", 1, 1), ("utarget", 2, 4), ("utarget", 3, 9)]
 
         gdb.mi("-exec-interrupt")
@@ -64,7 +57,7 @@ def test_user_probes_fire_while_gdb_debugs(linux_guest, stubbed_linux):
         finally:
             shell.join(timeout=120)
         assert not shell.is_alive()
-        records = _events(stubbed_linux, "u", 5)
+        records = stubbed_linux.records("u", 5)
         assert [(r["pre"]["a"], r["pre"]["b"]) for r in records[3:]] == [(1, 1), (2, 4)]  # once each
         gdb.mi("-target-detach")
     finally:
