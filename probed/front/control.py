@@ -29,7 +29,6 @@ from probed.front.paths import SocketInUse, make_private_dir
 from probed.front.paths import prepare_socket_path as prepare_unix_path
 from probed.front.tracing_methods import TracingMethods, add_options
 from probed.guest.symbols import parse_file_arg
-from probed.records.events import encode_record
 from probed.records.size import MAX_RECORD_BYTES, RecordTooLarge, check_record_size
 
 __all__ = [
@@ -328,8 +327,8 @@ class ControlServer:
         with sub:
             if count is not None:
                 backlog = backlog[:count]
-            for record in backlog:
-                await _send_event(stream, record)
+            for line in backlog:
+                await _send_event(stream, line)
             sent = len(backlog)
             remaining = None if count is None else count - sent
             if (follow and remaining is None) or (remaining is not None and remaining > 0):
@@ -361,8 +360,8 @@ async def _stream_until_eof(
                 scope.cancel()
 
             nursery.start_soon(cancel_on_eof)
-            async for record in sub:
-                await _send_event(stream, record)
+            async for line in sub.lines():
+                await _send_event(stream, line)
                 sent += 1
                 if limit is not None and sent >= limit:
                     break
@@ -469,8 +468,9 @@ async def _send(stream: trio.abc.Stream, obj: dict[str, Any]) -> None:
     await stream.send_all(json.dumps(obj, default=repr).encode() + b"\n")
 
 
-async def _send_event(stream: trio.abc.Stream, record: dict[str, Any]) -> None:
-    line = '{"jsonrpc": "2.0", "method": "event", "params": ' + encode_record(record) + "}\n"
+async def _send_event(stream: trio.abc.Stream, record_json: str) -> None:
+    """One record as a notification; `record_json` is the record's JSON as the hub encoded it at publish."""
+    line = '{"jsonrpc": "2.0", "method": "event", "params": ' + record_json + "}\n"
     await stream.send_all(line.encode())
 
 

@@ -36,7 +36,7 @@ from probed.front.paths import UnsafePath, check_loopback, make_private_dir, ope
 from probed.front.paths import prepare_socket_path as prepare_unix_path
 from probed.front.state import ProbeState, default_state_path, read_state
 from probed.guest.linux.kernel import LinuxKernel, is_linux_kernel, use_linux
-from probed.records.events import BUFFER_BYTES, SUBSCRIPTION_BYTES, encode_record
+from probed.records.events import BUFFER_BYTES, SUBSCRIPTION_BYTES
 from probed.records.size import MAX_RECORD_BYTES
 from rsp.connection import parse_target
 
@@ -121,11 +121,11 @@ async def write_events(engine: Engine, out: TextIO, *, task_status=trio.TASK_STA
     """
     with engine.hub.subscribe(maxsize=65536, max_bytes=SUBSCRIPTION_BYTES) as sub:
         task_status.started()
-        async for record in sub:
-            out.write(encode_record(record) + "\n")
+        async for line in sub.lines():
+            out.write(line + "\n")
             while True:
                 try:
-                    out.write(encode_record(sub.receive_nowait()) + "\n")
+                    out.write(sub.receive_line_nowait() + "\n")
                 except trio.WouldBlock:
                     break
             out.flush()

@@ -112,7 +112,7 @@ class Aggregation:
             self._cells.setdefault(key, _Cell()).add(value)
 
     # The hub's consumer interface (what it calls on a subscription): take every record, never refuse one.
-    def _offer(self, record: dict[str, Any], size: int = 0) -> bool:
+    def _offer(self, record: dict[str, Any], size: int = 0, line: str | None = None) -> bool:
         self.add(record)
         return True
 

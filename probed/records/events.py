@@ -112,20 +112,21 @@ class Subscription:
         # Unbounded channel: the bounds are kept here, in records and in bytes.
         self._send, self._receive = trio.open_memory_channel[tuple[dict[str, Any], int]](float("inf"))
 
-    def _offer(self, record: dict[str, Any], size: int) -> bool:
+    def _offer(self, record: dict[str, Any], size: int, line: str | None = None) -> bool:
         if self._queued >= self.maxsize or (self._queued and self.queued_bytes + size > self.max_bytes):
             self.missed += 1
             return False
         try:
-            self._send.send_nowait((record, size))
+            # The JSON text made once at publish travels along: writers of lines do not encode again.
+            self._send.send_nowait((record, size, line))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return True
         self._queued += 1
         self.queued_bytes += size
         return True
 
-    def _taken(self, item: tuple[dict[str, Any], int]) -> dict[str, Any]:
-        record, size = item
+    def _taken(self, item: tuple[dict[str, Any], int, str | None]) -> dict[str, Any]:
+        record, size, _line = item
         self._queued -= 1
         self.queued_bytes -= size
         return record
@@ -137,6 +138,18 @@ class Subscription:
     def receive_nowait(self) -> dict[str, Any]:
         """The next record if one is buffered; raises trio.WouldBlock otherwise."""
         return self._taken(self._receive.receive_nowait())
+
+    def receive_line_nowait(self) -> str:
+        """The next record as its JSON line (no newline), if one is buffered; raises trio.WouldBlock otherwise."""
+        item = self._receive.receive_nowait()
+        self._taken(item)
+        return item[2] if item[2] is not None else encode_record(item[0])
+
+    async def lines(self):
+        """The records as their JSON lines (no newline), as they come, until the subscription ends."""
+        async for item in self._receive:
+            self._taken(item)
+            yield item[2] if item[2] is not None else encode_record(item[0])
 
     def __aiter__(self) -> Subscription:
         return self
@@ -201,17 +214,21 @@ class EventHub:
         for sub in self._subscriptions:
             if sub.probe is not None and sub.probe != record["probe"]:
                 continue
-            if not sub._offer(record, size) and self._on_missed is not None:
+            if not sub._offer(record, size, line) and self._on_missed is not None:
                 self._on_missed(record["probe"])
 
     def add_consumer(self, consumer: Any) -> None:
-        """Hand every new record to `consumer._offer(record, size)` as it is published, the way a subscription
+        """Hand every new record to `consumer._offer(record, size, json_line)` as it is published, as a subscription
         gets it, but with no buffer: aggregations (`probed.records.aggregate`) count in the daemon so."""
         self._subscriptions.add(consumer)
 
     def remove_consumer(self, consumer: Any) -> None:
         """Stop handing records to a consumer."""
         self._subscriptions.discard(consumer)
+
+    def recent_lines(self, probe: int | None = None) -> list[str]:
+        """The records still in the ring buffer as their JSON lines, oldest first."""
+        return [line for pid, line in self._ring if probe is None or pid == probe]
 
     def recent(self, probe: int | None = None) -> list[dict[str, Any]]:
         """The records still in the ring buffer, oldest first (decoded from their JSON)."""
@@ -226,10 +243,11 @@ class EventHub:
 
     def follow(
         self, probe: int | None = None, maxsize: int = 1024, max_bytes: int = SUBSCRIPTION_BYTES
-    ) -> tuple[Subscription, list[dict[str, Any]]]:
-        """A subscription and the ring's records so far, taken together: a record is in exactly one."""
+    ) -> tuple[Subscription, list[str]]:
+        """A subscription and the ring's records so far as their JSON lines, taken together: a record is in
+        exactly one (for writers of lines: nothing decoded or encoded again)."""
         sub = self.subscribe(probe, maxsize, max_bytes)
-        return sub, self.recent(probe)
+        return sub, self.recent_lines(probe)
 
     def stats(self) -> dict[str, int]:
         """The ring buffer's fill and bounds, for `probectl stats`."""

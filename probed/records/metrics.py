@@ -64,7 +64,7 @@ class _Latency:
     def __init__(self, engine: Any, histogram: Histogram):
         self.engine, self.histogram, self.last_stop = engine, histogram, None
 
-    def _offer(self, record: dict[str, Any], size: int = 0) -> bool:
+    def _offer(self, record: dict[str, Any], size: int = 0, line: str | None = None) -> bool:
         seen = getattr(self.engine, "stop_seen_ns", None)
         if record.get("stop") != self.last_stop and seen:
             self.last_stop = record.get("stop")
