@@ -35,8 +35,9 @@ import trio
 from probed.engine.api import DebuggerAPI
 from probed.errors import ProbedError, SlotsExhausted
 from probed.gdbside.debugger import DebuggerLink
-from rsp import commands as reply
 from rsp import packets
+from rsp import replies as reply
+from rsp.command_parser import parse_command
 from rsp.commands import (
     Attached,
     Continue,
@@ -60,7 +61,6 @@ from rsp.commands import (
     VCont,
     VKill,
     WriteMemory,
-    parse_command,
 )
 from rsp.connection import parse_target, send_now
 from rsp.features import build_qsupported_reply

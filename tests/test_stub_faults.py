@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rsp.command_parser import parse_command
 from rsp.commands import (
     Continue,
     Detach,
@@ -24,7 +25,6 @@ from rsp.commands import (
     WriteMemoryBinary,
     WriteRegister,
     WriteRegisters,
-    parse_command,
 )
 from rsp.framing import NEED_DATA, Framer, Packet, encode_packet
 from tests.daemon import Daemon

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rsp import commands as c
-from rsp import packets
+from rsp import packets, replies
+from rsp.command_parser import PARSERS, packet_name, parse_command
 from rsp.features import QUERIED
 from rsp.packets import BreakpointType, VContAction
 from rsp.stop import Exited, StopReply, ThreadId
@@ -85,7 +86,7 @@ TABLE = [
 
 @pytest.mark.parametrize(("command", "payload"), TABLE)
 def test_parse(command, payload):
-    assert c.parse_command(payload) == command
+    assert parse_command(payload) == command
 
 
 @pytest.mark.parametrize(("command", "payload"), TABLE)
@@ -94,8 +95,8 @@ def test_encode(command, payload):
 
 
 def test_the_table_covers_every_registered_packet():
-    tested = {c.packet_name(payload) for _, payload in TABLE}
-    assert set(c.PARSERS) <= tested
+    tested = {packet_name(payload) for _, payload in TABLE}
+    assert set(PARSERS) <= tested
 
 
 @pytest.mark.parametrize(
@@ -103,7 +104,7 @@ def test_the_table_covers_every_registered_packet():
     [(b"Hg1", b"Hg01"), (b"T1", b"T01"), (b"vCont;s:1", b"vCont;s:01"), (b"m00001000,0004", b"m1000,4")],
 )
 def test_other_spellings_mean_the_same(payload, same_as):
-    assert c.parse_command(payload) == c.parse_command(same_as)
+    assert parse_command(payload) == parse_command(same_as)
 
 
 @pytest.mark.parametrize(
@@ -159,7 +160,7 @@ def test_other_spellings_mean_the_same(payload, same_as):
     ],
 )
 def test_malformed(payload, reason):
-    command = c.parse_command(payload)
+    command = parse_command(payload)
     if reason is None:  # not the known packet after all: a longer name
         assert not isinstance(command, c.Malformed)
         return
@@ -170,26 +171,26 @@ def test_malformed(payload, reason):
 
 
 def test_names():
-    assert c.packet_name(b"qXfer:features:read:target.xml:0,ffb") == b"qXfer"
-    assert c.packet_name(b"qRcmd,7170") == b"qRcmd"
-    assert c.packet_name(b"qSupported") == b"qSupported"
-    assert c.packet_name(b"vCont?") == b"vCont?"
-    assert c.packet_name(b"vCont;c") == b"vCont"
-    assert c.packet_name(b"vFile:open:") == b"vFile"
-    assert c.packet_name(b"m10,4") == b"m"
-    assert c.packet_name(b"") == b""
+    assert packet_name(b"qXfer:features:read:target.xml:0,ffb") == b"qXfer"
+    assert packet_name(b"qRcmd,7170") == b"qRcmd"
+    assert packet_name(b"qSupported") == b"qSupported"
+    assert packet_name(b"vCont?") == b"vCont?"
+    assert packet_name(b"vCont;c") == b"vCont"
+    assert packet_name(b"vFile:open:") == b"vFile"
+    assert packet_name(b"m10,4") == b"m"
+    assert packet_name(b"") == b""
 
 
 def test_vcont_helpers():
-    assert c.parse_command(b"vCont;s:02;c").stepped_thread() == ThreadId(2)
-    assert c.parse_command(b"vCont;s:-1").stepped_thread() is None
-    assert c.parse_command(b"vCont;s").stepped_thread() is None
-    assert c.parse_command(b"vCont;s").steps
-    assert not c.parse_command(b"vCont;c:01;t").steps
+    assert parse_command(b"vCont;s:02;c").stepped_thread() == ThreadId(2)
+    assert parse_command(b"vCont;s:-1").stepped_thread() is None
+    assert parse_command(b"vCont;s").stepped_thread() is None
+    assert parse_command(b"vCont;s").steps
+    assert not parse_command(b"vCont;c:01;t").steps
 
 
 def test_vkill_is_a_kill():
-    assert isinstance(c.parse_command(b"vKill;1"), c.Kill)
+    assert isinstance(parse_command(b"vKill;1"), c.Kill)
     assert c.Kill() != c.VKill(1)
 
 
@@ -227,36 +228,36 @@ def test_client_builders_give_the_commands_the_server_parses():
         (packets.start_no_ack(), c.StartNoAck()),
     ]
     for payload, command in pairs:
-        assert c.parse_command(payload) == command
+        assert parse_command(payload) == command
 
 
 # -- replies ---------------------------------------------------------------------------------------------
 
 
 def test_reply_builders():
-    assert c.ok() == b"OK"
-    assert c.unsupported() == b""
-    assert c.error(1) == b"E01"
-    assert c.error(0x16) == b"E16"
-    assert c.error_text("no slot") == b"E.no slot"
-    assert c.console_output(b"ok\n") == b"O6f6b0a"
-    assert c.current_thread_reply(ThreadId(2)) == b"QC02"
-    assert (c.flag(True), c.flag(False)) == (b"1", b"0")
-    assert c.thread_list([ThreadId(1), ThreadId(2)]) == b"m01,02"
-    assert c.thread_list([ThreadId(2, 1)]) == b"mp1.2"
-    assert c.thread_list([]) == b"l"
-    assert c.stop_reply(StopReply(5, ThreadId(1))) == b"T05thread:01;"
-    assert c.stop_reply(Exited(0)) == b"W00"
+    assert replies.ok() == b"OK"
+    assert replies.unsupported() == b""
+    assert replies.error(1) == b"E01"
+    assert replies.error(0x16) == b"E16"
+    assert replies.error_text("no slot") == b"E.no slot"
+    assert replies.console_output(b"ok\n") == b"O6f6b0a"
+    assert replies.current_thread_reply(ThreadId(2)) == b"QC02"
+    assert (replies.flag(True), replies.flag(False)) == (b"1", b"0")
+    assert replies.thread_list([ThreadId(1), ThreadId(2)]) == b"m01,02"
+    assert replies.thread_list([ThreadId(2, 1)]) == b"mp1.2"
+    assert replies.thread_list([]) == b"l"
+    assert replies.stop_reply(StopReply(5, ThreadId(1))) == b"T05thread:01;"
+    assert replies.stop_reply(Exited(0)) == b"W00"
     with pytest.raises(ValueError):
-        c.error(256)
+        replies.error(256)
 
 
 def test_replies_parse_with_the_client_parsers():
-    assert packets.parse_error(c.error(0x0E)).code == 0x0E
-    assert packets.parse_error(c.error_text("x")).text == "x"
-    assert packets.parse_monitor_output(c.console_output(b"hi")) == b"hi"
-    assert packets.parse_current_thread(c.current_thread_reply(ThreadId(3))) == ThreadId(3)
-    assert packets.parse_thread_list(c.thread_list([ThreadId(4)])) == ([ThreadId(4)], False)
+    assert packets.parse_error(replies.error(0x0E)).code == 0x0E
+    assert packets.parse_error(replies.error_text("x")).text == "x"
+    assert packets.parse_monitor_output(replies.console_output(b"hi")) == b"hi"
+    assert packets.parse_current_thread(replies.current_thread_reply(ThreadId(3))) == ThreadId(3)
+    assert packets.parse_thread_list(replies.thread_list([ThreadId(4)])) == ([ThreadId(4)], False)
 
 
 # -- round trips -----------------------------------------------------------------------------------------
@@ -334,22 +335,22 @@ COMMAND_STRATEGIES = [
 @given(data=st.data())
 def test_every_command_round_trips(strategy, data):
     command = data.draw(strategy)
-    assert c.parse_command(command.encode()) == command
+    assert parse_command(command.encode()) == command
 
 
 @given(st.binary(max_size=60))
 def test_any_payload_parses_without_exceptions_and_forwards_unchanged_if_not_understood(payload):
-    command = c.parse_command(payload)
+    command = parse_command(payload)
     assert isinstance(command, c.Command)
     if isinstance(command, c.Unknown | c.Malformed):
         assert command.encode() == payload
     else:
         # Understood: encoding again is stable.
-        assert c.parse_command(command.encode()) == command
+        assert parse_command(command.encode()) == command
 
 
 @given(st.sampled_from([b"m", b"M", b"X", b"Z", b"z", b"vCont;", b"H", b"qXfer:", b"qRcmd,", b"qSupported:", b"p",
                         b"P", b"c", b"C", b"T", b"D"]), st.binary(max_size=30))
 def test_known_packets_with_garbage_never_raise(prefix, garbage):
-    command = c.parse_command(prefix + garbage)
-    assert c.parse_command(command.encode()) == command
+    command = parse_command(prefix + garbage)
+    assert parse_command(command.encode()) == command
