@@ -7,7 +7,11 @@
     watch        probed.engine.watch        watchpoint stops and watch requests
     breakpoints  probed.engine.breakpoints  the target's Z/z points made to match what is wanted; slots
     returns      probed.engine.returns      return probes: instances kept at entries, return breakpoints
+    uprobes      probed.engine.uprobes      user-space probes: which processes map each probed file
     gdb          probed.gdbside.side        GDB's requests through the stub
+    probe_changes probed.engine.probe_changes  adding, removing, enabling, relocating probes (the public API's)
+
+`stats()`, `status()`, `hooks()` and `points()` are `probed.engine.reports`.
 
 Components reach each other through this object's public attributes only. The public API (what the control
 socket, the stub and the library use) is `probed.engine.api.EngineAPI` and `DebuggerAPI`.
@@ -19,29 +23,28 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from fnmatch import fnmatchcase
 from typing import Any
 
 import trio
 
+from probed.engine import reports
 from probed.engine.breakhits import BreakHits
 from probed.engine.breakpoints import Breakpoints
 from probed.engine.hits import HitPipeline
+from probed.engine.probe_changes import ProbeChanges
 from probed.engine.probes import FAULT_LIMIT, HookPoint, Probe, ProbeTable
-from probed.engine.returns import ReturnProbes, default_maxactive
+from probed.engine.returns import ReturnProbes
 from probed.engine.service import Service
 from probed.engine.slots import SlotAllocator
 from probed.engine.state import Event, Guest, GuestState
 from probed.engine.target import Target
 from probed.engine.uprobes import UserProbes
 from probed.engine.watch import WatchHelper
-from probed.errors import BadSpec, NotFound, ProbedError, TargetError
+from probed.errors import ProbedError, TargetError
 from probed.gdbside.debugger import DebuggerLink
 from probed.gdbside.side import GdbSide
-from probed.guest.insn import verify_boundary
-from probed.guest.symbols import Location, SymbolStore, parse_file_arg
-from probed.guest.userfile import is_user_spec
-from probed.lang.handlers import Handler, make_handlers
+from probed.guest.symbols import SymbolStore, parse_file_arg
+from probed.lang.handlers import Handler
 from probed.records.events import EventHub
 from probed.sim.cpumode import CodeMode
 from probed.sim.emulate import Emulator, NoEmulator
@@ -49,10 +52,7 @@ from rsp.connection import RSPClient
 from rsp.errors import ConnectionClosed, RSPError, TargetTimeout
 from rsp.stop import StopReply, ThreadId
 
-__all__ = ["Engine", "HANDLER_TIMEOUT", "MAXACTIVE_MAX"]
-
-MAXACTIVE_MAX = 4096
-"""The largest `maxactive` (as kretprobes' KRETPROBE_MAXACTIVE_MAX)."""
+__all__ = ["Engine", "HANDLER_TIMEOUT"]
 
 HANDLER_TIMEOUT = 5.0
 """Seconds a Python handler may run by default (see `probed.engine.hits`)."""
@@ -120,7 +120,7 @@ class Engine:
         self.spurious_steps = 0  # QEMU's single-steps that ran nothing, done again (SPURIOUS_RETRIES)
         self.current_thread: ThreadId | None = None
         self.debugger: DebuggerLink | None = None  # the GDB stub's session, when one is attached
-        self._started = time.monotonic()
+        self.started = time.monotonic()  # for the status's uptime
         # The components (see the module's docstring).
         self.pipeline = HitPipeline(self)
         self.hub = EventHub(buffer, on_missed=self.pipeline.count_missed)
@@ -135,6 +135,7 @@ class Engine:
         self.attach_hooks: list[Callable[[Engine], Awaitable[None]]] = []
         self.linux: Any = None  # probed.guest.linux.kernel.LinuxKernel, for a Linux guest
         self.uprobes = UserProbes(self)
+        self.probe_changes = ProbeChanges(self)
         self._types: Any = None  # the kernel's BTF types, read the first time a fetch arg needs them
 
     # -- properties ---------------------------------------------------------------------------------
@@ -283,34 +284,7 @@ class Engine:
         """GDB's Ctrl-C: stop the guest and give GDB the stop."""
         await self.gdb.interrupt(link)
 
-    async def _check_readable(self, address: int) -> None:
-        (result,) = await self.target.read_many([(address, 1)])
-        if isinstance(result, Exception):
-            raise TargetError(f"address {address:#x} is not mapped in the guest (the target refused to read it: {result})")
-
-    # -- public API ---------------------------------------------------------------------------------
-
-    def _new_name(self, name: str | None, fallback: str) -> str:
-        if name:
-            if self.table.name_taken(name):
-                raise BadSpec(name, "a probe with that name exists already")
-            return name
-        base = fallback.replace(":", "_").replace("+", "_")
-        candidate, n = base, 1
-        while self.table.name_taken(candidate):
-            n += 1
-            candidate = f"{base}_{n}"
-        return candidate
-
-    def _condition(self, condition: str | None, pre: Handler | None, post: Handler | None):
-        if not condition:
-            return None
-        from probed.lang.filter import parse_filter
-
-        fields: list[str] = []
-        for h in (pre, post):
-            fields += list(getattr(h, "fields", ()) or ())
-        return parse_filter(condition, fields)
+    # -- public API (probe changes: probed.engine.probe_changes; reports: probed.engine.reports) -------
 
     async def add_probe(
         self,
@@ -354,47 +328,10 @@ class Engine:
         Raises:
             UnknownSymbol, BadSpec, FetchSyntaxError, FilterSyntaxError, SlotsExhausted, TargetError.
         """
-        self._require_attached()
-        if is_user_spec(spec):
-            if hw:
-                raise BadSpec(spec, "user probes use software breakpoints (--hw is for kernel code)")
-            return await self.uprobes.add(spec, file_copy=file_copy, name=name, pre=pre, post=post,
-                                          condition=condition, priority=priority, ret=retprobe)
-        location, pending = self._resolve_or_pending(spec)
-        if pending and hw:
-            raise BadSpec(spec, "a hardware probe needs its module loaded (its slot is taken when it is set)")
-        if retprobe:
-            if location.offset:
-                raise BadSpec(spec, "a return probe goes on a function's entry, without an offset")
-            if post is not None:
-                raise BadSpec(spec, "a return probe has no post-handler: its handler runs at the return")
-            if not 0 <= maxactive <= MAXACTIVE_MAX:
-                raise BadSpec(spec, f"maxactive must be 0..{MAXACTIVE_MAX}, not {maxactive}")
-            maxactive = maxactive or default_maxactive(len(self.target.threads))
-        elif maxactive:
-            raise BadSpec(spec, "maxactive is for return probes (retprobe=True, probectl add -r)")
-        pre_h, post_h = await make_handlers([pre, post], self.arch, self.symbols, function=location.symbol,
-                                            offset=location.offset, load_types=self._kernel_types,
-                                            retprobe=retprobe)
-        cond = self._condition(condition, pre_h, post_h)
-
-        return await self._add(
-            location, spec, name, pre=pre_h, post=post_h, condition=cond, priority=priority, hw=hw,
-            retprobe=retprobe, maxactive=maxactive, pending=pending, internal=internal,
-            timeout=_timeout(timeout),
+        return await self.probe_changes.add_probe(
+            spec, name=name, pre=pre, post=post, condition=condition, priority=priority, hw=hw, internal=internal,
+            file_copy=file_copy, retprobe=retprobe, maxactive=maxactive, timeout=timeout,
         )
-
-    def _resolve_or_pending(self, spec: str) -> tuple[Location, str | None]:
-        """The spec's location, or for `MOD:SYM+off` of a module not loaded yet (when the guest model knows
-        modules), a location without an address and why it waits."""
-        try:
-            return self.symbols.resolve(spec), None
-        except NotFound:
-            modules = getattr(self.linux, "modules", None)
-            waiting = modules.pending_location(spec) if modules is not None else None
-            if waiting is None:
-                raise
-            return waiting
 
     async def add_watch(
         self,
@@ -411,49 +348,18 @@ class Engine:
     ) -> Probe:
         """Add a data watchpoint probe on a data symbol or `0xADDR` (see `probed.engine.watch`); `timeout` as
         in `add_probe`."""
-        self._require_attached()
-        location, length, access = self.watch.check(spec, length, access)
-        pre_h, post_h = await make_handlers([pre, post], self.arch, self.symbols, load_types=self._kernel_types)
-        cond = self._condition(condition, pre_h, post_h)
-
-        return await self._add(
-            location, spec, name, kind="watch", pre=pre_h, post=post_h, condition=cond, priority=priority,
-            length=length, access=access, timeout=_timeout(timeout),
+        return await self.probe_changes.add_watch(
+            spec, length=length, access=access, name=name, pre=pre, post=post, condition=condition,
+            priority=priority, timeout=timeout,
         )
-
-    async def _add(self, location: Location, spec: str, name: str | None, **fields: Any) -> Probe:
-        """Create and install a probe while the guest is stopped."""
-
-        async def apply() -> Probe:
-            if not fields.get("pending"):
-                await self._check_readable(location.address)
-                if fields.get("kind") != "watch":  # kprobes' rule: a probe starts an instruction
-                    await verify_boundary(self.target.read_many, self.arch.name, spec, location.symbol,
-                                          location.offset, location.address)
-            probe = Probe(
-                id=self.table.new_id(internal=bool(fields.get("internal"))),
-                name=self._new_name(name, location.symbol and _short(location) or f"{location.address:#x}"),
-                spec=spec,
-                location=location,
-                **fields,
-            )
-            if probe.kind == "watch":
-                probe.last_value = await self.watch.current_value(probe)
-            if probe.pending:
-                self.table.add(probe)  # installed when its module loads
-                return probe
-            await self.breakpoints.install(probe)
-            return probe
-
-        return await self.call_stopped(apply)
 
     def new_name(self, name: str | None, fallback: str) -> str:
         """A probe's name: `name` if free (else BadSpec), or `fallback` made unique."""
-        return self._new_name(name, fallback)
+        return self.probe_changes.new_name(name, fallback)
 
     def make_condition(self, condition: str | None, pre: Handler | None, post: Handler | None):
         """The filter of a probe over its handlers' fields (None without a condition)."""
-        return self._condition(condition, pre, post)
+        return self.probe_changes.make_condition(condition, pre, post)
 
     @property
     def types(self) -> Any:
@@ -482,66 +388,19 @@ class Engine:
         Raises:
             NotFound: no such probe.
         """
-        self.table.find(ref)
-
-        async def apply() -> None:
-            probe = self.table.find(ref)
-            self.table.remove(probe)
-            self.returns.forget(probe)
-            await self.breakpoints.reconcile()
-
-        await self.call_stopped(apply)
+        await self.probe_changes.remove_probe(ref)
 
     async def remove_all(self) -> int:
         """Remove every probe; returns how many there were."""
-
-        async def apply() -> int:
-            probes = [p for p in self.table if not p.internal]
-            for p in probes:
-                self.table.remove(p)
-                self.returns.forget(p)
-            await self.breakpoints.reconcile()
-            return len(probes)
-
-        return await self.call_stopped(apply)
+        return await self.probe_changes.remove_all()
 
     async def enable_probe(self, ref: int | str) -> None:
         """Enable a probe (its breakpoint is installed again, and it takes a slot if it needs one)."""
-        self.table.find(ref)
-
-        async def apply() -> None:
-            probe = self.table.find(ref)
-            if probe.enabled:
-                return
-            if probe.pending:
-                probe.enabled, probe.disabled_reason = True, None
-                return
-            breakpoints = self.breakpoints
-            point = self.table.points[probe.point_key]
-            breakpoints.take_slot(probe)
-            probe.enabled, probe.disabled_reason, probe.fault_run = True, None, 0
-            if probe.kind == "watch":
-                probe.last_value = await self.watch.current_value(probe)
-            for key, exc in await breakpoints.reconcile():
-                if key == point.key:
-                    probe.enabled = False
-                    breakpoints.give_back(key)
-                    raise exc
-
-        await self.call_stopped(apply)
+        await self.probe_changes.enable_probe(ref)
 
     async def disable_probe(self, ref: int | str) -> None:
         """Disable a probe: its breakpoint goes when no enabled probe shares it (and frees its slot)."""
-        self.table.find(ref)
-
-        async def apply() -> None:
-            probe = self.table.find(ref)
-            probe.enabled = False
-            probe.disabled_reason = None
-            self.returns.forget(probe)
-            await self.breakpoints.reconcile()
-
-        await self.call_stopped(apply)
+        await self.probe_changes.disable_probe(ref)
 
     async def resume(self) -> None:
         """Let a guest held by `stopped=True` run."""
@@ -561,19 +420,7 @@ class Engine:
 
     async def set_bias(self, file: str, bias: int) -> list[Probe]:
         """Relocate a symbol file; its probes move with it. Returns the probes that moved."""
-
-        async def apply() -> list[Probe]:
-            self.symbols.set_bias(file, bias)
-            moved = [p for p in self.table if p.location.file == file]
-            for p in moved:
-                self.table.remove(p)
-                self.returns.forget(p)
-                p.location = self.symbols.relocate(p.location)
-                self.table.add(p)
-            await self.breakpoints.reconcile()
-            return moved
-
-        return await self.call_stopped(apply)
+        return await self.probe_changes.set_bias(file, bias)
 
     async def reconcile_now(self) -> None:
         """Install and remove breakpoints to match the probe table now, from inside a handler (the guest is
@@ -592,80 +439,16 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         """Counters for `probectl stats`."""
-        return {
-            "stops": self.stops,
-            "hits": self.hits,
-            "simulated": self.simulated,
-            "spurious_steps": self.spurious_steps,
-            "records": self.records,
-            "missed": sum(p.missed for p in self.table),
-            "faults": sum(p.faults for p in self.table),
-            "filtered": sum(p.filtered for p in self.table),
-            "breakpoints": len(self.breakpoints.installed),
-            "return_instances": self.returns.instances(),
-            "return_points": len(self.returns.addresses),
-            "reaped": self.returns.reaped,
-            "slots": self.slots.table(),
-            "retransmits": self.client.retransmits if self.target else 0,
-            "memory_reads": dict(self.target.memory.stats) if self.target and self.target.memory else {},
-            "user": self.uprobes.stats(),
-        }
+        return reports.stats(self)
 
     def status(self) -> dict[str, Any]:
         """What `probectl status` shows."""
-        return {
-            "target": self.target_address,
-            "arch": self.arch.name if self.arch else None,
-            "state": self.state,
-            "guest": self.guest.state.value,
-            "cpus": len(self.target.threads) if self.target else 0,
-            "uptime_s": round(time.monotonic() - self._started, 3),
-            "probes": len(self.probes()),
-            "hook_points": len(self.table.points),
-            "symbol_files": [f.name for f in self.symbols.files()],
-            "reconnects": self.service.reconnects,
-            **({"lost": self.service.lost_reason} if self.service.lost_reason else {}),
-            **(self.linux.status() if self.linux is not None else {}),
-            "guest_memory": self.target.memory.describe() if self.target and self.target.memory else None,
-        }
+        return reports.status(self)
 
     def hooks(self, glob: str = "*") -> list[dict[str, Any]]:
         """Probeable functions from the loaded symbols, with the handlers on each active point."""
-        rows = []
-        for sym in self.symbols.functions(glob):
-            point = self.table.breakpoint_at(sym.address)
-            rows.append(
-                {"name": sym.name, "address": f"{sym.address:#x}", "size": sym.size,
-                 "handlers": len(point.probes) if point else 0}
-            )
-        return rows
+        return reports.hooks(self, glob)
 
     def points(self, glob: str = "*") -> list[HookPoint]:
         """The hook points whose symbol matches `glob`."""
-        def place(p: HookPoint) -> str:
-            if p.kind == "user":  # an offset into a file: never a kernel symbol
-                return p.probes[0].where if p.probes else ""
-            return self.symbols.symbolize(p.address) or ""
-
-        return [p for p in self.table.points.values() if fnmatchcase(place(p), glob)]
-
-    def _require_attached(self) -> None:
-        if self.target is None or self.arch is None:
-            raise TargetError("the engine is not attached to a target yet")
-        if self.service.dead is not None:
-            raise TargetError("the engine has stopped")
-        if self.guest.state is Guest.WAITING:
-            raise TargetError(f"the target is not connected ({self.service.lost_reason}); probed is waiting for it")
-
-
-def _timeout(seconds: float | None) -> float | None:
-    """A handler time limit as given (None: the engine's default), checked."""
-    if seconds is None:
-        return None
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0 or seconds != seconds:
-        raise BadSpec(str(seconds), "a handler time limit is a number of seconds >= 0 (0: no limit)")
-    return float(seconds)
-
-
-def _short(location: Location) -> str:
-    return location.symbol if not location.offset else f"{location.symbol}+{location.offset:#x}"
+        return reports.points(self, glob)
