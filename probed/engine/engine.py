@@ -37,7 +37,7 @@ from probed.engine.returns import ReturnProbes
 from probed.engine.service import Service
 from probed.engine.slots import SlotAllocator
 from probed.engine.state import Event, Guest, GuestState
-from probed.engine.target import Target
+from probed.engine.target import Target, attach_target
 from probed.engine.uprobes import UserProbes
 from probed.engine.watch import WatchHelper
 from probed.errors import ProbedError, TargetError
@@ -49,7 +49,7 @@ from probed.records.events import EventHub
 from probed.sim.cpumode import CodeMode
 from probed.sim.emulate import Emulator, NoEmulator
 from rsp.connection import RSPClient
-from rsp.errors import ConnectionClosed, RSPError, TargetTimeout
+from rsp.errors import ConnectionClosed, TargetTimeout
 from rsp.stop import StopReply, ThreadId
 
 __all__ = ["Engine", "HANDLER_TIMEOUT"]
@@ -203,40 +203,16 @@ class Engine:
             self.guest.move(Event.DETACHED)
 
     async def attach(self) -> None:
-        """Connect to the target and learn it; the connection is closed if this fails.
-
-        Reconnecting keeps the `Target` object (with a new client): whatever holds it (a guest model's
-        memory reader, say) goes on with the new connection.
+        """Connect to the target and learn it (`probed.engine.target.attach_target`, which keeps the `Target`
+        when reconnecting); then the emulator and the CPU-mode check for it.
 
         Raises:
             TargetError: nothing answers there, or it cannot be attached.
         """
-        try:
-            client = await RSPClient.connect(self.target_address, timeout=self.timeout)
-        except ConnectionClosed as exc:
-            raise TargetError(str(exc)) from exc
-        target = self.target if self.target is not None else Target(client, self.symbols, **self._memory_options)
-        target.client = client
-        if target.memory is not None:  # reconnecting: the old QEMU's memory (maybe a dead process's)
-            target.memory.close()
-            target.memory = None
-        try:
-            try:
-                await target.attach()
-            except TargetTimeout as exc:
-                raise TargetError(
-                    f"cannot attach to {self.target_address}: it does not answer ({exc}); "
-                    "QEMU serves one debugger at a time: is another one attached?"
-                ) from exc
-            except RSPError as exc:
-                raise TargetError(f"cannot attach to {self.target_address}: {exc}") from exc
-        except BaseException:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await client.aclose()
-            raise
-        self.target = target
-        self.emulator = Emulator(self.arch, target.layout, self.symbols.image_ranges)
-        self.code_mode = CodeMode(target)
+        self.target = await attach_target(self.target_address, self.symbols, timeout=self.timeout,
+                                          target=self.target, **self._memory_options)
+        self.emulator = Emulator(self.arch, self.target.layout, self.symbols.image_ranges)
+        self.code_mode = CodeMode(self.target)
 
     async def call_stopped(self, fn: Callable[[], Awaitable[Any]]) -> Any:
         """Run `fn` in the engine task while the guest is stopped; returns its result.

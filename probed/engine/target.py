@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import trio
+
 from probed.errors import TargetError
 from probed.guest.memory import GuestMemory, open_guest_memory
 from probed.guest.symbols import SymbolStore
 from rsp.arch import Arch, arch_for
 from rsp.connection import MAX_MEMORY_READ, RSPClient
-from rsp.errors import RemoteError, RSPError, UnsupportedPacket
+from rsp.errors import ConnectionClosed, RemoteError, RSPError, TargetTimeout, UnsupportedPacket
 from rsp.features import build_qsupported, parse_qsupported_reply
 from rsp.packets import (
     VContAction,
@@ -35,7 +37,7 @@ from rsp.registers import RegisterLayout
 from rsp.stop import StopReply, ThreadId, parse_stop_reply
 from rsp.tdesc import TargetDescription, includes_of, parse_target_description
 
-__all__ = ["Target"]
+__all__ = ["Target", "attach_target"]
 
 log = logging.getLogger(__name__)
 
@@ -170,3 +172,41 @@ class Target:
         if thread is None or not self.vcont_step or len(self.threads) <= 1:
             return step()
         return vcont([VContAction("s", thread)])
+
+
+async def attach_target(
+    address: str, symbols: SymbolStore, *, timeout: float, target: Target | None = None, **memory_options
+) -> Target:
+    """Connect to the target at `address` and learn it; the connection is closed if this fails.
+
+    Reconnecting passes the `Target` it had: it is kept (with the new client), so whatever holds it (a guest
+    model's memory reader, say) goes on with the new connection. `memory_options` are `Target`'s.
+
+    Raises:
+        TargetError: nothing answers there, or it cannot be attached.
+    """
+    try:
+        client = await RSPClient.connect(address, timeout=timeout)
+    except ConnectionClosed as exc:
+        raise TargetError(str(exc)) from exc
+    if target is None:
+        target = Target(client, symbols, **memory_options)
+    target.client = client
+    if target.memory is not None:  # reconnecting: the old QEMU's memory (maybe a dead process's)
+        target.memory.close()
+        target.memory = None
+    try:
+        try:
+            await target.attach()
+        except TargetTimeout as exc:
+            raise TargetError(
+                f"cannot attach to {address}: it does not answer ({exc}); "
+                "QEMU serves one debugger at a time: is another one attached?"
+            ) from exc
+        except RSPError as exc:
+            raise TargetError(f"cannot attach to {address}: {exc}") from exc
+    except BaseException:
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await client.aclose()
+        raise
+    return target
