@@ -38,6 +38,7 @@ class ProbeChanges:
             raise TargetError(f"address {address:#x} is not mapped in the guest (the target refused to read it: {result})")
 
     def new_name(self, name: str | None, fallback: str) -> str:
+        """A probe's name: `name` if free (else BadSpec), or `fallback` made unique."""
         engine = self.engine
         if name:
             if engine.table.name_taken(name):
@@ -51,6 +52,7 @@ class ProbeChanges:
         return candidate
 
     def make_condition(self, condition: str | None, pre: Handler | None, post: Handler | None):
+        """The filter of a probe over its handlers' fields (None without a condition)."""
         if not condition:
             return None
         from probed.lang.filter import parse_filter
@@ -76,28 +78,9 @@ class ProbeChanges:
         maxactive: int = 0,
         timeout: float | None = None,
     ) -> Probe:
-        """Add a breakpoint probe at `sym`, `sym+off`, `file:sym+off` or `0xADDR`; or a user probe at
-        `/PATH:OFFSET` or `/PATH:SYMBOL[+OFF]` in a Linux guest (probed.engine.uprobes).
-
-        On a Linux guest, `MOD:SYM+off` of a module that is not loaded makes a pending probe, set when the
-        module loads (and taken out when it unloads).
-
-        Args:
-            pre: fetch args (list of `NAME=FETCHARG[:TYPE]`) or a callable `fn(ctx)`, run before the
-                probed instruction (in a return probe: at the function's return, see `retprobe`).
-            post: the same, run after it is single-stepped; `[]` steps without fetching, None skips the
-                post phase.
-            condition: a filter over the fetched names; a hit is reported only when it holds.
-            hw: use a hardware breakpoint (takes a debug-register slot).
-            internal: a guest model's own hook (not listed by `probes()`, publishes no records).
-            file_copy: user probes: a host copy of the guest's file, for `PATH:SYMBOL`.
-            retprobe: a return probe (kretprobe) on the function at `spec`: `pre` runs at each return of
-                that call, with `$retval`, registers at the return, `$argN` as they were at the entry,
-                and `ctx.entry` (`probed.engine.returns.EntryContext`) for a callable.
-            maxactive: a return probe's limit of calls in flight at once (0: kretprobe's default,
-                max(10, 2 * CPUs)); entries past it are counted in `missed`.
-            timeout: seconds a Python handler of this probe may run (None: the engine's `handler_timeout`;
-                0: no limit); past it the hit is a fault and the guest goes on.
+        """`Engine.add_probe` (its docstring says what each argument means): check the spec and the options,
+        make the handlers and the filter, install the probe (or keep it pending, or hand a user probe to
+        `engine.uprobes`).
 
         Raises:
             UnknownSymbol, BadSpec, FetchSyntaxError, FilterSyntaxError, SlotsExhausted, TargetError.
@@ -108,7 +91,7 @@ class ProbeChanges:
             if hw:
                 raise BadSpec(spec, "user probes use software breakpoints (--hw is for kernel code)")
             return await engine.uprobes.add(spec, file_copy=file_copy, name=name, pre=pre, post=post,
-                                          condition=condition, priority=priority, ret=retprobe)
+                                            condition=condition, priority=priority, ret=retprobe)
         location, pending = self._resolve_or_pending(spec)
         if pending and hw:
             raise BadSpec(spec, "a hardware probe needs its module loaded (its slot is taken when it is set)")
