@@ -66,7 +66,8 @@ class Service:
         self.engine = engine
         self.hold = hold
         self.requests: deque[_Request] = deque()
-        self._wake = trio.Event()
+        self._parked: trio.CancelScope | None = None  # the loop waits, the guest held (see `_wait_for_wake`)
+        self._inline: trio.Event | None = None  # set when work run in a caller's task (`_run_inline`) ends
         self.free_running = False  # a `c` went and no stop came back yet: an interrupt may be sent
         self.gdb_changes = False  # GDB's breakpoint changes wait for the next `c`, in one write with it
         self.dead: BaseException | None = None
@@ -184,20 +185,27 @@ class Service:
 
     async def _wait_for_wake(self) -> None:
         """Wait while the guest is held and nothing is asked; a target that hangs up meanwhile is lost
-        at once (nobody would read the connection otherwise until the hold ends)."""
-        while self.holding() and not self.requests:
-            self._wake = trio.Event()
-            gone: list[str] = []
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_hangup, gone)
-                await self._wake.wait()
-                nursery.cancel_scope.cancel()
-            if gone:
-                raise ConnectionClosed(gone[0])
+        at once (nobody would read the connection otherwise until the hold ends).
 
-    async def _watch_hangup(self, gone: list[str]) -> None:
-        gone.append(await self.engine.client.wait_hangup())
-        self._wake.set()
+        While parked here, `call_stopped` runs its work in the caller's task (see `_run_inline`): the
+        hangup watch lets go of the socket for it, and this waits until it is done.
+        """
+        while True:
+            if self._inline is not None:
+                await self._inline.wait()
+                continue
+            if not (self.holding() and not self.requests):
+                return
+            gone = None
+            with trio.CancelScope() as self._parked:
+                gone = await self._watch_hangup()
+            self._parked = None
+            if gone is not None:
+                raise ConnectionClosed(gone)
+
+    async def _watch_hangup(self) -> str | None:
+        """Why the target hung up (when it does while parked); returns None when woken instead."""
+        return await self.engine.client.wait_hangup()
 
     async def serve_requests(self) -> None:
         breakpoints = self.engine.breakpoints
@@ -281,6 +289,8 @@ class Service:
             raise TargetError("the engine is not attached to a target")
         if self.engine.guest.state is Guest.WAITING:
             raise TargetError(f"the target is not connected ({self.lost_reason}); probed is waiting for it to come back")
+        if self._parked is not None and self._inline is None and not self.requests:
+            return await self._run_inline(fn)
         req = _Request(fn)
         self.requests.append(req)
         await self.wakeup()
@@ -289,8 +299,28 @@ class Service:
             raise req.error
         return req.result
 
+    async def _run_inline(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+        """Run `fn` in the caller's task while the loop is parked with the guest held (GDB's packets,
+        mostly): two task switches less per request, the better part of a GDB exchange's time here.
+
+        The loop's hangup watch is cancelled first (cancelling it frees the socket at once), and the loop
+        waits for `fn` before it looks at anything. Like work run by the loop, `fn` is not cut short by
+        its caller's cancellation: an exchange with the target is never left half done.
+        """
+        self._inline = trio.Event()
+        parked, self._parked = self._parked, None  # (no one else may take the loop's place now)
+        parked.cancel()
+        try:
+            with trio.CancelScope(shield=True):
+                return await fn()
+        finally:
+            done, self._inline = self._inline, None
+            done.set()
+
     async def wakeup(self) -> None:
-        self._wake.set()
+        if self._parked is not None:
+            parked, self._parked = self._parked, None
+            parked.cancel()
         if self.free_running:
             await self.engine.client.interrupt()
 
