@@ -17,7 +17,9 @@ __all__ = [
     "ok",
     "stop_reply",
     "thread_list",
+    "threads_document",
     "unsupported",
+    "xfer_part",
 ]
 
 
@@ -71,3 +73,15 @@ def thread_list(threads: Iterable[ThreadId]) -> bytes:
     """A `qfThreadInfo`/`qsThreadInfo` reply: `m01,02` for these threads, `l` when there are none left."""
     ids = [t.encode() for t in threads]
     return b"m" + b",".join(ids) if ids else b"l"
+
+
+def threads_document(threads: Iterable[ThreadId]) -> bytes:
+    """The `qXfer:threads:read` object: GDB's XML thread list, one `<thread>` per id."""
+    items = b"".join(b'<thread id="%s"/>' % t.encode() for t in threads)
+    return b'<?xml version="1.0"?>\n<threads>%s</threads>\n' % items
+
+
+def xfer_part(document: bytes, offset: int, length: int) -> bytes:
+    """A `qXfer:...:read` reply: `m` and the part asked for while more follows, `l` and the rest at the end."""
+    part = document[offset : offset + length]
+    return (b"m" if offset + length < len(document) else b"l") + part

@@ -61,6 +61,7 @@ from rsp.commands import (
     VCont,
     VKill,
     WriteMemory,
+    XferRead,
 )
 from rsp.connection import parse_target, send_now
 from rsp.features import build_qsupported_reply
@@ -76,7 +77,14 @@ log = logging.getLogger(__name__)
 
 PACKET_SIZE = 0x1000
 STUB_FEATURES = build_qsupported_reply(
-    {"PacketSize": f"{PACKET_SIZE:x}", "qXfer:features:read": True, "vContSupported": True, "QStartNoAckMode": True}
+    {
+        "PacketSize": f"{PACKET_SIZE:x}",
+        "qXfer:features:read": True,
+        # GDB then lists threads at each stop with one packet, not `qfThreadInfo` and `qsThreadInfo`.
+        "qXfer:threads:read": True,
+        "vContSupported": True,
+        "QStartNoAckMode": True,
+    }
 )
 MAX_PACKET = 4 * PACKET_SIZE
 """Bytes a packet from GDB may span (escapes included); GDB keeps to `PacketSize`, a longer one is dropped."""
@@ -311,6 +319,9 @@ class GdbSession:
                 await self.reply(reply.thread_list(_for_gdb(t) for t in engine.target.threads))
             elif isinstance(cmd, CurrentThread) and (current := self._current_thread()) is not None:
                 await self.reply(reply.current_thread_reply(_for_gdb(current)))
+            elif isinstance(cmd, XferRead) and cmd.object == "threads" and not cmd.annex:
+                document = reply.threads_document(_for_gdb(t) for t in engine.target.threads)
+                await self.reply(reply.xfer_part(document, cmd.offset, cmd.length))
             elif isinstance(cmd, ThreadInfoNext):
                 await self.reply(reply.thread_list(()))
             elif isinstance(cmd, ReadMemory) and not self.phys:

@@ -313,3 +313,27 @@ def test_gdb_through_probed_after_gdb_straight_to_qemu(guest_i386, tmp_path):
         gdb.close()
         code = daemon.stop()  # (an assert here would hide the failure that brought us here)
     assert code == 0, daemon.stderr()
+
+
+def test_gdb_lists_every_vcpu_through_the_stub(guest_smp, tmp_path):
+    """Through the stub GDB lists threads with `qXfer:threads:read` (one packet a stop): both vCPUs are
+    there, and each one's registers are its own."""
+    sock = tmp_path / "gdb.sock"
+    daemon = Daemon(guest_smp, tmp_path, "--stopped", "--gdb-listen", f"unix:{sock}")
+    gdb = Gdb(guest_smp.elf, sock)
+    try:
+        probe_target = symbol(SimpleNamespace(elf=guest_smp.elf), "probe_target")
+        gdb.mi(f"-break-insert *{probe_target:#x}")
+        assert gdb.run("-exec-continue")["reason"] == "breakpoint-hit"
+        threads = gdb.mi("-thread-info")["payload"]["threads"]
+        assert sorted(t["id"] for t in threads) == ["1", "2"]
+        pcs = {}
+        for tid in ("1", "2"):
+            gdb.mi(f"-thread-select {tid}")
+            pcs[tid] = gdb.pc()
+        assert probe_target in pcs.values()  # the CPU that hit it; the other is wherever it was
+        assert "internal-error" not in "".join(gdb.console)
+    finally:
+        gdb.close()
+        code = daemon.stop()
+    assert code == 0, daemon.stderr()

@@ -127,7 +127,7 @@ async def test_a_garbled_packet_is_asked_for_again():
 
 
 async def test_only_what_qemu_answers_is_forwarded():
-    unanswered = [b"q", b"v", b"Q", b"F-1,2", b"vFoo", b"qOffsets", b"X10,0:", b"qXfer:threads:read::0,10", b"!"]
+    unanswered = [b"q", b"v", b"Q", b"F-1,2", b"vFoo", b"qOffsets", b"X10,0:", b"qXfer:libraries:read::0,10", b"!"]
 
     async def script(gdb):
         for p in unanswered:
@@ -139,6 +139,23 @@ async def test_only_what_qemu_answers_is_forwarded():
 
     engine = await session(script)
     assert engine.forwarded == [[b"qqemu.sstepbits"], [b"Hg1"]]
+
+
+async def test_the_thread_list_comes_in_one_packet_and_in_parts_when_asked():
+    """`qXfer:threads:read` (offered in qSupported) saves GDB the `qfThreadInfo`/`qsThreadInfo` pair at
+    every stop; a short read gets `m` and the part, the last part `l`."""
+    async def script(gdb):
+        assert b"qXfer:threads:read+" in (await gdb.ask(b"qSupported:xmlRegisters=i386")).split(b";")
+        whole = await gdb.ask(b"qXfer:threads:read::0,ffb")
+        assert whole == b'l<?xml version="1.0"?>\n<threads><thread id="01"/></threads>\n'
+        first = await gdb.ask(b"qXfer:threads:read::0,10")
+        rest = await gdb.ask(b"qXfer:threads:read::10,ffb")
+        assert (first[:1], rest[:1]) == (b"m", b"l")
+        assert b"l" + first[1:] + rest[1:] == whole
+        assert await gdb.ask(b"qXfer:threads:read::%x,10" % len(whole)) == b"l"
+        assert await gdb.ask(b"D") == b"OK"
+
+    await session(script)
 
 
 async def test_monitor_commands_are_refused_unless_allowed():
