@@ -242,6 +242,11 @@ class ClientProtocol:
         self._interrupting = False
         return frame
 
+    @property
+    def holds_posted(self) -> bool:
+        """Whether requests of `post` wait to go out with the next write (the target has not seen them)."""
+        return bool(self._held)
+
     def post(self, payloads: Sequence[bytes]) -> None:
         """Hold requests whose replies must be `OK`: they go out in front of the next write.
 

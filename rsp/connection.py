@@ -139,6 +139,11 @@ class RSPClient:
         return self.protocol.pending_stops
 
     @property
+    def holds_posted(self) -> bool:
+        """Whether writes of `post` are still held here (not sent: the target's memory does not have them)."""
+        return self.protocol.holds_posted
+
+    @property
     def deferred_errors(self) -> list[tuple[bytes, bytes]]:
         """(request, reply) of write-behind requests that were not answered `OK`."""
         return self.protocol.deferred_errors

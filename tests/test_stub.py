@@ -108,6 +108,8 @@ async def test_stepping_through_the_stub_shows_what_qemu_shows(arch, tmp_path):
             simulated = engine.simulated
             await same_steps(direct, client, engine, 1000)
             assert engine.simulated - simulated > 500
+            # Reads came from guest RAM (after a simulated write, from QEMU: RAM has it only once it is sent).
+            assert engine.target.memory.direct and engine.target.memory.stats["direct"] > 0
         await direct.aclose()
 
 

@@ -136,7 +136,7 @@ def test_packets_qemu_never_answers_get_the_empty_reply_from_the_stub(stubbed):
     """A bare `q`, `v`, `Q`, `F...` (QEMU answers none of them: a forwarded one would stall for 10 s)."""
     client = Raw(stubbed.gdb_socket)
     client.sock.settimeout(5)  # well under the 10 s the engine would wait for QEMU
-    unanswered = [b"q", b"v", b"Q", b"Fffffffff,2", b"vFoo;1", b"qOffsets", b"X100000,0:", b"qXfer:threads:read::0,fff", b"Qqemu.sstep=0"]
+    unanswered = [b"q", b"v", b"Q", b"Fffffffff,2", b"vFoo;1", b"qOffsets", b"X100000,0:", b"qXfer:libraries:read::0,fff", b"Qqemu.sstep=0"]
     client.send(b"".join(encode_packet(p) for p in unanswered) + encode_packet(b"qC"))
     assert [client.packet() for _ in unanswered] == [b""] * len(unanswered)
     assert client.packet() == b"QC01"

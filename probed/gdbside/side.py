@@ -144,14 +144,33 @@ class GdbSide:
         return await self.engine.call_stopped(apply)
 
     async def _read_at_stop(self, link: DebuggerLink, address: int, length: int) -> bytes:
-        """The `m` reply for a read while the guest is stopped: from the snapshot, or from the target
-        (and then remembered while GDB holds the guest, which stays as it is until GDB resumes it)."""
+        """The `m` reply for a read while the guest is stopped: from the snapshot, from guest RAM directly,
+        or from the target (and then remembered while GDB holds the guest, which stays as it is until GDB
+        resumes it)."""
         reply = link.memory.get(address, length)
         if reply is None:
+            data = await self._read_direct(link, address, length)
+            if data is not None:
+                return data.hex().encode()
             reply = await self.engine.client.request(read_memory(address, length))
             if link.holding:
                 link.memory.put(address, length, reply)
         return reply
+
+    def _reads_directly(self) -> bool:
+        memory = self.engine.target.memory
+        return memory is not None and memory.direct
+
+    async def _read_direct(self, link: DebuggerLink, address: int, length: int) -> bytes | None:
+        """GDB's read from guest RAM (no exchange with QEMU), when RAM can be read and the page tables of
+        the CPU GDB reads through (its `Hg`, else the one that stopped) are at hand; else None."""
+        if not self._reads_directly() or self.engine.client.holds_posted:
+            return None  # (simulated writes not sent yet: RAM does not have them)
+        thread = link.g_thread if link.g_thread is not None and link.g_thread.tid > 0 else link.current_thread
+        g = link.cached_registers(thread)
+        if g is None:
+            return None
+        return await self.engine.target.memory.read_direct(address, length, g)
 
     def insert(self, ztype: int, address: int, kind: int) -> None:
         """GDB's `Z`. Hardware kinds take a slot owned by "gdb" at once.
@@ -331,8 +350,9 @@ class GdbSide:
         the pc), while the other reads are still on their way; but not if the registers equal `unless`
         (a step that did nothing). Returns the registers and whether the stop was delivered.
         """
-        reads = list(link.prefetch)
-        if link.last_pc is not None:
+        # With guest RAM at hand, GDB's reads are served from it when GDB asks: only `g` goes to QEMU.
+        reads = [] if self._reads_directly() else list(link.prefetch)
+        if link.last_pc is not None and not self._reads_directly():
             pc = link.last_pc
             start = max(pc - CODE_BEHIND, pc - pc % PAGE)
             reads.append((start, min(pc + CODE_WINDOW, pc - pc % PAGE + PAGE) - start))

@@ -135,6 +135,22 @@ class GuestMemory:
             await self._read_stub([requests[i] for i in todo], todo, out)
         return out  # type: ignore[return-value]
 
+    async def read_direct(self, address: int, length: int, registers: bytes) -> bytes | None:
+        """One read from guest RAM only; None when it cannot be read there (the caller asks the stub, whose
+        answer, an error included, is then the one to give).
+
+        Translations are kept while `registers` is the same object (one stop of one CPU).
+        """
+        if self.ram is None:
+            return None
+        if registers is not self._scope:
+            self._scope = registers
+            self._walker = None
+            self._cache = _StopCache()
+        out: list[_Reply | None] = [None]
+        await self._read_direct([(address, length)], registers, out)
+        return out[0] if isinstance(out[0], bytes) else None
+
     def _paging(self, registers: bytes) -> Paging | None:
         if self._paging_of is not None and self._paging_of[0] is registers:
             return self._paging_of[1]
