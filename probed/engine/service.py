@@ -68,6 +68,7 @@ class Service:
         self.requests: deque[_Request] = deque()
         self._parked: trio.CancelScope | None = None  # the loop waits, the guest held (see `_wait_for_wake`)
         self._inline: trio.Event | None = None  # set when work run in a caller's task (`_run_inline`) ends
+        self._resumed_inline = False  # that work let the guest run: the loop waits for its stop
         self.free_running = False  # a `c` went and no stop came back yet: an interrupt may be sent
         self.gdb_changes = False  # GDB's breakpoint changes wait for the next `c`, in one write with it
         self.dead: BaseException | None = None
@@ -96,19 +97,9 @@ class Service:
                 if self.holding():
                     if self.hold:
                         guest.move(Event.HOLD)
-                    await self._wait_for_wake()
+                    running = await self._wait_for_wake()
                     continue
-                guest.move(Event.RESUMED)
-                self.free_running = True
-                if self.gdb_changes:
-                    # GDB's breakpoint changes and the `c` in one write.
-                    self.gdb_changes = False
-                    for key, exc in await engine.breakpoints.reconcile(resume=cont()):
-                        log.error("GDB's %s at %#x could not be set on the target: %s", key[0], key[1], exc)
-                    if self.must_stop():
-                        await client.interrupt()
-                else:
-                    await client.resume(cont())
+                await self._resume()
             else:
                 self.free_running = True
             try:
@@ -124,6 +115,20 @@ class Service:
             if running:
                 # Hits come in bursts: the next stop is likely within a millisecond.
                 client.poll_next()
+
+    async def _resume(self) -> None:
+        """Let the guest run (GDB's breakpoint changes go in the same write as the `c`)."""
+        engine = self.engine
+        engine.guest.move(Event.RESUMED)
+        self.free_running = True
+        if self.gdb_changes:
+            self.gdb_changes = False
+            for key, exc in await engine.breakpoints.reconcile(resume=cont()):
+                log.error("GDB's %s at %#x could not be set on the target: %s", key[0], key[1], exc)
+            if self.must_stop():
+                await engine.client.interrupt()
+        else:
+            await engine.client.resume(cont())
 
     async def on_stop(self, event: StopEvent) -> bool:
         """Handle one stop; returns True when the guest was already resumed."""
@@ -183,19 +188,23 @@ class Service:
 
     # -- requests -------------------------------------------------------------------------------------
 
-    async def _wait_for_wake(self) -> None:
+    async def _wait_for_wake(self) -> bool:
         """Wait while the guest is held and nothing is asked; a target that hangs up meanwhile is lost
         at once (nobody would read the connection otherwise until the hold ends).
 
         While parked here, `call_stopped` runs its work in the caller's task (see `_run_inline`): the
-        hangup watch lets go of the socket for it, and this waits until it is done.
+        hangup watch lets go of the socket for it, and this waits until it is done. Returns True when
+        that work let the guest run (it is running now: its stop is to be waited for).
         """
         while True:
             if self._inline is not None:
                 await self._inline.wait()
                 continue
+            if self._resumed_inline:
+                self._resumed_inline = False
+                return True
             if not (self.holding() and not self.requests):
-                return
+                return False
             gone = None
             with trio.CancelScope() as self._parked:
                 gone = await self._watch_hangup()
@@ -312,7 +321,15 @@ class Service:
         parked.cancel()
         try:
             with trio.CancelScope(shield=True):
-                return await fn()
+                result = await fn()
+                debugger = self.engine.debugger
+                if not (self.holding() or self.requests or self.engine.breakpoints.dirty
+                        or (debugger is not None and debugger.interrupt_requested)):
+                    # GDB resumed the guest: the `c` goes now, not after a task switch to the loop (which
+                    # waits for the stop next, or learns there that the connection failed).
+                    self._resumed_inline = True
+                    await self._resume()
+                return result
         finally:
             done, self._inline = self._inline, None
             done.set()
