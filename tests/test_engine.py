@@ -58,7 +58,10 @@ async def test_hits_equal_the_guest_counter_after_running(guest_i386):
         probe = await engine.add_probe("probe_target", pre=["calls=@calls:u32"])
         records = await take(engine, probe, 200)
         await engine.hold()
-        calls_now = int.from_bytes(await engine.target.client.read_memory(engine.symbols.lookup("calls").address, 4), "little")
+        # Through the engine (it owns the connection, and watches it while the guest is held).
+        address = engine.symbols.lookup("calls").address
+        raw = await engine.call_stopped(lambda: engine.target.client.read_memory(address, 4))
+        calls_now = int.from_bytes(raw, "little")
     # Hit k saw calls == k - 1; when the guest was held it had made `hits` or `hits - 1` calls
     # (held between a hit and the increment in the function body).
     assert [r["pre"]["calls"] for r in records] == list(range(200))
