@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from time import perf_counter
 
 import trio
 
@@ -53,6 +54,24 @@ def send_now(stream: trio.abc.Stream, data: bytes) -> int:
         return os.write(sock.fileno(), data)
     except BlockingIOError:
         return 0
+
+
+async def receive_from(fd: int) -> bytes:
+    """What a socket holds now, or, when nothing, the next bytes it gets (b"" at the peer's end).
+
+    What trio's `receive_some` does, for the hot paths, without its layers (a try, a context manager and
+    a checkpoint per call), which cost about as much as the system calls here. It does not checkpoint
+    when data is there: the callers' loops block often enough.
+
+    Raises:
+        OSError: the connection failed (a reset).
+        trio.ClosedResourceError: another task closed the socket.
+    """
+    while True:
+        try:
+            return os.read(fd, 65536)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(fd)
 
 
 def parse_target(target: str) -> tuple[str, str | tuple[str, int]]:
@@ -98,7 +117,7 @@ class RSPClient:
     Attributes:
         protocol: the protocol state machine this pumps.
         console: text of `O` packets received outside a monitor command.
-        poll_until: trio time until which receiving polls the socket instead of sleeping (`_poll_receive`).
+        poll_until: `time.perf_counter` time until which receiving polls the socket instead of sleeping (`_poll_receive`).
         poller: chooses whether the wait after `poll_next` polls (its `window` is 0, never, until the
             owner sets it).
     """
@@ -115,6 +134,11 @@ class RSPClient:
         self.poll_until = 0.0
         self.poller = PollChooser(0.0)
         self._timed = False  # a wait begun by `poll_next` is being timed for `poller`
+        # Called before every read (when set): whoever else waits on this socket must let go of it now
+        # (the engine's hangup watch, while GDB's requests run in GDB's task).
+        self.claim: Callable[[], None] | None = None
+        sock = getattr(stream, "socket", None)  # None for a stream that is not a socket (tests' memory streams)
+        self._fd: int | None = sock.fileno() if sock is not None else None
 
     @classmethod
     async def connect(cls, target: str, *, timeout: float = 10.0) -> RSPClient:
@@ -216,19 +240,23 @@ class RSPClient:
     def poll_next(self) -> None:
         """The next bytes are expected soon (a stop after a resume): wait for them the way `poller` finds
         cheaper now, polling for `poller.window` or sleeping."""
-        self.poll_until = self.poller.begin(trio.current_time())
+        self.poll_until = self.poller.begin(perf_counter())
         self._timed = True
 
     async def _receive(self) -> bytes:
+        if self.claim is not None:
+            self.claim()
         try:
-            if self.poll_until and trio.current_time() < self.poll_until:
+            if self.poll_until and perf_counter() < self.poll_until:
                 data = await self._poll_receive()
+            elif self._fd is not None:
+                data = await receive_from(self._fd)
             else:
                 data = await self._stream.receive_some(65536)
             if self._timed:
                 self._timed = False
                 self.poll_until = 0.0
-                self.poller.end(trio.current_time())
+                self.poller.end(perf_counter())
             return data
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.protocol.close()
@@ -239,12 +267,12 @@ class RSPClient:
         waiting as usual: a reply or stop expected within microseconds is seen without the wake-up from
         epoll, which costs about as long as the exchange itself on small VMs."""
         fd = self._stream.socket.fileno()
-        while trio.current_time() < self.poll_until:
+        while perf_counter() < self.poll_until:
             try:
                 return os.read(fd, 65536)
             except BlockingIOError:
                 await trio.lowlevel.checkpoint()
-        return await self._stream.receive_some(65536)
+        return await receive_from(fd)
 
     async def wait_hangup(self) -> str:
         """Return when the peer closes the connection (why, in words); for a caller that expects nothing

@@ -28,6 +28,7 @@ import math
 import os
 import stat
 from dataclasses import replace
+from time import perf_counter
 from typing import Any
 
 import trio
@@ -63,7 +64,7 @@ from rsp.commands import (
     WriteMemory,
     XferRead,
 )
-from rsp.connection import parse_target, send_now
+from rsp.connection import parse_target, receive_from, send_now
 from rsp.features import build_qsupported_reply
 from rsp.framing import ACK, NACK, NEED_DATA, BadChecksum, Framer, Interrupt, Nack, Packet, encode_packet
 from rsp.polling import PollChooser
@@ -191,8 +192,8 @@ class GdbSession:
         if self._fd is None:
             return await self.stream.receive_some(65536)
         poller = self.pollers[self.waiting_stop]
-        hot_until = poller.begin(trio.current_time())
-        while trio.current_time() < hot_until:
+        hot_until = poller.begin(perf_counter())
+        while perf_counter() < hot_until:
             try:
                 data = os.read(self._fd, 65536)
                 break
@@ -201,8 +202,11 @@ class GdbSession:
             except OSError:
                 return b""
         else:
-            data = await self.stream.receive_some(65536)
-        poller.end(trio.current_time())
+            try:
+                data = await receive_from(self._fd)
+            except OSError:
+                return b""
+        poller.end(perf_counter())
         return data
 
     async def _read_loop(self) -> None:

@@ -67,7 +67,8 @@ class Service:
         self.hold = hold
         self.requests: deque[_Request] = deque()
         self._parked: trio.CancelScope | None = None  # the loop waits, the guest held (see `_wait_for_wake`)
-        self._inline: trio.Event | None = None  # set when work run in a caller's task (`_run_inline`) ends
+        self._inline = False  # work runs in a caller's task (`_run_inline`)
+        self._inline_done: trio.Event | None = None  # set when it ends, for a loop that waits for that
         self._resumed_inline = False  # that work let the guest run: the loop waits for its stop
         self.free_running = False  # a `c` went and no stop came back yet: an interrupt may be sent
         self.gdb_changes = False  # GDB's breakpoint changes wait for the next `c`, in one write with it
@@ -197,8 +198,10 @@ class Service:
         that work let the guest run (it is running now: its stop is to be waited for).
         """
         while True:
-            if self._inline is not None:
-                await self._inline.wait()
+            if self._inline:
+                if self._inline_done is None:
+                    self._inline_done = trio.Event()
+                await self._inline_done.wait()
                 continue
             if self._resumed_inline:
                 self._resumed_inline = False
@@ -206,9 +209,11 @@ class Service:
             if not (self.holding() and not self.requests):
                 return False
             gone = None
-            with trio.CancelScope() as self._parked:
+            with trio.CancelScope() as scope:
+                self._parked = scope
                 gone = await self._watch_hangup()
-            self._parked = None
+            if self._parked is scope:
+                self._parked = None
             if gone is not None:
                 raise ConnectionClosed(gone)
 
@@ -298,7 +303,7 @@ class Service:
             raise TargetError("the engine is not attached to a target")
         if self.engine.guest.state is Guest.WAITING:
             raise TargetError(f"the target is not connected ({self.lost_reason}); probed is waiting for it to come back")
-        if self._parked is not None and self._inline is None and not self.requests:
+        if self._parked is not None and not self._inline and not self.requests:
             return await self._run_inline(fn)
         req = _Request(fn)
         self.requests.append(req)
@@ -312,13 +317,14 @@ class Service:
         """Run `fn` in the caller's task while the loop is parked with the guest held (GDB's packets,
         mostly): two task switches less per request, the better part of a GDB exchange's time here.
 
-        The loop's hangup watch is cancelled first (cancelling it frees the socket at once), and the loop
-        waits for `fn` before it looks at anything. Like work run by the loop, `fn` is not cut short by
-        its caller's cancellation: an exchange with the target is never left half done.
+        The loop's hangup watch goes on unless `fn` reads from the target: the client then calls
+        `_unpark` first (cancelling the watch frees the socket at once), and the loop waits for `fn` to
+        end before it looks at anything. Like work run by the loop, `fn` is not cut short by its caller's
+        cancellation: an exchange with the target is never left half done.
         """
-        self._inline = trio.Event()
-        parked, self._parked = self._parked, None  # (no one else may take the loop's place now)
-        parked.cancel()
+        self._inline = True
+        client = self.engine.client
+        client.claim = self._unpark
         try:
             with trio.CancelScope(shield=True):
                 result = await fn()
@@ -328,16 +334,24 @@ class Service:
                     # GDB resumed the guest: the `c` goes now, not after a task switch to the loop (which
                     # waits for the stop next, or learns there that the connection failed).
                     self._resumed_inline = True
+                    self._unpark()
                     await self._resume()
                 return result
         finally:
-            done, self._inline = self._inline, None
-            done.set()
+            client.claim = None
+            self._inline = False
+            if self._inline_done is not None:
+                done, self._inline_done = self._inline_done, None
+                done.set()
 
-    async def wakeup(self) -> None:
+    def _unpark(self) -> None:
+        """Wake the parked loop (its hangup watch lets go of the socket now, before this returns)."""
         if self._parked is not None:
             parked, self._parked = self._parked, None
             parked.cancel()
+
+    async def wakeup(self) -> None:
+        self._unpark()
         if self.free_running:
             await self.engine.client.interrupt()
 
