@@ -49,7 +49,7 @@ from probed.guest.linux.mm import (
     read_word,
     tasks,
 )
-from probed.guest.userfile import UserElf, UserSpec, parse_user_spec
+from probed.guest.userfile import UserElf, UserSpec, copy_for_saved, parse_user_spec
 from probed.lang.context import RegisterView
 from probed.sim.emulate import MAX_INSN
 
@@ -108,8 +108,9 @@ class UserProbes:
     # -- adding -------------------------------------------------------------------------------------
 
     async def add(self, spec: str, *, file_copy: str | None, name: str | None, pre: Any, post: Any,
-                  condition: str | None, priority: int, ret: bool = False) -> Probe:
-        """Add a user probe (`/PATH:OFFSET`, `/PATH:SYMBOL[+OFF]`); see `Engine.add_probe`.
+                  condition: str | None, priority: int, ret: bool = False, file_offset: int | None = None) -> Probe:
+        """Add a user probe (`/PATH:OFFSET`, `/PATH:SYMBOL[+OFF]`); see `Engine.add_probe` (`file_offset`: the
+        offset a symbol resolved to when the probe was first added, from a saved state).
 
         Raises:
             BadSpec, UnknownSymbol, Unsupported, FetchSyntaxError, TargetError.
@@ -126,11 +127,14 @@ class UserProbes:
         if file_copy is None and engine.sysroot is not None:
             candidate = Path(engine.sysroot) / parsed.path.lstrip("/")
             file_copy = str(candidate) if candidate.is_file() else None
-        elf = UserElf(file_copy) if file_copy else None
-        offset = _file_offset(parsed, elf, spec)
-        if elf is not None and parsed.symbol:
+        if file_offset is not None and parsed.symbol:
+            elf, offset = copy_for_saved(file_copy, parsed, file_offset), file_offset  # checked when first added
+        else:
+            elf = UserElf(file_copy) if file_copy else None
+            offset = _file_offset(parsed, elf, spec)
+        if elf is not None and parsed.symbol and file_offset is None:
             # kprobes' rule, checked on the host copy: a probe starts an instruction.
-            await verify_boundary(elf.read_many, engine.arch.name, spec, parsed.symbol, parsed.symbol_offset, offset)
+            await verify_boundary(elf.read_many, elf.arch_name, spec, parsed.symbol, parsed.symbol_offset, offset)
         try:
             types = await engine.kernel_types()
         except LookupError as exc:  # NoKernelTypes: not a Linux guest, or no BTF
@@ -373,6 +377,8 @@ def _file_offset(parsed: UserSpec, elf: UserElf | None, spec: str) -> int:
 
 def _place(parsed: UserSpec, elf: UserElf | None, offset: int) -> str:
     where = elf.symbolize(offset) if elf is not None else None
+    if where is None and parsed.symbol:  # re-added from a saved offset, without the copy: as it was named
+        where = parsed.symbol + (f"+{parsed.symbol_offset:#x}" if parsed.symbol_offset else "")
     return f"{parsed.path}:{where or hex(offset)}"
 
 
