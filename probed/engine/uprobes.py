@@ -19,6 +19,8 @@ How (uprobes' semantics, from outside the guest):
   instruction's bytes being unreadable through the page tables (QEMU's `m` walks them as the CPU would),
   and is stepped past silently.
 - Records name the place in the file (`/bin/utarget:utarget+0x0`), never a kernel symbol.
+- 32-bit (compat) processes: each hit's registers say which user ABI its fetch args follow
+  (probed.lang.compat); their instructions are decoded as 32-bit code.
 
 Return probes on user functions: `add(..., ret=True)` raises Unsupported today; the return-probe
 machinery (planned on top of the engine's hit pipeline) hooks in at `UserProbes.entry_hit`, which sees
@@ -50,6 +52,7 @@ from probed.guest.linux.mm import (
     tasks,
 )
 from probed.guest.userfile import UserElf, UserSpec, copy_for_saved, parse_user_spec
+from probed.lang.compat import is_compat
 from probed.lang.context import RegisterView
 from probed.sim.emulate import MAX_INSN
 
@@ -263,7 +266,7 @@ class UserProbes:
         hits = [(f, off) for f, off in places if pgd in f.addresses(off).get(pc, ())]
         if not hits and pgd not in self._unknown_ok:
             hits = await self._settle_unknown(pc, pgd, regs)
-        if not hits or not await self._executes(pc):
+        if not hits or not await self._executes(pc, is_compat(regs)):
             self.silent += 1
             return []
         probes: list[Probe] = []
@@ -292,7 +295,7 @@ class UserProbes:
         self.engine.breakpoints.dirty = True
         return [(f, off) for f, off in self._armed.get(pc, []) if pgd in f.addresses(off).get(pc, ())]
 
-    async def _executes(self, pc: int) -> bool:
+    async def _executes(self, pc: int, compat: bool) -> bool:
         """Whether the instruction at pc can be fetched (its page present): else this stop is the first of two.
 
         The bytes read are kept in `code` for the engine (it simulates or steps the instruction next).
@@ -308,7 +311,7 @@ class UserProbes:
         # unless it ends on this one.
         (more,) = await self.engine.target.read_many([(end, pc + MAX_INSN - end)])
         if isinstance(more, Exception):
-            return _fits(code, pc)
+            return _fits(code, pc, compat)
         self.code = code + more
         return True
 
@@ -388,10 +391,11 @@ def _default_name(parsed: UserSpec, offset: int) -> str:
     return f"{base}:{what}".replace("-", "_")
 
 
-def _fits(code: bytes, pc: int) -> bool:
-    """Whether the first instruction of `code` ends within `code` (decoded with capstone, x86_64)."""
-    from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+def _fits(code: bytes, pc: int, compat: bool) -> bool:
+    """Whether the first instruction of `code` ends within `code` (decoded with capstone, as 32-bit code in a
+    compat process)."""
+    from capstone import CS_ARCH_X86, CS_MODE_32, CS_MODE_64, Cs
 
-    for insn in Cs(CS_ARCH_X86, CS_MODE_64).disasm(code, pc, count=1):
+    for insn in Cs(CS_ARCH_X86, CS_MODE_32 if compat else CS_MODE_64).disasm(code, pc, count=1):
         return insn.size <= len(code)
     return False
