@@ -137,7 +137,8 @@ class UserProbes:
             offset = _file_offset(parsed, elf, spec)
         if elf is not None and parsed.symbol and file_offset is None:
             # kprobes' rule, checked on the host copy: a probe starts an instruction.
-            await verify_boundary(elf.read_many, elf.arch_name, spec, parsed.symbol, parsed.symbol_offset, offset)
+            await verify_boundary(elf.read_many, elf.arch_name or engine.arch.name, spec, parsed.symbol,
+                                  parsed.symbol_offset, offset)
         try:
             types = await engine.kernel_types()
         except LookupError as exc:  # NoKernelTypes: not a Linux guest, or no BTF

@@ -4,8 +4,8 @@ What it holds (JSON, version 1): each symbol file's path and bias, and each prob
 socket with what it was added with (kind, spec, name, fetch args, filter, priority, hw, watch length and
 access) and whether it is enabled. A user probe by symbol (`/PATH:SYMBOL`) keeps the file offset the symbol
 resolved to and the host copy it was named with: it comes back at that offset, copy or not (uprobe_events
-keeps offsets too); the copy, while it still agrees, only names places. Counters (hits, missed...) are not kept: a restarted daemon counts from
-zero, and its records' `seq` start again at 1.
+keeps offsets too); the copy, while it still agrees, only names places. Counters (hits, missed...) are not
+kept: a restarted daemon counts from zero, and its records' `seq` start again at 1.
 
 It is written on every change, atomically: a new file beside it (mode 0600, `O_EXCL`, no symlink followed),
 fsync'd, renamed over the old one, and the directory fsync'd, so a crash at any point leaves either the old

@@ -28,6 +28,7 @@ __all__ = ["UserSpec", "UserElf", "copy_for_saved", "parse_user_spec", "is_user_
 
 log = logging.getLogger(__name__)
 
+_MACHINES = {"EM_386": "i386", "EM_X86_64": "x86_64", "EM_AARCH64": "aarch64", "EM_RISCV": "riscv64"}
 _SPEC = re.compile(r"^(?P<path>/[^:]+):(?P<where>[^:]+)$")
 _OFFSET = re.compile(r"^(0[xX])?[0-9a-fA-F]+$")
 _SYMBOL = re.compile(r"^(?P<sym>[A-Za-z_.$][\w.$@]*)(?:\+(?P<off>(0[xX])?[0-9a-fA-F]+))?$")
@@ -79,8 +80,8 @@ class UserElf:
         try:
             with self.path.open("rb") as f:
                 elf = ELFFile(f)
-                # The instruction set its code is decoded with (probed.guest.insn's names).
-                self.arch_name = "i386" if elf["e_machine"] == "EM_386" else "x86_64"
+                # The instruction set its code is decoded with (probed.guest.insn's names), None if unknown.
+                self.arch_name: str | None = _MACHINES.get(elf["e_machine"])
                 self._segments = [(s["p_vaddr"], s["p_offset"], s["p_filesz"]) for s in elf.iter_segments()
                                   if s["p_type"] == "PT_LOAD"]
                 self._symbols: dict[str, tuple[int, int]] = {}
