@@ -89,3 +89,10 @@ def test_compat_is_told_by_the_code_selector():
 def test_kernel_probes_and_other_arches_have_one_program(types):
     assert FetchHandler(["$arg1"], X64, None, FetchEnv(types=types)).compat is None
     assert FetchHandler(["$arg1"], ARCHES["i386"], None, FetchEnv(user=True)).compat is None
+
+
+async def test_retval_is_eax_in_a_return_probe(types):
+    handler = FetchHandler(["r=$retval:s32", "$retval"], X64, None, FetchEnv(user=True, types=types, retprobe=True))
+    ctx = compat_hit()
+    ctx.regs["rax"] |= 0xFFFF_FFFF  # -1 in eax, noise above it
+    assert await handler.run(ctx) == {"r": -1, "arg2": "0xffffffff"}  # (x32 by default)
