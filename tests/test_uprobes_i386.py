@@ -59,8 +59,8 @@ async def test_i386_abi_in_32bit_processes_beside_a_64bit_one(linux_guest):
     assert copy32.arch_name == "i386"
     functions = _functions(_copy("utarget32"))
     ret = await _ret_offset(copy32, "utarget32")
-    await _shell(linux_guest, "cp /bin/utarget /tmp/ui64")
     async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
+        await _shell(linux_guest, "cp /bin/utarget /tmp/ui64")
         entry = await engine.add_probe(
             "/bin/utarget32:utarget32", file_copy=_copy("utarget32"),
             pre=["$comm", "$pid", "a=$arg1:s32", "b=$arg2:s32", "c=$arg3:s32", "x=$arg3", "ra=+0(%sp):u32"])

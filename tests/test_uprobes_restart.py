@@ -31,9 +31,9 @@ def test_user_probe_by_symbol_comes_back_after_kill9_without_its_copy(linux_gues
     copy = tmp_path / "utarget-copy"
     shutil.copy(uprog_path(CACHE / "linux", "utarget"), copy)
     offset = UserElf(copy).resolve("utarget")
-    linux_guest.shell(f"cp /bin/utarget {GUEST_PATH}")
     first = Daemon(Kernel, tmp_path)
     try:
+        linux_guest.shell(f"cp /bin/utarget {GUEST_PATH}")
         first.ctl("add", "-n", "calls", "--file-copy", str(copy), f"{GUEST_PATH}:utarget",
                   "$pid", "a=$arg1:s64", "b=$arg2:s64")
         listed = json.loads(first.ctl("list", "--json").stdout)
@@ -62,7 +62,10 @@ def test_user_probe_by_symbol_comes_back_after_kill9_without_its_copy(linux_gues
         ]
         assert second.stop() == 0
     finally:
-        second.kill()
+        try:
+            second.stop()  # (a no-op once stopped) its breakpoints go: the session's guest is left running
+        finally:
+            second.kill()
     for records, n in ((before, 2), (after, 3)):
         assert [(r["pre"]["a"], r["pre"]["b"]) for r in records] == [(i, i * i) for i in range(1, n + 1)]
         assert len({r["pre"]["pid"] for r in records}) == 1
