@@ -84,6 +84,7 @@ class StandInEngine:
         hw: bool = False,
         internal: bool = False,
         file_copy: str | None = None,
+        file_offset: int | None = None,
         retprobe: bool = False,
         maxactive: int = 0,
         timeout: float | None = None,
@@ -91,6 +92,8 @@ class StandInEngine:
         kw = {"name": name, "pre": pre, "post": post, "condition": condition, "priority": priority, "hw": hw}
         if file_copy is not None:
             kw["file_copy"] = file_copy
+        if file_offset is not None:
+            kw["file_offset"] = file_offset
         if retprobe or maxactive:
             kw.update(retprobe=retprobe, maxactive=maxactive)
         return self._add("add_probe", spec, kw)

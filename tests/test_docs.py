@@ -94,7 +94,7 @@ def test_probectl_examples_of_user_probes(linux_guest, tmp_path, monkeypatch):
     from tests.linux.uprogs import uprog_path
 
     (tmp_path / "guest-files" / "bin").mkdir(parents=True)
-    for name in ("utarget", "utarget-pie", "ucopy"):
+    for name in ("utarget", "utarget-pie", "ucopy", "utarget32"):
         (tmp_path / "guest-files" / "bin" / name).symlink_to(uprog_path(CACHE / "linux", name))
     # probectl runs in files/ (run_examples), the daemon here: both see guest-files/ as the page shows.
     (tmp_path / "files").mkdir()

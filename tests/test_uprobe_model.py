@@ -11,7 +11,7 @@ from probed.errors import BadSpec, UnknownSymbol
 from probed.guest.insn import NotAnInstructionBoundary, verify_boundary
 from probed.guest.linux.maple import MapleError, MapleLayout, _NodeShape, maple_entries
 from probed.guest.linux.mm import Vma
-from probed.guest.userfile import UserElf, is_user_spec, parse_user_spec
+from probed.guest.userfile import UserElf, copy_for_saved, is_user_spec, parse_user_spec
 from probed.testing.qemu import CACHE
 from tests.linux.uprogs import uprog_path
 
@@ -109,3 +109,15 @@ async def test_symbols_of_a_host_copy_as_file_offsets():
     with pytest.raises(NotAnInstructionBoundary):
         await verify_boundary(static.read_many, "x86_64", "/bin/utarget:utarget+2", "utarget", 2,
                               static.resolve("utarget") + 2)
+
+
+def test_a_saved_offset_uses_the_copy_only_while_it_agrees(tmp_path, caplog):
+    static, pie = uprog_path(CACHE / "linux", "utarget"), uprog_path(CACHE / "linux", "utarget-pie")
+    spec = parse_user_spec("/bin/utarget:utarget")
+    offset = UserElf(static).resolve("utarget")
+    assert copy_for_saved(str(static), spec, offset).symbolize(offset) == "utarget"
+    assert UserElf(pie).resolve("utarget") != offset  # a rebuilt copy: the symbol moved
+    assert copy_for_saved(str(pie), spec, offset) is None
+    assert "not at the saved offset" in caplog.text
+    assert copy_for_saved(str(tmp_path / "gone"), spec, offset) is None
+    assert copy_for_saved(None, spec, offset) is None

@@ -26,7 +26,10 @@ def stubbed_linux(linux_guest, tmp_path):
     daemon = Daemon(Kernel, tmp_path, "--gdb-listen", f"unix:{sock}")
     daemon.gdb_socket = sock
     yield daemon
-    daemon.kill()
+    try:
+        daemon.stop()  # its breakpoints go (a daemon killed outright would leave the session's guest stopped)
+    finally:
+        daemon.kill()
 
 
 def test_user_probes_fire_while_gdb_debugs(linux_guest, stubbed_linux):

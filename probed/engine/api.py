@@ -51,6 +51,7 @@ class EngineAPI(Protocol):
         hw: bool = False,
         internal: bool = False,
         file_copy: str | None = None,
+        file_offset: int | None = None,
         retprobe: bool = False,
         maxactive: int = 0,
         timeout: float | None = None,

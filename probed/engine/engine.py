@@ -274,6 +274,7 @@ class Engine:
         hw: bool = False,
         internal: bool = False,
         file_copy: str | None = None,
+        file_offset: int | None = None,
         retprobe: bool = False,
         maxactive: int = 0,
         timeout: float | None = None,
@@ -293,6 +294,9 @@ class Engine:
             hw: use a hardware breakpoint (takes a debug-register slot).
             internal: a guest model's own hook (not listed by `probes()`, publishes no records).
             file_copy: user probes: a host copy of the guest's file, for `PATH:SYMBOL`.
+            file_offset: user probes by `PATH:SYMBOL`: the file offset the symbol resolved to when the probe
+                was first added (a restarted daemon's state file); the probe goes there, and no host copy
+                is needed (one that still agrees only names places).
             retprobe: a return probe (kretprobe) on the function at `spec`: `pre` runs at each return of
                 that call, with `$retval`, registers at the return, `$argN` as they were at the entry,
                 and `ctx.entry` (`probed.engine.returns.EntryContext`) for a callable.
@@ -306,7 +310,7 @@ class Engine:
         """
         return await self.probe_changes.add_probe(
             spec, name=name, pre=pre, post=post, condition=condition, priority=priority, hw=hw, internal=internal,
-            file_copy=file_copy, retprobe=retprobe, maxactive=maxactive, timeout=timeout,
+            file_copy=file_copy, file_offset=file_offset, retprobe=retprobe, maxactive=maxactive, timeout=timeout,
         )
 
     async def add_watch(

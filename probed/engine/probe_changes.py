@@ -74,6 +74,7 @@ class ProbeChanges:
         hw: bool = False,
         internal: bool = False,
         file_copy: str | None = None,
+        file_offset: int | None = None,
         retprobe: bool = False,
         maxactive: int = 0,
         timeout: float | None = None,
@@ -91,7 +92,10 @@ class ProbeChanges:
             if hw:
                 raise BadSpec(spec, "user probes use software breakpoints (--hw is for kernel code)")
             return await engine.uprobes.add(spec, file_copy=file_copy, name=name, pre=pre, post=post,
-                                            condition=condition, priority=priority, ret=retprobe)
+                                            condition=condition, priority=priority, ret=retprobe,
+                                            file_offset=file_offset)
+        if file_copy is not None or file_offset is not None:
+            raise BadSpec(spec, "a file copy or offset is for user probes (/PATH:SYMBOL)")
         location, pending = self._resolve_or_pending(spec)
         if pending and hw:
             raise BadSpec(spec, "a hardware probe needs its module loaded (its slot is taken when it is set)")

@@ -19,6 +19,8 @@ How (uprobes' semantics, from outside the guest):
   instruction's bytes being unreadable through the page tables (QEMU's `m` walks them as the CPU would),
   and is stepped past silently.
 - Records name the place in the file (`/bin/utarget:utarget+0x0`), never a kernel symbol.
+- 32-bit (compat) processes: each hit's registers say which user ABI its fetch args follow
+  (probed.lang.compat); their instructions are decoded as 32-bit code.
 
 Return probes on user functions: `add(..., ret=True)` raises Unsupported today; the return-probe
 machinery (planned on top of the engine's hit pipeline) hooks in at `UserProbes.entry_hit`, which sees
@@ -49,7 +51,8 @@ from probed.guest.linux.mm import (
     read_word,
     tasks,
 )
-from probed.guest.userfile import UserElf, UserSpec, parse_user_spec
+from probed.guest.userfile import UserElf, UserSpec, copy_for_saved, parse_user_spec
+from probed.lang.compat import is_compat
 from probed.lang.context import RegisterView
 from probed.sim.emulate import MAX_INSN
 
@@ -108,8 +111,9 @@ class UserProbes:
     # -- adding -------------------------------------------------------------------------------------
 
     async def add(self, spec: str, *, file_copy: str | None, name: str | None, pre: Any, post: Any,
-                  condition: str | None, priority: int, ret: bool = False) -> Probe:
-        """Add a user probe (`/PATH:OFFSET`, `/PATH:SYMBOL[+OFF]`); see `Engine.add_probe`.
+                  condition: str | None, priority: int, ret: bool = False, file_offset: int | None = None) -> Probe:
+        """Add a user probe (`/PATH:OFFSET`, `/PATH:SYMBOL[+OFF]`); see `Engine.add_probe` (`file_offset`: the
+        offset a symbol resolved to when the probe was first added, from a saved state).
 
         Raises:
             BadSpec, UnknownSymbol, Unsupported, FetchSyntaxError, TargetError.
@@ -126,11 +130,15 @@ class UserProbes:
         if file_copy is None and engine.sysroot is not None:
             candidate = Path(engine.sysroot) / parsed.path.lstrip("/")
             file_copy = str(candidate) if candidate.is_file() else None
-        elf = UserElf(file_copy) if file_copy else None
-        offset = _file_offset(parsed, elf, spec)
-        if elf is not None and parsed.symbol:
+        if file_offset is not None and parsed.symbol:
+            elf, offset = copy_for_saved(file_copy, parsed, file_offset), file_offset  # checked when first added
+        else:
+            elf = UserElf(file_copy) if file_copy else None
+            offset = _file_offset(parsed, elf, spec)
+        if elf is not None and parsed.symbol and file_offset is None:
             # kprobes' rule, checked on the host copy: a probe starts an instruction.
-            await verify_boundary(elf.read_many, engine.arch.name, spec, parsed.symbol, parsed.symbol_offset, offset)
+            await verify_boundary(elf.read_many, elf.arch_name or engine.arch.name, spec, parsed.symbol,
+                                  parsed.symbol_offset, offset)
         try:
             types = await engine.kernel_types()
         except LookupError as exc:  # NoKernelTypes: not a Linux guest, or no BTF
@@ -259,7 +267,7 @@ class UserProbes:
         hits = [(f, off) for f, off in places if pgd in f.addresses(off).get(pc, ())]
         if not hits and pgd not in self._unknown_ok:
             hits = await self._settle_unknown(pc, pgd, regs)
-        if not hits or not await self._executes(pc):
+        if not hits or not await self._executes(pc, is_compat(regs)):
             self.silent += 1
             return []
         probes: list[Probe] = []
@@ -288,7 +296,7 @@ class UserProbes:
         self.engine.breakpoints.dirty = True
         return [(f, off) for f, off in self._armed.get(pc, []) if pgd in f.addresses(off).get(pc, ())]
 
-    async def _executes(self, pc: int) -> bool:
+    async def _executes(self, pc: int, compat: bool) -> bool:
         """Whether the instruction at pc can be fetched (its page present): else this stop is the first of two.
 
         The bytes read are kept in `code` for the engine (it simulates or steps the instruction next).
@@ -304,7 +312,7 @@ class UserProbes:
         # unless it ends on this one.
         (more,) = await self.engine.target.read_many([(end, pc + MAX_INSN - end)])
         if isinstance(more, Exception):
-            return _fits(code, pc)
+            return _fits(code, pc, compat)
         self.code = code + more
         return True
 
@@ -373,6 +381,8 @@ def _file_offset(parsed: UserSpec, elf: UserElf | None, spec: str) -> int:
 
 def _place(parsed: UserSpec, elf: UserElf | None, offset: int) -> str:
     where = elf.symbolize(offset) if elf is not None else None
+    if where is None and parsed.symbol:  # re-added from a saved offset, without the copy: as it was named
+        where = parsed.symbol + (f"+{parsed.symbol_offset:#x}" if parsed.symbol_offset else "")
     return f"{parsed.path}:{where or hex(offset)}"
 
 
@@ -382,10 +392,11 @@ def _default_name(parsed: UserSpec, offset: int) -> str:
     return f"{base}:{what}".replace("-", "_")
 
 
-def _fits(code: bytes, pc: int) -> bool:
-    """Whether the first instruction of `code` ends within `code` (decoded with capstone, x86_64)."""
-    from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+def _fits(code: bytes, pc: int, compat: bool) -> bool:
+    """Whether the first instruction of `code` ends within `code` (decoded with capstone, as 32-bit code in a
+    compat process)."""
+    from capstone import CS_ARCH_X86, CS_MODE_32, CS_MODE_64, Cs
 
-    for insn in Cs(CS_ARCH_X86, CS_MODE_64).disasm(code, pc, count=1):
+    for insn in Cs(CS_ARCH_X86, CS_MODE_32 if compat else CS_MODE_64).disasm(code, pc, count=1):
         return insn.size <= len(code)
     return False

@@ -153,7 +153,8 @@ def _reason(exc: Exception) -> str:
 
 
 def format_probe(probe: Any, group: str | None = None) -> list[str]:
-    """A probe as kprobe_events lines; what that syntax cannot say is written as `# probed:` comments.
+    """A probe as kprobe_events lines; what that syntax cannot say is written as `# probed:` comments. A user
+    probe added by symbol is written at its file offset (uprobe_events' PATH:OFFSET).
 
     Args:
         probe: a `probed.engine.probes.Probe` (its `spec`, `name`, `pre`, and `retprobe`/`maxactive` when
@@ -173,8 +174,12 @@ def format_probe(probe: Any, group: str | None = None) -> list[str]:
         head += str(maxactive)
     name = probe.name if GOOD_NAME.match(probe.name) and len(probe.name) <= MAX_EVENT_NAME else None
     head += f":{group}/{name}" if name else (f":{group}/" if group not in (KPROBE_GROUP, UPROBE_GROUP) else "")
-    words = [head, spec]
     notes = []
+    if user and getattr(probe.location, "symbol", None):
+        # uprobe_events takes a file offset only: the one the symbol resolved to (the probe is that offset).
+        notes.append(f"added as {spec}")
+        spec = f"{spec.rsplit(':', 1)[0]}:{probe.address:#x}"
+    words = [head, spec]
     pre_args = getattr(probe.pre, "args", None)
     if probe.pre is not None and pre_args is None:
         notes.append(f"a Python pre-handler ({probe.pre.description})")

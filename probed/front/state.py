@@ -2,8 +2,10 @@
 
 What it holds (JSON, version 1): each symbol file's path and bias, and each probe added through the control
 socket with what it was added with (kind, spec, name, fetch args, filter, priority, hw, watch length and
-access) and whether it is enabled. Counters (hits, missed...) are not kept: a restarted daemon counts from
-zero, and its records' `seq` start again at 1.
+access) and whether it is enabled. A user probe by symbol (`/PATH:SYMBOL`) keeps the file offset the symbol
+resolved to and the host copy it was named with: it comes back at that offset, copy or not (uprobe_events
+keeps offsets too); the copy, while it still agrees, only names places. Counters (hits, missed...) are not
+kept: a restarted daemon counts from zero, and its records' `seq` start again at 1.
 
 It is written on every change, atomically: a new file beside it (mode 0600, `O_EXCL`, no symlink followed),
 fsync'd, renamed over the old one, and the directory fsync'd, so a crash at any point leaves either the old
@@ -131,6 +133,8 @@ class ProbeState:
         }
         if kind == "watch":
             spec.update(length=probe.length, access=probe.access)
+        elif getattr(probe, "kind", None) == "user" and probe.location.symbol:
+            spec.update(file_offset=probe.address, file_copy=params.get("file_copy"))
         else:
             spec["hw"] = bool(params.get("hw"))
             if getattr(probe, "retprobe", False):
@@ -213,6 +217,8 @@ class ProbeState:
                                            **common)
         else:
             returns = {"retprobe": True, "maxactive": int(entry.get("maxactive") or 0)} if entry.get("retprobe") else {}
-            probe = await engine.add_probe(entry["spec"], hw=bool(entry.get("hw")), **returns, **common)
+            user = {"file_offset": int(entry["file_offset"]), "file_copy": entry.get("file_copy")} \
+                if entry.get("file_offset") is not None else {}
+            probe = await engine.add_probe(entry["spec"], hw=bool(entry.get("hw")), **returns, **user, **common)
         self.added(probe, entry.get("kind") or "break", entry)
         return probe

@@ -3,12 +3,17 @@
 OFFSET is into the file, as uprobe_events takes it (hex, `0x` optional). A SYMBOL is looked up in a host copy
 of the guest's file (`file_copy`, read with pyelftools), and its virtual address turned into a file offset
 through the program header that loads it: that offset is the same in every process, whatever base the
-file is mapped at (PIE, shared libraries, ASLR).
+file is mapped at (PIE, shared libraries, ASLR). A 32-bit ELF (i386) is read the same way.
+
+A probe added by symbol is saved (the daemon's state file, `probectl save`) with the file offset the symbol
+resolved to: the offset is what the probe is, as uprobe_events keeps it, so a restarted daemon re-adds it
+without the copy (`copy_for_saved`).
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -19,8 +24,11 @@ from elftools.elf.elffile import ELFFile
 
 from probed.errors import BadSpec, UnknownSymbol
 
-__all__ = ["UserSpec", "UserElf", "parse_user_spec", "is_user_spec"]
+__all__ = ["UserSpec", "UserElf", "copy_for_saved", "parse_user_spec", "is_user_spec"]
 
+log = logging.getLogger(__name__)
+
+_MACHINES = {"EM_386": "i386", "EM_X86_64": "x86_64", "EM_AARCH64": "aarch64", "EM_RISCV": "riscv64"}
 _SPEC = re.compile(r"^(?P<path>/[^:]+):(?P<where>[^:]+)$")
 _OFFSET = re.compile(r"^(0[xX])?[0-9a-fA-F]+$")
 _SYMBOL = re.compile(r"^(?P<sym>[A-Za-z_.$][\w.$@]*)(?:\+(?P<off>(0[xX])?[0-9a-fA-F]+))?$")
@@ -72,6 +80,8 @@ class UserElf:
         try:
             with self.path.open("rb") as f:
                 elf = ELFFile(f)
+                # The instruction set its code is decoded with (probed.guest.insn's names), None if unknown.
+                self.arch_name: str | None = _MACHINES.get(elf["e_machine"])
                 self._segments = [(s["p_vaddr"], s["p_offset"], s["p_filesz"]) for s in elf.iter_segments()
                                   if s["p_type"] == "PT_LOAD"]
                 self._symbols: dict[str, tuple[int, int]] = {}
@@ -136,3 +146,22 @@ class UserElf:
         if best is None:
             return None
         return best[1] if best[0] == file_offset else f"{best[1]}+{file_offset - best[0]:#x}"
+
+
+def copy_for_saved(file_copy: str | None, spec: UserSpec, file_offset: int) -> UserElf | None:
+    """The host copy of a probe re-added from its saved file offset, for naming places only; None when it
+    is gone, unreadable, or no longer puts `spec`'s symbol at that offset (rebuilt since: the guest's file,
+    which the probe is on, is what the offset was taken from)."""
+    if not file_copy or spec.symbol is None:
+        return None
+    try:
+        elf = UserElf(file_copy)
+        now = elf.resolve(spec.symbol, spec.symbol_offset)
+    except (BadSpec, UnknownSymbol) as exc:
+        log.warning("the file copy %s cannot name places of the saved probe on %s: %s", file_copy, spec.path, exc)
+        return None
+    if now != file_offset:
+        log.warning("the file copy %s puts %s at %#x, not at the saved offset %#x: not used to name places",
+                    file_copy, spec.symbol, now, file_offset)
+        return None
+    return elf

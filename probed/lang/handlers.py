@@ -15,6 +15,8 @@ from typing import Any
 
 import trio
 
+from .compat import CompatProgram, compat_arch, is_compat
+
 __all__ = ["FetchHandler", "Handler", "HandlerTimeout", "PythonHandler", "make_handler", "make_handlers"]
 
 
@@ -40,26 +42,38 @@ class Handler:
 
 
 class FetchHandler(Handler):
-    """A handler made of kprobe_events fetch args (`dfd=%di:s32 name=+0(%si):string`)."""
+    """A handler made of kprobe_events fetch args (`dfd=%di:s32 name=+0(%si):string`).
+
+    On user code of an x86_64 guest it holds a second program for 32-bit (compat) processes, run on the
+    hits whose registers say so (probed.lang.compat).
+    """
 
     def __init__(self, args: Sequence[str], arch: Any, symbols: Any, env: Any = None):
         from .fetch import parse_fetchargs
 
         self.args = list(args)
         self.program = parse_fetchargs(self.args, arch, symbols, env)
+        self.compat: Any = None
+        if env is not None and env.user and arch.name == "x86_64":
+            parsed = parse_fetchargs(self.args, compat_arch(arch), symbols, env)
+            self.compat = CompatProgram(parsed.fields_spec, parsed.arch)
         self.fields = tuple(self.program.fields)
-        self.needs_registers = bool(self.program.needs_registers)
-        self.needs_memory = bool(self.program.needs_memory)
+        programs = [p for p in (self.program, self.compat) if p is not None]
+        self.needs_registers = any(p.needs_registers for p in programs)
+        self.needs_memory = any(p.needs_memory for p in programs)
         self.description = " ".join(self.args)
 
     async def run(self, ctx: Any) -> dict[str, Any]:
         if not self.fields:
             return {}
+        program = self.program
+        if self.compat is not None and is_compat(await ctx.registers()):  # a user hit has its registers already
+            program = self.compat
         entry = getattr(ctx, "entry", None)
-        if entry is not None and self.program.entry_args:
+        if entry is not None and program.entry_args:
             # A return probe: `$argN` (and parameters by name) are the values kept at the function's entry.
-            return await self.program.bind(entry.args).evaluate(ctx)
-        return await self.program.evaluate(ctx)
+            return await program.bind(entry.args).evaluate(ctx)
+        return await program.evaluate(ctx)
 
 
 class PythonHandler(Handler):

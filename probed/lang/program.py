@@ -146,9 +146,7 @@ class FetchProgram:
     def bind(self, values: Mapping[int, Any]) -> FetchProgram:
         """This program with each `$argN` replaced by the value kept at the function's entry (`values[N]`:
         an int, or an `Unfetched` message); what the fields do with it (dereferences...) runs at the return."""
-        return FetchProgram(
-            tuple(replace(f, node=_bind_args(f.node, values)) for f in self.fields_spec), self.arch
-        )
+        return type(self)(tuple(replace(f, node=_bind_args(f.node, values)) for f in self.fields_spec), self.arch)
 
     async def evaluate(self, ctx: Any) -> dict[str, Any]:
         """Fetch every field, reading memory breadth-first (one `read_many` per round of dereferences).
@@ -163,7 +161,7 @@ class FetchProgram:
             symbol name, or a list of those (arrays). A field that cannot be fetched on this hit gets a
             `<fault reading ADDR: ...>` (or `<no register ...>`) string instead; the other fields are unaffected.
         """
-        regs = await ctx.registers() if self.needs_registers else {}
+        regs = self._registers(await ctx.registers()) if self.needs_registers else {}
         gens = {f.name: self._field(f, regs, ctx) for f in self.fields_spec}
         results: dict[str, Any] = {}
         pending: dict[str, _Read] = {}
@@ -198,14 +196,34 @@ class FetchProgram:
         except _FieldError as error:
             results[name] = Unfetched(error)
 
+    # -- what a variant for another ABI changes (probed.lang.compat) -------------------------------------
+
+    def _registers(self, regs: Mapping[str, int]) -> Mapping[str, int]:
+        """The registers as this program's fields see them."""
+        return regs
+
+    def _pointer_size(self, address: int) -> int:
+        """The size of a pointer (or stacked word) stored at `address`."""
+        return self.arch.word_size
+
+    @property
+    def _address_bits(self) -> int:
+        """Addresses wrap at this many bits (a 32-bit target's `-4(%sp)` near 0)."""
+        return 8 * self.arch.word_size
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+
     def _read(self, address: int, length: int) -> Generator[_Read, Any, bytes]:
-        data = yield (address & ((1 << (8 * self.arch.word_size)) - 1), length)
+        data = yield (address & ((1 << self._address_bits) - 1), length)
         if isinstance(data, Exception):
             raise _fault(address, data)
         return data
 
+    def _word(self, address: int) -> Generator[_Read, Any, int]:
+        """The pointer-sized value at `address`."""
+        return int.from_bytes((yield from self._read(address, self._pointer_size(address))), "little")
+
     def _value(self, node: Node, regs: Mapping[str, int]) -> Generator[_Read, Any, int]:
-        word = self.arch.word_size
         if isinstance(node, Reg):
             return _register(regs, node.name)
         if isinstance(node, Imm):
@@ -220,9 +238,9 @@ class FetchProgram:
             where, loc = self.arch.arg_location(node.index)
             if where == "reg":
                 return _register(regs, loc)
-            return int.from_bytes((yield from self._read(_register(regs, self.arch.sp) + loc, word)), "little")
+            return (yield from self._word(_register(regs, self.arch.sp) + loc))
         address = yield from self._address(node, regs)
-        return int.from_bytes((yield from self._read(address, word)), "little")
+        return (yield from self._word(address))
 
     def _address(self, node: Node, regs: Mapping[str, int]) -> Generator[_Read, Any, int]:
         if isinstance(node, Memory):
@@ -240,7 +258,7 @@ class FetchProgram:
         if t.is_string and t.count is not None:
             # string[N]: N char pointers at the location, each read as a string (kprobe_events' "char * array").
             address = yield from self._address(f.node, regs)
-            word = self.arch.word_size
+            word = self._pointer_size(address)
             data = yield from self._read(address, word * t.count)
             out = []
             for i in range(t.count):
