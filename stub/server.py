@@ -41,6 +41,7 @@ from rsp import replies as reply
 from rsp.command_parser import parse_command
 from rsp.commands import (
     Attached,
+    Command,
     Continue,
     CurrentThread,
     Detach,
@@ -64,7 +65,7 @@ from rsp.commands import (
     WriteMemory,
     XferRead,
 )
-from rsp.connection import parse_target, receive_from, send_now
+from rsp.connection import parse_target, receive_from
 from rsp.features import build_qsupported_reply
 from rsp.framing import ACK, NACK, NEED_DATA, BadChecksum, Framer, Interrupt, Nack, Packet, encode_packet
 from rsp.polling import PollChooser
@@ -120,6 +121,7 @@ class GdbSession:
         self.pollers = {False: PollChooser(window), True: PollChooser(window)}
         sock = getattr(stream, "socket", None)  # None for a stream that is not a socket (tests' memory streams)
         self._fd = sock.fileno() if sock is not None else None
+        self._parsed: dict[bytes, Command] = {}
 
     async def send(self, data: bytes) -> None:
         """Write to GDB.
@@ -129,7 +131,7 @@ class GdbSession:
         """
         if not self._send_lock.locked():
             try:
-                sent = send_now(self.stream, data)
+                sent = self._write_now(data)
             except OSError as exc:
                 raise trio.BrokenResourceError(f"GDB is gone: {exc}") from exc
             if sent == len(data):
@@ -140,6 +142,27 @@ class GdbSession:
                 await self.stream.send_all(data)
             except OSError as exc:
                 raise trio.BrokenResourceError(f"GDB is gone: {exc}") from exc
+
+    def _write_now(self, data: bytes) -> int:
+        """What the socket takes of `data` now (`rsp.connection.send_now`, with the descriptor at hand)."""
+        if self._fd is None:
+            return 0
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+
+    def _parse(self, payload: bytes) -> Command:
+        """`parse_command`, remembered for short packets: GDB sends the same few again at every stop
+        (commands are immutable)."""
+        if len(payload) > 64:
+            return parse_command(payload)
+        cmd = self._parsed.get(payload)
+        if cmd is None:
+            if len(self._parsed) >= 256:
+                self._parsed.clear()
+            cmd = self._parsed[payload] = parse_command(payload)
+        return cmd
 
     async def reply(self, payload: bytes) -> None:
         """Send one packet (with the ack GDB is owed in front of it)."""
@@ -244,7 +267,7 @@ class GdbSession:
         self._last_frame = data
         if not self._backlogged and not self._send_lock.locked():
             try:
-                data = data[send_now(self.stream, data) :]
+                data = data[self._write_now(data) :]
             except OSError:
                 return  # GDB is gone: the read loop sees it and ends the session
         if data:
@@ -283,7 +306,7 @@ class GdbSession:
 
     async def handle(self, payload: bytes) -> bool:
         """Answer one packet; returns True when the session ends."""
-        cmd = parse_command(payload)
+        cmd = self._parse(payload)
         engine = self.engine
         try:
             if isinstance(cmd, QSupported):
