@@ -151,6 +151,7 @@ class ClientProtocol:
         self._framer = Framer() if max_packet is None else Framer(max_packet=max_packet)
         self._ack_owed = False
         self._held: list[bytes] = []  # frames of `post`, written in front of the next write
+        self._held_memory = False  # some of them write memory
         # Written, no `+`/`-` yet. Bounded: a peer that stopped acknowledging (no-ack mode) must not make it
         # grow for ever; a `-` is about one of the last packets written, never one of thousands ago.
         self._unacked: deque[tuple[bytes, _Expected | None]] = deque(maxlen=_MAX_UNACKED)
@@ -200,6 +201,7 @@ class ClientProtocol:
         if self._held:
             frames = b"".join(self._held) + frames
             self._held.clear()
+            self._held_memory = False
         if self._ack_owed:
             self._ack_owed = False
             return b"+" + frames
@@ -243,9 +245,10 @@ class ClientProtocol:
         return frame
 
     @property
-    def holds_posted(self) -> bool:
-        """Whether requests of `post` wait to go out with the next write (the target has not seen them)."""
-        return bool(self._held)
+    def holds_memory_writes(self) -> bool:
+        """Whether memory writes (`M`, `X`) of `post` wait to go out with the next write: until then the
+        target's memory does not have them."""
+        return self._held_memory
 
     def post(self, payloads: Sequence[bytes]) -> None:
         """Hold requests whose replies must be `OK`: they go out in front of the next write.
@@ -255,6 +258,7 @@ class ClientProtocol:
         """
         self._check_can_send()
         self._held.append(self._frames(payloads, _CHECK))
+        self._held_memory = self._held_memory or any(p[:1] in (b"M", b"X") for p in payloads)
 
     def send_interrupt(self) -> bytes:
         """The bytes that ask a running target to stop (0x03 alone: never an ack with it), or b"" when

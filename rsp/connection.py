@@ -163,9 +163,9 @@ class RSPClient:
         return self.protocol.pending_stops
 
     @property
-    def holds_posted(self) -> bool:
-        """Whether writes of `post` are still held here (not sent: the target's memory does not have them)."""
-        return self.protocol.holds_posted
+    def holds_memory_writes(self) -> bool:
+        """Whether memory writes of `post` are still held here (not sent: the target's memory lacks them)."""
+        return self.protocol.holds_memory_writes
 
     @property
     def deferred_errors(self) -> list[tuple[bytes, bytes]]:

@@ -151,8 +151,9 @@ class GdbSide:
         if reply is None:
             data = await self._read_direct(link, address, length)
             if data is not None:
-                return data.hex().encode()
-            reply = await self.engine.client.request(read_memory(address, length))
+                reply = data.hex().encode()
+            else:
+                reply = await self.engine.client.request(read_memory(address, length))
             if link.holding:
                 link.memory.put(address, length, reply)
         return reply
@@ -164,8 +165,8 @@ class GdbSide:
     async def _read_direct(self, link: DebuggerLink, address: int, length: int) -> bytes | None:
         """GDB's read from guest RAM (no exchange with QEMU), when RAM can be read and the page tables of
         the CPU GDB reads through (its `Hg`, else the one that stopped) are at hand; else None."""
-        if not self._reads_directly() or self.engine.client.holds_posted:
-            return None  # (simulated writes not sent yet: RAM does not have them)
+        if not self._reads_directly() or self.engine.client.holds_memory_writes:
+            return None  # (simulated stores not sent yet: RAM does not have them)
         thread = link.g_thread if link.g_thread is not None and link.g_thread.tid > 0 else link.current_thread
         g = link.cached_registers(thread)
         if g is None:

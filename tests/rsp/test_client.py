@@ -157,6 +157,20 @@ def test_write_behind_frames_go_in_front_of_the_next_write_and_refusals_are_kept
     assert p.deferred_errors == [(b"M11,1:bb", b"E0e")]
 
 
+def test_held_memory_writes_are_known_until_they_go_out():
+    """Until written, the target's memory lacks held `M`/`X` writes (a reader of RAM must ask the target);
+    held register writes do not count."""
+    p = ClientProtocol()
+    p.post([b"P8=10000000"])
+    assert not p.holds_memory_writes
+    p.post([b"M10,1:aa"])
+    assert p.holds_memory_writes
+    p.send_requests([b"g"])
+    assert not p.holds_memory_writes
+    p.post([b"X10,1:a"])
+    assert p.holds_memory_writes
+
+
 def test_checked_replies_come_before_the_stop_of_the_resume_they_were_sent_with():
     p = ClientProtocol()
     p.send_requests([b"Z0,10,1"], b"c", check=True)
