@@ -64,6 +64,11 @@ class BreakHits:
                 return pc
         return guess.address if guess is not None else None
 
+    def forget_places(self) -> None:
+        """Forget the addresses learnt (the guest rebooted: they are another kernel's)."""
+        self.last_point, self.last_pc, self.unfinished = None, None, None
+        self.next_pc.clear()
+
     def _learn(self, pc: int) -> None:
         if self.last_pc is not None:
             if len(self.next_pc) > 4096:
@@ -127,6 +132,10 @@ class BreakHits:
                 engine.guest.move(Event.HIT)
                 return await self.complete(unfinished, stepped=stepped)
             engine.pipeline.abandon(unfinished)
+        reboot = engine.reboot
+        if reboot is not None and reboot.owns(pc) and await reboot.on_reset(g, pc):
+            # The guest reset: the probes come out at the next reconcile; the firmware runs on.
+            return await self.step_over(thread, g, pc, stepped)
         point = engine.table.breakpoint_at(pc)
         probes = engine.table.active_at(pc)
         returning = engine.returns.armed(pc)

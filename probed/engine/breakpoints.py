@@ -71,6 +71,8 @@ class Breakpoints:
         want = {key for key, point in self.engine.table.points.items() if point.active() and point.kind != "user"}
         want |= self.engine.uprobes.wanted()  # user probes: an address per process mapping, and kernel hooks
         want |= self.engine.returns.keys()  # return addresses (probed.engine.returns)
+        if self.engine.reboot is not None:
+            want |= self.engine.reboot.wanted()  # the reset vector (probed.guest.linux.reboot)
         if self.engine.debugger is not None:
             want |= self.engine.debugger.keys()
         return want

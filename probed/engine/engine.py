@@ -134,6 +134,7 @@ class Engine:
         # before the engine reports started (e.g. probed.guest.linux.kernel.LinuxKernel.setup).
         self.attach_hooks: list[Callable[[Engine], Awaitable[None]]] = []
         self.linux: Any = None  # probed.guest.linux.kernel.LinuxKernel, for a Linux guest
+        self.reboot: Any = None  # probed.guest.linux.reboot.Reboots: the guest's reboots, followed
         self.uprobes = UserProbes(self)
         self.probe_changes = ProbeChanges(self)
         self._types: Any = None  # the kernel's BTF types, read the first time a fetch arg needs them

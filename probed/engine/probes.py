@@ -183,6 +183,10 @@ class ProbeTable:
                 return probe
         raise NotFound(f"probe {ref!r}")
 
+    def get(self, pid: int) -> Probe | None:
+        """A probe by id, or None."""
+        return self._by_id.get(pid)
+
     def name_taken(self, name: str) -> bool:
         return any(p.name == name for p in self._by_id.values())
 

@@ -54,6 +54,7 @@ def status(engine: Engine) -> dict[str, Any]:
         "reconnects": engine.service.reconnects,
         **({"lost": engine.service.lost_reason} if engine.service.lost_reason else {}),
         **(engine.linux.status() if engine.linux is not None else {}),
+        **(engine.reboot.status() if engine.reboot is not None else {}),
         "guest_memory": engine.target.memory.describe() if engine.target and engine.target.memory else None,
     }
 

@@ -104,7 +104,7 @@ class Service:
             else:
                 self.free_running = True
             try:
-                event = await client.wait_stop()
+                event = await self._wait_stop()
             finally:
                 self.free_running = False
             guest.move(Event.STOPPED)
@@ -130,6 +130,19 @@ class Service:
                 await engine.client.interrupt()
         else:
             await engine.client.resume(cont())
+
+    async def _wait_stop(self) -> StopEvent:
+        """The next stop; while a rebooted guest's new kernel is awaited, the guest is stopped every
+        `poll_seconds` to look for it (`serve_requests` does, at that stop)."""
+        client = self.engine.client
+        reboot = self.engine.reboot
+        if reboot is None or not reboot.waiting:
+            return await client.wait_stop()
+        try:
+            return await client.wait_stop(timeout=reboot.poll_seconds)
+        except TargetTimeout:
+            await client.interrupt()
+            return await client.wait_stop()
 
     async def on_stop(self, event: StopEvent) -> bool:
         """Handle one stop; returns True when the guest was already resumed."""
@@ -223,6 +236,9 @@ class Service:
 
     async def serve_requests(self) -> None:
         breakpoints = self.engine.breakpoints
+        reboot = self.engine.reboot
+        if reboot is not None and reboot.waiting:
+            await reboot.poll()
         if breakpoints.dirty:
             breakpoints.dirty = False
             await breakpoints.reconcile()
@@ -274,7 +290,13 @@ class Service:
             attempts += 1
             try:
                 await engine.attach()
+                engine.breakpoints.installed.clear()  # `?` made QEMU drop them all: none is installed now
+                if engine.reboot is not None:
+                    await engine.reboot.after_reconnect()  # another boot behind it: the probes wait for it
             except (RSPError, TargetError) as err:
+                if engine.target is not None and engine.target.client is not None:
+                    with trio.CancelScope(shield=True), trio.move_on_after(1):
+                        await engine.client.aclose()
                 if attempts == 1:
                     log.info("target %s not back yet: %s (trying again every %g s at most)",
                              engine.target_address, err, most)
@@ -282,7 +304,6 @@ class Service:
                 delay = min(delay * 2, most)
                 continue
             break
-        engine.breakpoints.installed.clear()  # `?` made QEMU drop them all: none is installed now
         engine.breakpoints.dirty = True  # the loop's first `reconcile` re-arms every wanted point
         self.gdb_changes = False
         self.reconnects += 1

@@ -107,6 +107,10 @@ class UserProbes:
         self.silent = 0  # stops at a probed address that were not a hit (other process, page not present)
         self.hook_stops = 0
         self.code: bytes | None = None  # the instruction bytes at the last user hit's pc, read by on_stop
+        # After a reboot: probes whose file is not in the new boot's dentry cache yet (tried again at each
+        # `uprobe_mmap`), and the host copies of the files forgotten with the old boot.
+        self.waiting: dict[int, Probe] = {}
+        self._elves: dict[str, UserElf | None] = {}
 
     # -- adding -------------------------------------------------------------------------------------
 
@@ -172,6 +176,9 @@ class UserProbes:
             self.layout = MmLayout.from_btf(types.btf)
         except LookupError as exc:
             raise Unsupported(f"user probes need a Linux 6.1 or later kernel (maple-tree VMAs): {exc}") from None
+        self._find_hooks()
+
+    def _find_hooks(self) -> None:
         symbols = self.engine.symbols
         for hook in HOOKS:
             try:
@@ -241,13 +248,13 @@ class UserProbes:
             for address in file.addresses(point.address):
                 armed.setdefault(address, []).append((file, point.address))
         self._armed = armed
-        if not points:
+        if not points and not self.waiting:
             return set()
         # The hooks stay while any user probe exists, enabled or not: its file's mappings stay current.
         return {("break", a, 0, "x") for a in armed} | {("break", a, 0, "x") for a in self.hooks}
 
     def owns(self, pc: int) -> bool:
-        return pc in self._armed or (pc in self.hooks and bool(self._armed or self.files))
+        return pc in self._armed or (pc in self.hooks and bool(self._armed or self.files or self.waiting))
 
     # -- stops --------------------------------------------------------------------------------------
 
@@ -258,7 +265,10 @@ class UserProbes:
         regs = RegisterView(engine.target, g)
         if pc in self.hooks:
             self.hook_stops += 1
-            if await self._hook(self.hooks[pc], regs):
+            changed = await self._hook(self.hooks[pc], regs)
+            if self.waiting and self.hooks[pc] == "uprobe_mmap":
+                changed = await self._find_waiting() or changed
+            if changed:
                 await engine.breakpoints.reconcile()
             if pc not in self._armed:
                 return []
@@ -339,6 +349,52 @@ class UserProbes:
         if name == "uprobe_dup_mmap" and self._unknown_ok:
             self._unknown_ok.discard(await self._run(pgd_of(layout, self._read, regs["rsi"], self.direct_map)))
         return False
+
+    # -- a reboot (probed.guest.linux.reboot) -------------------------------------------------------
+
+    def forget_all(self) -> None:
+        """The kernel is gone: its files, mappings, hook addresses and page-table roots with it."""
+        self._elves.update({f.path: f.elf for f in self.files.values()})
+        self.files.clear()
+        self.hooks.clear()
+        self.kernel_code.clear()
+        self._unknown_ok.clear()
+        self._armed = {}
+        self.waiting.clear()
+        self.code = None
+        self.direct_map = DIRECT_MAP_DEFAULT
+
+    async def place_again(self, probe: Probe) -> bool:
+        """In the new kernel: find the probe's file again (a new inode) and read who maps it; False when the
+        file is not there yet (the probe then waits, and is tried again at each new file mapping).
+
+        The probe is out of the table while this runs (its key changes).
+        """
+        if not self.hooks:
+            self._find_hooks()
+        path = probe.location.file
+        try:
+            file = await self._file(path, self._elves.get(path))
+        except BadSpec:
+            probe.pending = f"the guest rebooted: waiting for {path} to appear in it"
+            self.waiting[probe.id] = probe
+            return False
+        probe.file_tag, probe.pending = file.tag, None
+        return True
+
+    async def _find_waiting(self) -> bool:
+        """At a new file mapping: place the probes whose file now exists; True if any was."""
+        table = self.engine.table
+        placed = False
+        for pid, probe in list(self.waiting.items()):
+            if table.get(pid) is not probe:
+                del self.waiting[pid]
+                continue
+            del self.waiting[pid]
+            table.remove(probe)
+            placed = await self.place_again(probe) or placed
+            table.add(probe)
+        return placed
 
     # -- reads --------------------------------------------------------------------------------------
 

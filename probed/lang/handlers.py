@@ -52,6 +52,7 @@ class FetchHandler(Handler):
         from .fetch import parse_fetchargs
 
         self.args = list(args)
+        self.env = env
         self.program = parse_fetchargs(self.args, arch, symbols, env)
         self.compat: Any = None
         if env is not None and env.user and arch.name == "x86_64":
@@ -62,6 +63,11 @@ class FetchHandler(Handler):
         self.needs_registers = any(p.needs_registers for p in programs)
         self.needs_memory = any(p.needs_memory for p in programs)
         self.description = " ".join(self.args)
+
+    def rebuilt(self, arch: Any, symbols: Any) -> FetchHandler:
+        """The same fetch args compiled again against `symbols` (`@SYM` is compiled to an address: after
+        the symbols moved, a guest that rebooted at another KASLR slide, the old address is wrong)."""
+        return FetchHandler(self.args, arch, symbols, self.env)
 
     async def run(self, ctx: Any) -> dict[str, Any]:
         if not self.fields:

@@ -115,6 +115,7 @@ class QemuGuest:
         gdb: "unix" (a socket in a private directory) or "tcp" (127.0.0.1, a free port).
         kernel: boot this instead of the bundled guest (e.g. a Linux bzImage), with `append`/`initrd`.
         bare: boot nothing (for reading a machine's registers and target description).
+        reboot: a guest reset reboots the machine (else `-no-reboot`: QEMU exits when the guest resets).
 
     Attributes:
         target: what `probed --target` takes: `unix:PATH` or `tcp:127.0.0.1:PORT`.
@@ -136,9 +137,11 @@ class QemuGuest:
         extra_args: Sequence[str] = (),
         workdir: str | os.PathLike | None = None,
         bare: bool = False,
+        reboot: bool = False,
     ):
         self.arch = arch
         self.bare = bare
+        self.reboot = reboot
         self.smp = smp
         self.stopped = stopped
         self.gdb = gdb
@@ -175,7 +178,7 @@ class QemuGuest:
             self.elf = build_guest(self.arch)
         listener = self._listen()
         args = [
-            binary, "-display", "none", "-nodefaults", "-no-reboot", "-accel", "tcg",
+            binary, "-display", "none", "-nodefaults", *(() if self.reboot else ("-no-reboot",)), "-accel", "tcg",
             "-m", self.memory, "-smp", str(self.smp),
             "-serial", f"file:{self.serial_log}",
             # nodelay: without it, QEMU's reply written as `+` then `$...` waits on TCP's delayed ack

@@ -10,13 +10,14 @@ import pytest
 from .guest import LinuxGuest, LinuxUnavailable, fetch_linux
 
 
-def boot_linux_guest(tmp_path_factory):
-    """Boot a Linux guest (nokaslr) for a fixture; skips where the Debian packages cannot be had."""
+def boot_linux_guest(tmp_path_factory, **options):
+    """Boot a Linux guest (nokaslr unless `kaslr=True`; `options` as LinuxGuest's) for a fixture; skips where
+    the Debian packages cannot be had."""
     try:
         files = fetch_linux()
     except LinuxUnavailable as exc:
         pytest.skip(f"no Debian kernel for the Linux guest: {exc}")
-    guest = LinuxGuest(files, tmp_path_factory.mktemp("linux-guest")).start()
+    guest = LinuxGuest(files, tmp_path_factory.mktemp("linux-guest"), **options).start()
     try:
         yield guest
     finally:

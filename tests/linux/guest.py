@@ -96,6 +96,7 @@ class LinuxGuest:
         kaslr: boot with a randomized kernel base (no `nokaslr`); the dump is then this boot's own.
         smp: virtual CPUs.
         module_loop: the workload also loads and unloads dummy.ko in a loop (see init.sh).
+        reboot: the guest may reboot (QEMU resets it rather than exiting); see `reboot()` and `restart()`.
 
     Attributes:
         kallsyms: the dump, in /proc/kallsyms format (a cache file; valid after start()).
@@ -105,7 +106,7 @@ class LinuxGuest:
     """
 
     def __init__(self, files: LinuxFiles, workdir: Path, *, fresh_kallsyms: bool = False, memory: str = "512M",
-                 kaslr: bool = False, smp: int = 1, module_loop: bool = False):
+                 kaslr: bool = False, smp: int = 1, module_loop: bool = False, reboot: bool = False):
         self.files = files
         self.kaslr = kaslr
         if kaslr:
@@ -123,7 +124,7 @@ class LinuxGuest:
         append += " probed.modloop" if module_loop else ""
         self.qemu = QemuGuest(
             "x86_64", kernel=files.vmlinuz, initrd=files.initramfs, append=append, memory=memory, stopped=False,
-            smp=smp, extra_args=["-serial", f"file:{self._capture}",
+            smp=smp, reboot=reboot, extra_args=["-serial", f"file:{self._capture}",
                                  "-chardev", f"socket,id=shell,path={self._shell_path},server=on,wait=off",
                                  "-serial", "chardev:shell"],
         )
@@ -173,14 +174,15 @@ class LinuxGuest:
             self._kallsyms_kernel.write_text(self._kernel_sha + "\n")
         return self
 
-    def _wait_until_ready(self, deadline: float) -> tuple[str, str]:
-        """The console text and the decoded dump ("" when reused) once both markers are there."""
+    def _wait_until_ready(self, deadline: float, console_from: int = 0, capture_from: int = 0) -> tuple[str, str]:
+        """The console text and the decoded dump ("" when reused) once both markers are there (written
+        past `console_from` and `capture_from`: a reboot in place appends to the same files)."""
         dump = "" if self.kallsyms_reused else None
         # Poll what the guest writes (both serial files) under a deadline: the markers are the only signal.
         while True:
-            console = self.qemu.serial_output()
+            console = self.qemu.serial_output()[console_from:]
             if dump is None and self._capture.exists():
-                dump = decode_dump(self._capture.read_bytes())
+                dump = decode_dump(self._capture.read_bytes()[capture_from:])
             if dump is not None and CONSOLE_READY in console:
                 return console, dump
             if not self.qemu.alive():
@@ -188,6 +190,38 @@ class LinuxGuest:
             if time.monotonic() > deadline:
                 raise LinuxBootError(f"Linux did not reach its workload in time:\n{console[-2000:]}")
             time.sleep(_POLL_S)
+
+    def reboot(self, deadline_s: float = 120) -> LinuxGuest:
+        """`reboot -f` inside the guest (QEMU resets it, the gdbstub connection stays); returns once the new
+        boot runs its workload, with its own /proc/kallsyms (a KASLR guest: its new addresses) on the host.
+
+        Raises:
+            LinuxBootError: the new boot did not get there in time.
+        """
+        assert self.qemu.reboot, "a LinuxGuest(reboot=True): with -no-reboot QEMU would exit"
+        console_from = len(self.qemu.serial_output())
+        capture_from = self._capture.stat().st_size if self._capture.exists() else 0
+        # In the background, a moment later: the shell answers before the kernel goes.
+        self.shell("(usleep 200000; reboot -f) > /dev/null 2>&1 &")
+        self._booted(time.monotonic(), deadline_s, console_from, capture_from)
+        return self
+
+    def restart(self, deadline_s: float = 120) -> LinuxGuest:
+        """Kill QEMU and boot a new one, its gdbstub on the same socket; returns once it runs its workload."""
+        if self._shell is not None:
+            self._shell.close()
+            self._shell = None
+        self.qemu.kill()
+        self._shell_path.unlink(missing_ok=True)
+        return self.start(deadline_s)
+
+    def _booted(self, started: float, deadline_s: float, console_from: int, capture_from: int) -> None:
+        console, dump = self._wait_until_ready(started + deadline_s, console_from, capture_from)
+        self.boot_seconds = time.monotonic() - started
+        if dump:
+            tmp = self.kallsyms.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(dump)
+            tmp.replace(self.kallsyms)
 
     def shell(self, command: str, timeout: float = 60) -> str:
         """Run `command` with the guest's sh (as root, in /) and return its output.

@@ -10,6 +10,8 @@
    symbol file `vmlinux`.
 4. Loaded modules become symbol files of their own, and module load/unload is followed
    (`modules.ModuleTracker`).
+5. The boot is remembered (`reboot.Reboots`): when the guest reboots, in place or behind a reconnect, the
+   probes are taken out and placed again in the new kernel (`move_to` moves the model to its slide).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from probed.errors import ProbedError
 from probed.guest.linux.kallsyms import KernelSymbols, read_kallsyms
 from probed.guest.linux.kaslr import (
     LINK_TEXT,
@@ -60,9 +63,13 @@ def kernel_entries(table: KernelSymbols, link_text: int) -> list[tuple[str, int,
 
 
 def use_linux(engine, kernel: LinuxKernel | None = None) -> LinuxKernel:
-    """Make `engine` treat its guest as a Linux kernel: `kernel.setup` runs when it attaches."""
+    """Make `engine` treat its guest as a Linux kernel: `kernel.setup` runs when it attaches, and a reboot of
+    the guest is followed (`engine.reboot`, probed.guest.linux.reboot)."""
+    from probed.guest.linux.reboot import Reboots
+
     kernel = kernel or LinuxKernel()
     engine.linux = kernel
+    engine.reboot = Reboots(engine, kernel)
     engine.attach_hooks.append(kernel.setup)
     return kernel
 
@@ -105,6 +112,8 @@ class LinuxKernel:
         self.memory: GuestMemory | None = None
         self._make_memory = memory or (lambda engine: RspMemory(engine.target))
         self.kernel_files: list[str] = []
+        self.banner: bytes | None = None  # linux_banner's bytes (to tell this build after a reboot)
+        self.banner_address = 0
 
     async def setup(self, engine) -> None:
         """The engine's attach hook: find the kernel, its symbols and its modules (the guest is stopped).
@@ -132,9 +141,39 @@ class LinuxKernel:
 
             self.modules = ModuleTracker(engine, memory)
             await self.modules.start()
+        await self._read_banner(engine)
+        if getattr(engine, "reboot", None) is not None:
+            await engine.reboot.remember()
         self.setup_seconds = time.monotonic() - started
         log.info("linux: _text at %#x (KASLR slide %#x), symbols from %s, in %.2f s", self.text, self.slide,
                  self.source, self.setup_seconds)
+
+    async def _read_banner(self, engine) -> None:
+        try:
+            self.banner_address = engine.symbols.lookup("linux_banner").address
+        except ProbedError:
+            self.banner = None
+            return
+        (banner,) = await read_batch(self.memory, [(self.banner_address, 512)])
+        self.banner = banner.split(b"\0", 1)[0] + b"\0" if banner else None
+
+    async def move_to(self, engine, text: int) -> None:
+        """The guest rebooted into this build with `_text` at `text`: move the kernel's symbol files there
+        (a file given by the user is checked again, as at attach).
+
+        Raises:
+            KernelMismatch: a kernel symbol file is not the new kernel.
+        """
+        self.text, self.slide = text, text - LINK_TEXT
+        self.evidence = []
+        for name in self.kernel_files:
+            sf = engine.symbols.file(name)
+            if name == KERNEL_FILE:
+                engine.symbols.set_bias(name, self.slide)  # the guest's own table, at link addresses
+            else:
+                await self._rebase(self.memory, engine.symbols, sf)
+        await self._read_banner(engine)
+        log.info("linux: the rebooted kernel's _text at %#x (KASLR slide %#x)", self.text, self.slide)
 
     async def _rebase(self, memory: GuestMemory, symbols: SymbolStore, sf: SymbolFile) -> None:
         text = file_text(sf)

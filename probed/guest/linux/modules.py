@@ -215,18 +215,36 @@ class ModuleTracker:
         engine.breakpoints.dirty = True
         return armed
 
-    def _disarm(self, module: str) -> int:
+    def _disarm(self, module: str, why: str = "unloaded") -> int:
         engine = self.engine
         moved = 0
         for probe in [p for p in engine.table if not p.pending and p.location.file == module]:
+            engine.breakpoints.give_back(probe.point_key)
             engine.table.remove(probe)
-            probe.pending = f"module {module} unloaded"
+            probe.pending = f"module {module} {why}"
             probe.location = Location(probe.spec, module, probe.location.symbol, probe.location.offset, 0)
             engine.table.add(probe)
             moved += 1
         engine.symbols.remove_file(module)
         engine.breakpoints.dirty = True
         return moved
+
+    # -- a reboot (probed.guest.linux.reboot) -----------------------------------------------------------
+
+    def forget_all(self, why: str) -> None:
+        """The kernel is gone: every module with it; their probes wait for them to load again."""
+        for name in list(self.loaded):
+            self._disarm(name, f"not loaded ({why})")
+        self.loaded.clear()
+
+    async def rescan(self) -> None:
+        """In the new kernel (its symbols moved already): read the modules loaded so far, set their probes."""
+        head = self.engine.symbols.resolve_data("modules")[0].address  # moved with the kernel
+        for mod in await self._walk(head):
+            name = await self._add_module(mod)
+            if name is not None:
+                self._arm(name)
+                self._record("load", name)
 
     # -- the hooks ---------------------------------------------------------------------------------------
 

@@ -1,0 +1,127 @@
+"""A Linux guest that reboots under probed (Debian's real 6.1 kernel, KASLR on): the probes follow the kernel
+to its new slide, in place (`reboot -f` in the guest, the gdbstub connection kept) and behind a reconnect
+(QEMU killed and started again on the same socket).
+
+The guest is this module's own (it reboots). Its workload runs /bin/probed-open over and over: the script
+(comm "probed-open") opens itself, /etc/hostname, /dev/null and /nonexistent, in that order
+(tests/linux/init.sh). Each boot dumps its own /proc/kallsyms: the slide and every address are checked
+against it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from probed.api import attach
+from probed.guest.linux.kaslr import LINK_TEXT
+from probed.guest.linux.kernel import LinuxKernel
+from probed.guest.linux.reboot import RESET_VECTOR
+from tests.linux.conftest_linux import boot_linux_guest
+from tests.linux.kallsyms import read_symbols
+
+pytestmark = [pytest.mark.linux, pytest.mark.time_limit(300)]
+
+OPENED = ["/bin/probed-open", "/etc/hostname", "/dev/null", "/nonexistent"]
+OPEN_ARGS = ["$comm", "$pid", "filename:ustring", "banner=@linux_banner:string"]
+
+
+@pytest.fixture(scope="module")
+def rebooting_guest(tmp_path_factory):
+    """A KASLR guest of this module's own that may reboot (QEMU without -no-reboot)."""
+    yield from boot_linux_guest(tmp_path_factory, kaslr=True, reboot=True)
+
+
+def _live(guest) -> dict[str, int]:
+    return read_symbols(guest.kallsyms)
+
+
+async def _runs(sub, n: int, seen: list[dict], seconds: float = 120) -> list[list[dict]]:
+    """`n` complete probed-open runs (seen from their first open), each its records in order; every record
+    received goes to `seen`."""
+    runs: dict[int, list[dict]] = {}
+    done: list[list[dict]] = []
+    with trio.fail_after(seconds):
+        while len(done) < n:
+            rec = await sub.receive()
+            seen.append(rec)
+            if rec["error"] is not None:
+                continue
+            pid = rec["pre"]["pid"]
+            if pid in runs or rec["pre"]["filename"] == OPENED[0]:
+                runs.setdefault(pid, []).append(rec)
+                if len(runs[pid]) == len(OPENED):
+                    done.append(runs[pid])
+    return done
+
+
+def _check_runs(runs: list[list[dict]], live: dict[str, int], banner: str) -> None:
+    for recs in runs:
+        pid = recs[0]["pre"]["pid"]
+        assert [r["pre"] for r in recs] == [
+            {"comm": "probed-open", "pid": pid, "filename": name, "banner": banner} for name in OPENED
+        ]
+        assert {r["pc"] for r in recs} == {f"{live['do_sys_openat2']:#x}"}
+
+
+async def _placed_in(engine, guest, probe, old_slide: int, seconds: float = 120) -> int:
+    """Wait until the engine has placed the probes in the guest's new boot; its slide (checked)."""
+    live = _live(guest)
+    slide = live["_text"] - LINK_TEXT
+    with trio.fail_after(seconds):
+        while engine.linux.slide != slide or engine.reboot.waiting or probe.pending:
+            await trio.sleep(0.05)
+    assert slide != old_slide  # KASLR picked another place (odds of the same: about 1 in 500)
+    return slide
+
+
+def _assert_nothing_stale(engine, live: dict[str, int], old: dict[str, int]) -> None:
+    installed = {key[1] for key in engine.breakpoints.installed}
+    assert installed == {live["do_sys_openat2"], live["do_init_module"], live["free_module"], RESET_VECTOR}
+    assert not installed & {old["do_sys_openat2"], old["do_init_module"], old["free_module"]}
+
+
+async def test_reboot_in_place_and_qemu_restarted_probes_follow_the_kernel(rebooting_guest, tmp_path):
+    guest = rebooting_guest
+    first = _live(guest)
+    # The first boot's /proc/kallsyms as the symbol file (its per-CPU `current_task` gives $comm): after each
+    # reboot it is moved to the new slide and checked again against the new kernel.
+    symbols = tmp_path / "kallsyms-first-boot"
+    symbols.write_text(guest.kallsyms.read_text())
+    async with attach(guest.target, symbols=[str(symbols)], linux=LinuxKernel()) as engine:
+        probe = await engine.add_probe("do_sys_openat2", pre=OPEN_ARGS, condition='comm == "probed-open"')
+        seen: list[dict] = []
+        with engine.hub.subscribe(probe.id, maxsize=100_000) as sub:
+            before = await _runs(sub, 2, seen)
+            banner = before[0][0]["pre"]["banner"]
+            assert banner.startswith("Linux version ")
+            _check_runs(before, first, banner)
+            old_slide = engine.linux.slide
+            assert old_slide == first["_text"] - LINK_TEXT
+
+            # 1. `reboot -f` in the guest: the same connection, a new kernel at a new slide.
+            await trio.to_thread.run_sync(guest.reboot)
+            second = _live(guest)
+            slide = await _placed_in(engine, guest, probe, old_slide)
+            assert engine.status()["kaslr_slide"] == f"{slide:#x}"
+            assert engine.status()["reconnects"] == 0 and engine.status()["reboots"] == 1
+            assert f"kernel at new slide {slide:#x}; 1 probe(s) re-placed" in engine.status()["reboot"]
+            assert "reset in place" in engine.status()["reboot"]
+            assert probe.address == second["do_sys_openat2"]
+            _assert_nothing_stale(engine, second, first)
+            after_reboot = await _runs(sub, 2, seen)
+            _check_runs(after_reboot, second, banner)
+
+            # 2. QEMU killed and started again on the same socket: a reconnect to another boot.
+            await trio.to_thread.run_sync(guest.restart)
+            third = _live(guest)
+            slide3 = await _placed_in(engine, guest, probe, slide)
+            status = engine.status()
+            assert status["reconnects"] == 1 and status["reboots"] == 2
+            assert f"kernel at new slide {slide3:#x}; 1 probe(s) re-placed" in status["reboot"]
+            assert probe.address == third["do_sys_openat2"]
+            _assert_nothing_stale(engine, third, second)
+            after_restart = await _runs(sub, 2, seen)
+            _check_runs(after_restart, third, banner)
+    seqs = [r["seq"] for r in seen]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # seq went on through both reboots, no gap
