@@ -5,10 +5,13 @@ to its new slide, in place (`reboot -f` in the guest, the gdbstub connection kep
 The guest is this module's own (it reboots). Its workload runs /bin/probed-open over and over: the script
 (comm "probed-open") opens itself, /etc/hostname, /dev/null and /nonexistent, in that order
 (tests/linux/init.sh). Each boot dumps its own /proc/kallsyms: the slide and every address are checked
-against it.
+against it. A user probe on /bin/utarget-pie (tests/linux/uprogs/utarget.c: `utarget-pie 3` calls
+utarget(i, i * i) for i = 1..3, at a random base) finds its file again in each new boot.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import trio
@@ -17,13 +20,19 @@ from probed.api import attach
 from probed.guest.linux.kaslr import LINK_TEXT
 from probed.guest.linux.kernel import LinuxKernel
 from probed.guest.linux.reboot import RESET_VECTOR
+from probed.testing.qemu import CACHE
 from tests.linux.conftest_linux import boot_linux_guest
 from tests.linux.kallsyms import read_symbols
+from tests.linux.uprogs import uprog_path
 
 pytestmark = [pytest.mark.linux, pytest.mark.time_limit(300)]
 
 OPENED = ["/bin/probed-open", "/etc/hostname", "/dev/null", "/nonexistent"]
 OPEN_ARGS = ["$comm", "$pid", "filename:ustring", "banner=@linux_banner:string"]
+# Both placed, or (the likelier) the user probe waiting for its file: the kernel is placed once it schedules,
+# before it unpacks the initramfs.
+PLACED = r"(2 probe\(s\) re-placed|1 probe\(s\) re-placed, 1 waiting) \("
+USER_ARGS = ["$comm", "$pid", "a=$arg1:s64", "b=$arg2:s64"]
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +80,32 @@ async def _placed_in(engine, guest, probe, old_slide: int, seconds: float = 120)
     with trio.fail_after(seconds):
         while engine.linux.slide != slide or engine.reboot.waiting or probe.pending:
             await trio.sleep(0.05)
+    await engine.call_stopped(lambda: trio.sleep(0))  # a round trip: the breakpoints were set by then
     assert slide != old_slide  # KASLR picked another place (odds of the same: about 1 in 500)
     return slide
 
 
+KERNEL_PLACES = ("do_sys_openat2", "do_init_module", "free_module", "uprobe_mmap", "uprobe_munmap", "uprobe_dup_mmap")
+
+
 def _assert_nothing_stale(engine, live: dict[str, int], old: dict[str, int]) -> None:
     installed = {key[1] for key in engine.breakpoints.installed}
-    assert installed == {live["do_sys_openat2"], live["do_init_module"], live["free_module"], RESET_VECTOR}
-    assert not installed & {old["do_sys_openat2"], old["do_init_module"], old["free_module"]}
+    assert installed == {live[name] for name in KERNEL_PLACES} | {RESET_VECTOR}  # no process maps utarget-pie
+    assert not installed & {old[name] for name in KERNEL_PLACES}
+
+
+async def _user_calls(engine, guest, user, sub) -> None:
+    """`utarget-pie 3` in the guest: exactly its three calls, with their arguments."""
+    out = await trio.to_thread.run_sync(guest.shell, "utarget-pie 3")
+    with trio.fail_after(60):
+        records = [await sub.receive() for _ in range(3)]
+    await engine.call_stopped(lambda: trio.sleep(0))  # (a round trip: anything more would be published by now)
+    with pytest.raises(trio.WouldBlock):
+        sub.receive_nowait()
+    pid = records[0]["pre"]["pid"]
+    assert [r["pre"] for r in records] == [{"comm": "utarget-pie", "pid": pid, "a": i, "b": i * i} for i in (1, 2, 3)]
+    assert {r["where"] for r in records} == {"/bin/utarget-pie:utarget"}, out
+    assert user.state == "enabled"
 
 
 async def test_reboot_in_place_and_qemu_restarted_probes_follow_the_kernel(rebooting_guest, tmp_path):
@@ -90,8 +117,11 @@ async def test_reboot_in_place_and_qemu_restarted_probes_follow_the_kernel(reboo
     symbols.write_text(guest.kallsyms.read_text())
     async with attach(guest.target, symbols=[str(symbols)], linux=LinuxKernel()) as engine:
         probe = await engine.add_probe("do_sys_openat2", pre=OPEN_ARGS, condition='comm == "probed-open"')
+        user = await engine.add_probe("/bin/utarget-pie:utarget", pre=USER_ARGS,
+                                      file_copy=str(uprog_path(CACHE / "linux", "utarget-pie")))
         seen: list[dict] = []
-        with engine.hub.subscribe(probe.id, maxsize=100_000) as sub:
+        with engine.hub.subscribe(probe.id, maxsize=100_000) as sub, engine.hub.subscribe(user.id) as usub:
+            await _user_calls(engine, guest, user, usub)
             before = await _runs(sub, 2, seen)
             banner = before[0][0]["pre"]["banner"]
             assert banner.startswith("Linux version ")
@@ -105,23 +135,29 @@ async def test_reboot_in_place_and_qemu_restarted_probes_follow_the_kernel(reboo
             slide = await _placed_in(engine, guest, probe, old_slide)
             assert engine.status()["kaslr_slide"] == f"{slide:#x}"
             assert engine.status()["reconnects"] == 0 and engine.status()["reboots"] == 1
-            assert f"kernel at new slide {slide:#x}; 1 probe(s) re-placed" in engine.status()["reboot"]
+            assert re.search(f"kernel at new slide {slide:#x}; {PLACED}", engine.status()["reboot"])
             assert "reset in place" in engine.status()["reboot"]
             assert probe.address == second["do_sys_openat2"]
             _assert_nothing_stale(engine, second, first)
             after_reboot = await _runs(sub, 2, seen)
             _check_runs(after_reboot, second, banner)
+            await _user_calls(engine, guest, user, usub)
 
             # 2. QEMU killed and started again on the same socket: a reconnect to another boot.
-            await trio.to_thread.run_sync(guest.restart)
+            guest.restart_qemu()  # (here: QEMU dies with the thread that started it)
+            await trio.to_thread.run_sync(guest.wait_booted)
             third = _live(guest)
             slide3 = await _placed_in(engine, guest, probe, slide)
             status = engine.status()
             assert status["reconnects"] == 1 and status["reboots"] == 2
-            assert f"kernel at new slide {slide3:#x}; 1 probe(s) re-placed" in status["reboot"]
+            assert re.search(f"kernel at new slide {slide3:#x}; {PLACED}", status["reboot"])
             assert probe.address == third["do_sys_openat2"]
             _assert_nothing_stale(engine, third, second)
             after_restart = await _runs(sub, 2, seen)
             _check_runs(after_restart, third, banner)
+            await _user_calls(engine, guest, user, usub)
+    # seq went on through both reboots (a hit the condition filtered out takes a seq too: hence the gaps).
     seqs = [r["seq"] for r in seen]
-    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # seq went on through both reboots, no gap
+    assert all(a < b for a, b in zip(seqs, seqs[1:], strict=False))
+    assert seqs[-1] <= probe.hits + user.hits
+    assert probe.hits + user.hits == probe.filtered + engine.records and user.hits == 9

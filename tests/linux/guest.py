@@ -130,6 +130,7 @@ class LinuxGuest:
         )
         self.kernel_version = ""
         self.boot_seconds = 0.0
+        self._restarted = 0.0
 
     @property
     def target(self) -> str:
@@ -201,19 +202,40 @@ class LinuxGuest:
         assert self.qemu.reboot, "a LinuxGuest(reboot=True): with -no-reboot QEMU would exit"
         console_from = len(self.qemu.serial_output())
         capture_from = self._capture.stat().st_size if self._capture.exists() else 0
-        # In the background, a moment later: the shell answers before the kernel goes.
-        self.shell("(usleep 200000; reboot -f) > /dev/null 2>&1 &")
-        self._booted(time.monotonic(), deadline_s, console_from, capture_from)
+        # Not waited for (its answer may be cut short by the reset); the connection is made again afterwards,
+        # so nothing the old boot wrote passes for an answer of the new one.
+        if self._shell is None:
+            self._shell = GuestShell(self._shell_path)
+        self._shell.send("reboot -f")
+        try:
+            self._booted(time.monotonic(), deadline_s, console_from, capture_from)
+        finally:
+            self._shell.close()
+            self._shell = None
         return self
 
-    def restart(self, deadline_s: float = 120) -> LinuxGuest:
-        """Kill QEMU and boot a new one, its gdbstub on the same socket; returns once it runs its workload."""
+    def restart_qemu(self) -> None:
+        """Kill QEMU and start a new one, its gdbstub on the same socket; `wait_booted()` waits for the new
+        boot's workload. (Call this from the thread that will outlive QEMU: it dies with the thread that
+        started it, PR_SET_PDEATHSIG.)"""
         if self._shell is not None:
             self._shell.close()
             self._shell = None
         self.qemu.kill()
-        self._shell_path.unlink(missing_ok=True)
-        return self.start(deadline_s)
+        # What the old guest wrote must not pass for the new one's markers.
+        for path in (self._shell_path, self._capture, self.qemu.serial_log):
+            path.unlink(missing_ok=True)
+        self._restarted = time.monotonic()
+        self.qemu.start()
+
+    def wait_booted(self, deadline_s: float = 120) -> LinuxGuest:
+        """After `restart_qemu()`: returns once the new boot runs its workload, its /proc/kallsyms on the host.
+
+        Raises:
+            LinuxBootError: it did not get there in time.
+        """
+        self._booted(self._restarted, deadline_s, 0, 0)
+        return self
 
     def _booted(self, started: float, deadline_s: float, console_from: int, capture_from: int) -> None:
         console, dump = self._wait_until_ready(started + deadline_s, console_from, capture_from)

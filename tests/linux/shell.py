@@ -27,10 +27,14 @@ class GuestShell:
         self._sock.connect(str(path))
         self._buffer = b""
 
-    def run(self, command: str, timeout: float = 60) -> str:
+    def send(self, command: str) -> None:
+        """Send a command without waiting for its answer (one that may never come: a reboot)."""
         if "\n" in command:
             raise ValueError("one line per command")
         self._sock.sendall(command.encode() + b"\n")
+
+    def run(self, command: str, timeout: float = 60) -> str:
+        self.send(command)
         deadline = time.monotonic() + timeout
         while not (match := _DONE.search(self._buffer)):
             left = deadline - time.monotonic()
