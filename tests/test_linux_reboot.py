@@ -45,6 +45,25 @@ def _live(guest) -> dict[str, int]:
     return read_symbols(guest.kallsyms)
 
 
+def _drain(sub) -> list[dict]:
+    records = []
+    while True:
+        try:
+            records.append(sub.receive_nowait())
+        except trio.WouldBlock:
+            return records
+
+
+def test_a_boot_is_told_by_any_of_its_values():
+    from probed.guest.linux.reboot import BootIdentity
+
+    boot = BootIdentity(0xFFFF_FFFF_A000_0000, (0xFFFF_8880_0000_0000, 0xFFFF_C900_0000_0000, None), 0x1234)
+    assert boot.same_boot(BootIdentity(boot.text, boot.bases[:2] + (0xFFFF_EA00_0000_0000,), None))  # unread
+    assert not boot.same_boot(BootIdentity(boot.text + (2 << 20), boot.bases, boot.canary))  # another slide
+    assert not boot.same_boot(BootIdentity(boot.text, (0xFFFF_9000_0000_0000, *boot.bases[1:]), boot.canary))
+    assert not boot.same_boot(BootIdentity(boot.text, boot.bases, 0x5678))  # the same slide, another boot
+
+
 async def _runs(sub, n: int, seen: list[dict], seconds: float = 120) -> list[list[dict]]:
     """`n` complete probed-open runs (seen from their first open), each its records in order; every record
     received goes to `seen`."""
@@ -156,6 +175,22 @@ async def test_reboot_in_place_and_qemu_restarted_probes_follow_the_kernel(reboo
             after_restart = await _runs(sub, 2, seen)
             _check_runs(after_restart, third, banner)
             await _user_calls(engine, guest, user, usub)
+            seen += _drain(sub)
+            # 3. A reboot into another build (what the engine read of this build's banner made another's):
+            # found as soon as the new kernel is mapped; the probes stay, unarmed, and status says why.
+            engine.linux.banner = b"Linux version 6.1.0-other (someone@elsewhere) #1 SMP\0"
+            guest.reboot(wait=False)
+            with trio.fail_after(120):
+                while engine.reboot.error is None:
+                    await trio.sleep(0.05)
+            await engine.call_stopped(lambda: trio.sleep(0))
+            status = engine.status()
+            assert status["reboot"].startswith("the guest reset in place (its CPU at the reset vector); probes kept "
+                                               "but not armed: the new kernel is another build")
+            assert status["reboots"] == 2 and not engine.reboot.waiting
+            assert probe.state == user.state == "pending: the guest rebooted: waiting for its new kernel"
+            assert set(engine.breakpoints.installed) == {("break", RESET_VECTOR, 0, "x")}
+            assert [p.info()["state"] for p in engine.probes()] == [probe.state, user.state]
     # seq went on through both reboots (a hit the condition filtered out takes a seq too: hence the gaps).
     seqs = [r["seq"] for r in seen]
     assert all(a < b for a, b in zip(seqs, seqs[1:], strict=False))

@@ -192,9 +192,10 @@ class LinuxGuest:
                 raise LinuxBootError(f"Linux did not reach its workload in time:\n{console[-2000:]}")
             time.sleep(_POLL_S)
 
-    def reboot(self, deadline_s: float = 120) -> LinuxGuest:
+    def reboot(self, deadline_s: float = 120, *, wait: bool = True) -> LinuxGuest:
         """`reboot -f` inside the guest (QEMU resets it, the gdbstub connection stays); returns once the new
-        boot runs its workload, with its own /proc/kallsyms (a KASLR guest: its new addresses) on the host.
+        boot runs its workload, with its own /proc/kallsyms (a KASLR guest: its new addresses) on the host
+        (`wait=False`: at once; the shell is then unusable).
 
         Raises:
             LinuxBootError: the new boot did not get there in time.
@@ -207,6 +208,8 @@ class LinuxGuest:
         if self._shell is None:
             self._shell = GuestShell(self._shell_path)
         self._shell.send("reboot -f")
+        if not wait:
+            return self
         try:
             self._booted(time.monotonic(), deadline_s, console_from, capture_from)
         finally:
