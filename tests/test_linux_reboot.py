@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from probed.api import attach
+from probed.errors import TargetError
 from probed.guest.linux.kaslr import LINK_TEXT
 from probed.guest.linux.kernel import LinuxKernel
 from probed.guest.linux.reboot import RESET_VECTOR
@@ -191,6 +192,9 @@ async def test_reboot_in_place_and_qemu_restarted_probes_follow_the_kernel(reboo
             assert probe.state == user.state == "pending: the guest rebooted: waiting for its new kernel"
             assert set(engine.breakpoints.installed) == {("break", RESET_VECTOR, 0, "x")}
             assert [p.info()["state"] for p in engine.probes()] == [probe.state, user.state]
+            # The symbols are the old build's: nothing more is placed by them.
+            with pytest.raises(TargetError, match="the guest rebooted and its kernel is not placed: .*another build"):
+                await engine.add_probe("vfs_read")
     # seq went on through both reboots (a hit the condition filtered out takes a seq too: hence the gaps).
     seqs = [r["seq"] for r in seen]
     assert all(a < b for a, b in zip(seqs, seqs[1:], strict=False))

@@ -282,6 +282,11 @@ class ProbeChanges:
             raise TargetError("the engine has stopped")
         if engine.guest.state is Guest.WAITING:
             raise TargetError(f"the target is not connected ({engine.service.lost_reason}); probed is waiting for it")
+        reboot = engine.reboot
+        if reboot is not None and (reboot.waiting or reboot.error is not None):
+            # The symbols are the old kernel's: a probe added now would be placed at its addresses.
+            raise TargetError(f"the guest rebooted and its kernel is not placed: {reboot.status()['reboot']}; "
+                              "try again once it is (probectl status)")
 
 
 def _timeout(seconds: float | None) -> float | None:

@@ -369,8 +369,10 @@ class GdbSide:
         link.memory.clear()
         pc = engine.target.pc_of(g)
         # A return probe's or a user probe's breakpoint is never GDB's alone: GDB does not see that stop.
+        # Nor is the reset vector's (probed.guest.linux.reboot).
         delivered = (gdbs is not None and g != unless and not engine.table.active_at(pc)
-                     and not engine.uprobes.owns(pc) and not engine.returns.armed(pc))
+                     and not engine.uprobes.owns(pc) and not engine.returns.armed(pc)
+                     and not (engine.reboot is not None and engine.reboot.owns(pc)))
         if delivered:
             await self.deliver(gdbs)
         for address, length in reads:
