@@ -61,6 +61,9 @@ RESET_VECTOR = 0xFFFF_FFF0
 POLL_SECONDS = 0.2
 """How often the guest is stopped to look for the new kernel while it boots."""
 
+FULL_LOOK_EVERY = 5
+"""While the CPU is met outside the kernel's mapping, the kernel is looked for at one poll in this many."""
+
 WAITING = "the guest rebooted: waiting for its new kernel"
 CR0_PE = 1 << 0
 CR0_PG = 1 << 31
@@ -127,6 +130,7 @@ class Reboots:
         self._why = ""
         self._since = 0.0
         self._old_text: int | None = None
+        self._polls = 0
 
     # -- what the engine asks -----------------------------------------------------------------------
 
@@ -262,7 +266,14 @@ class Reboots:
         """
         engine, kernel = self.engine, self.kernel
         g = await engine.target.read_g()
-        if not in_long_mode(RegisterView(engine.target, g)):
+        regs = RegisterView(engine.target, g)
+        if not in_long_mode(regs):
+            return None
+        self._polls += 1
+        if engine.target.pc_of(g) < KERNEL_MAP and self._polls % FULL_LOOK_EVERY:
+            # Not in the kernel's own mapping yet (the decompressor runs in long mode too, identity-mapped):
+            # the 512-slot scan would find nothing and keep the guest stopped meanwhile. (Now and then it
+            # is done anyway: a guest met in user mode at every poll.)
             return None
         try:
             text = await find_kernel_text(kernel.memory)
