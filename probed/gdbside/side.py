@@ -377,6 +377,14 @@ class GdbSide:
             await self.deliver(gdbs)
         for address, length in reads:
             link.memory.put(address, length, await client.next_reply())
+        if delivered and not reads and self._reads_directly():
+            # From RAM, after GDB has its stop (it is busy with it meanwhile): what GDB read at its last
+            # stop, and the code at the pc for a step, so that GDB's reads find them in the snapshot.
+            start = max(pc - CODE_BEHIND, pc - pc % PAGE)
+            for address, length in (*link.prefetch, (start, min(pc + CODE_WINDOW, pc - pc % PAGE + PAGE) - start)):
+                data = await self._read_direct(link, address, length)
+                if data is not None:
+                    link.memory.put(address, length, data.hex().encode())
         link.last_pc = pc
         return g, delivered
 
