@@ -132,6 +132,13 @@ class Target:
             return await self.memory.read_many(requests, registers, scope)
         return await self.read_many_stub(requests, timeout=timeout)
 
+    async def address_space(self, registers: bytes) -> int | None:
+        """The stop's address space as Linux's `mm->pgd` names it (physical), from its `g` block: CR3's root
+        without PCID/NOFLUSH bits, a KPTI user PGD taken to its kernel PGD (`probed.guest.memory.kpti`)."""
+        if self.memory is None:
+            return None
+        return await self.memory.address_space(registers)
+
     async def read_many_stub(
         self, requests: Sequence[tuple[int, int]], *, timeout: float | None = None
     ) -> list[bytes | Exception]:

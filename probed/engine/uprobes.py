@@ -273,7 +273,7 @@ class UserProbes:
             if pc not in self._armed:
                 return []
         places = self._armed.get(pc, [])
-        pgd = regs["cr3"] & CR3_ADDRESS_MASK
+        pgd = await self._address_space(g, regs)
         hits = [(f, off) for f, off in places if pgd in f.addresses(off).get(pc, ())]
         if not hits and pgd not in self._unknown_ok:
             hits = await self._settle_unknown(pc, pgd, regs)
@@ -288,6 +288,12 @@ class UserProbes:
         probes.sort(key=lambda p: (-p.priority, p.order))
         self.entry_hit(probes, regs)
         return probes
+
+    async def _address_space(self, g: bytes, regs: RegisterView) -> int:
+        """The stop's page-table root as `mm->pgd` has it: with KPTI, user mode runs on the user PGD of the
+        mm's pair (bit 12 set), and CR3's low bits may hold a PCID (probed.guest.memory.kpti)."""
+        space = await self.engine.target.address_space(g)
+        return space if space is not None else regs["cr3"] & CR3_ADDRESS_MASK
 
     def entry_hit(self, probes: list[Probe], regs: RegisterView) -> None:
         """Where return probes will hook in: every user hit at a probe's place, before its handlers run."""

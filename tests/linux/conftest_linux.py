@@ -11,8 +11,8 @@ from .guest import LinuxGuest, LinuxUnavailable, fetch_linux
 
 
 def boot_linux_guest(tmp_path_factory, **options):
-    """Boot a Linux guest (nokaslr unless `kaslr=True`; `options` as LinuxGuest's) for a fixture; skips where
-    the Debian packages cannot be had."""
+    """Boot a Linux guest (nokaslr unless `kaslr=True`; `options` as LinuxGuest's: `cmdline="pti=on"`, `cpu`...)
+    for a fixture; skips where the Debian packages cannot be had."""
     try:
         files = fetch_linux()
     except LinuxUnavailable as exc:

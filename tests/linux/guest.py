@@ -97,6 +97,8 @@ class LinuxGuest:
         smp: virtual CPUs.
         module_loop: the workload also loads and unloads dummy.ko in a loop (see init.sh).
         reboot: the guest may reboot (QEMU resets it rather than exiting); see `reboot()` and `restart()`.
+        cmdline: more kernel arguments (e.g. "pti=on").
+        cpu: QEMU's `-cpu` model (QEMU's default when None).
 
     Attributes:
         kallsyms: the dump, in /proc/kallsyms format (a cache file; valid after start()).
@@ -106,7 +108,8 @@ class LinuxGuest:
     """
 
     def __init__(self, files: LinuxFiles, workdir: Path, *, fresh_kallsyms: bool = False, memory: str = "512M",
-                 kaslr: bool = False, smp: int = 1, module_loop: bool = False, reboot: bool = False):
+                 kaslr: bool = False, smp: int = 1, module_loop: bool = False, reboot: bool = False,
+                 cmdline: str = "", cpu: str | None = None):
         self.files = files
         self.kaslr = kaslr
         if kaslr:
@@ -122,11 +125,12 @@ class LinuxGuest:
         self._shell: GuestShell | None = None
         append = APPEND + ("" if kaslr else " nokaslr") + (" probed.kallsyms=skip" if self.kallsyms_reused else "")
         append += " probed.modloop" if module_loop else ""
+        append += f" {cmdline}" if cmdline else ""
         self.qemu = QemuGuest(
             "x86_64", kernel=files.vmlinuz, initrd=files.initramfs, append=append, memory=memory, stopped=False,
             smp=smp, reboot=reboot, extra_args=["-serial", f"file:{self._capture}",
                                  "-chardev", f"socket,id=shell,path={self._shell_path},server=on,wait=off",
-                                 "-serial", "chardev:shell"],
+                                 "-serial", "chardev:shell", *(["-cpu", cpu] if cpu else [])],
         )
         self.kernel_version = ""
         self.boot_seconds = 0.0

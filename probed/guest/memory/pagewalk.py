@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["Paging", "PageWalker"]
+__all__ = ["EntryMissing", "Paging", "PageWalker"]
 
 CR0_PG = 1 << 31
 CR4_PSE = 1 << 4
@@ -55,6 +55,20 @@ class Paging:
         return cls("5-level" if cr4 & CR4_LA57 else "4-level", cr3)
 
 
+class EntryMissing(Exception):  # noqa: N818  (a request for data, not a failure)
+    """A walker without a physical reader needs this page-table entry: read it, `give` it, translate again.
+
+    Attributes:
+        address: the entry's guest-physical address.
+        width: its size in bytes (4 or 8).
+    """
+
+    def __init__(self, address: int, width: int):
+        super().__init__(f"page-table entry at {address:#x} not read yet")
+        self.address = address
+        self.width = width
+
+
 class PageWalker:
     """Translates virtual addresses for one stop (the guest does not run while it is used).
 
@@ -63,11 +77,14 @@ class PageWalker:
 
     Args:
         read_phys: reads guest-physical memory: `(address, length) -> bytes`, or None where it cannot.
+            None for a walker fed entry by entry: `translate` raises `EntryMissing` for an entry it has not
+            been given yet (reads that cost a round trip each, as through the stub, fetch only entries).
     """
 
-    def __init__(self, read_phys: Callable[[int, int], bytes | None]):
+    def __init__(self, read_phys: Callable[[int, int], bytes | None] | None):
         self._read_phys = read_phys
         self._tables: dict[int, bytes | None] = {}
+        self._entries: dict[int, int | None] = {}  # fed entries: physical address -> value (None: unreadable)
         self._tlb: dict[tuple[Paging, int], tuple[int, int] | None] = {}
         self.walks = 0
 
@@ -87,7 +104,16 @@ class PageWalker:
         offset = vaddr & (size - 1)
         return base + offset, size - offset
 
+    def give(self, address: int, data: bytes | None) -> None:
+        """The bytes of the page-table entry at physical `address` (None: not readable), after `EntryMissing`."""
+        self._entries[address] = None if data is None else int.from_bytes(data, "little")
+
     def _entry(self, table: int, index: int, width: int) -> int | None:
+        if self._read_phys is None:
+            address = table + index * width
+            if address not in self._entries:
+                raise EntryMissing(address, width)
+            return self._entries[address]
         page = table & ~(PAGE - 1)
         data = self._tables.get(page, b"")
         if data == b"":

@@ -8,6 +8,9 @@
   reads, `scope`), what was read is kept and served again (several probes at one place, a string read in
   steps, a field inside an earlier read).
 
+Linux with KPTI: at a stop on a process's user PGD, the kernel's half is read through its kernel PGD
+(`kpti`): directly, or with our own walk over the stub's physical mode.
+
 Direct reads are checked against `m` when opened (at the pc and the stack of the stop), on the first reads
 and then on one call in `CHECK_EVERY`; a mismatch switches to the stub for good and says why in the log and
 in `reason`.
@@ -18,9 +21,19 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
-from probed.guest.memory.pagewalk import PageWalker, Paging
+from probed.guest.memory.kpti import (
+    HALF_BYTES,
+    USER_PGD_BIT,
+    PhysicalThroughStub,
+    kernel_half,
+    mirrors,
+    not_mapped,
+    pair_roots,
+)
+from probed.guest.memory.pagewalk import ADDRESS_MASK, PageWalker, Paging
 from probed.guest.memory.qemu_process import GuestMemoryUnavailable, find_qemu_pid, open_process_memory
 from probed.guest.memory.ram import HostRam, RamRange, parse_flat_view, parse_gpa2hva
 from rsp.connection import MAX_MEMORY_READ
@@ -38,6 +51,7 @@ CHECK_BYTES = 256  # how much of a checked read is compared
 JOIN_GAP = 64  # reads this close in one page share one `m`
 PAGE = 4096
 DIRECT_WITHOUT_REGISTERS = 2048  # reads without a stop's registers go direct only from this size (a `g` first)
+KPTI_VERDICTS = 4096  # page-table roots remembered as KPTI user PGDs or not (one per process seen)
 
 _Reply = bytes | Exception
 
@@ -79,10 +93,13 @@ class GuestMemory:
         self.reason = reason
         self._scope: Any = None
         self._walker: PageWalker | None = None
+        self._fed_walker: PageWalker | None = None  # for walks through the stub's physical mode
         self._cache = _StopCache()
+        self._kpti: dict[int, bool] = {}  # CR3 with bit 12 set -> whether it is a KPTI user PGD
+        self._physical_reads: PhysicalThroughStub | None = None
         self._paging_of: tuple[bytes, Paging | None] | None = None  # the last register block's regime
         self._calls = 0
-        self.stats = {"direct": 0, "stub": 0, "cached": 0, "checks": 0}
+        self.stats = {"direct": 0, "stub": 0, "cached": 0, "checks": 0, "kpti": 0}
 
     @property
     def direct(self) -> bool:
@@ -123,16 +140,34 @@ class GuestMemory:
         if scope is None or scope is not self._scope:
             self._scope = scope
             self._walker = None
+            self._fed_walker = None
             self._cache = _StopCache()
         out: list[_Reply | None] = [None] * len(requests)
-        if self.ram is not None:
-            if registers is None and sum(n for _, n in requests) >= DIRECT_WITHOUT_REGISTERS:
+        # KPTI: at a stop known to run on a user PGD, kernel addresses go through the kernel PGD at once.
+        root = self._known_kernel_root(registers) if registers is not None else None
+        through = [i for i, (a, _) in enumerate(requests) if kernel_half(a)] if root is not None else []
+        rest = [i for i in range(len(requests)) if i not in through] if through else list(range(len(requests)))
+        if self.ram is not None and rest:
+            if registers is None and sum(requests[i][1] for i in rest) >= DIRECT_WITHOUT_REGISTERS:
                 registers = await self.target.read_g()
             if registers is not None:
-                await self._read_direct(requests, registers, out)
-        todo = [i for i, r in enumerate(out) if r is None]
+                part: list[_Reply | None] = [None] * len(rest)
+                await self._read_direct([requests[i] for i in rest], registers, part)
+                for i, reply in zip(rest, part, strict=True):
+                    out[i] = reply
+        todo = [i for i in rest if out[i] is None]
         if todo:
             await self._read_stub([requests[i] for i in todo], todo, out)
+        # KPTI, not known yet for this stop: kernel reads `m` refused may be on a user PGD.
+        refused = [i for i in todo if isinstance(out[i], RemoteError) and kernel_half(requests[i][0])]
+        if refused and root is None:
+            if registers is None:
+                registers = await self.target.read_g()
+            root = await self.kernel_root(registers)
+            if root is not None:
+                through = refused
+        if through:
+            await self._read_through(root, registers, through, requests, out)
         return out  # type: ignore[return-value]
 
     async def read_direct(self, address: int, length: int, registers: bytes) -> bytes | None:
@@ -146,10 +181,89 @@ class GuestMemory:
         if registers is not self._scope:
             self._scope = registers
             self._walker = None
+            self._fed_walker = None
             self._cache = _StopCache()
         out: list[_Reply | None] = [None]
         await self._read_direct([(address, length)], registers, out)
         return out[0] if isinstance(out[0], bytes) else None
+
+    # -- KPTI ----------------------------------------------------------------------------------------
+
+    async def kernel_root(self, registers: bytes) -> int | None:
+        """The kernel PGD (physical) when the stop runs on a KPTI user PGD; None when it runs on a root that
+        maps the kernel itself (no KPTI, or a kernel PGD) or there is no CR3. Decided once per root."""
+        paging = self._paging(registers)
+        if paging is None or paging.kind not in ("4-level", "5-level") or not paging.cr3 & USER_PGD_BIT:
+            return None
+        cr3 = paging.cr3 & ADDRESS_MASK
+        verdict = self._kpti.get(cr3)
+        if verdict is None:
+            kernel, user = pair_roots(cr3)
+            halves = await self._read_physical([(kernel, HALF_BYTES), (user, HALF_BYTES)])
+            if any(h is None for h in halves):
+                return None  # not decided: asked again at the next read that needs it
+            if len(self._kpti) >= KPTI_VERDICTS:
+                self._kpti.clear()
+            verdict = self._kpti[cr3] = mirrors(*halves)
+            if verdict and self.stats["kpti"] == 0:
+                log.info("guest memory: KPTI: kernel reads at stops on a user PGD go through its kernel PGD")
+        return pair_roots(cr3)[0] if verdict else None
+
+    async def address_space(self, registers: bytes) -> int | None:
+        """The stop's address space as the kernel's `mm->pgd` names it (physical): CR3's page-table root without
+        the PCID and NOFLUSH bits, and with KPTI the kernel PGD of the pair. None without CR3."""
+        paging = self._paging(registers)
+        if paging is None or paging.kind == "none":
+            return None
+        root = await self.kernel_root(registers)
+        return root if root is not None else paging.cr3 & ADDRESS_MASK
+
+    @property
+    def _physical(self) -> PhysicalThroughStub:
+        if self._physical_reads is None:
+            self._physical_reads = PhysicalThroughStub(self.target.client)
+        return self._physical_reads
+
+    def _known_kernel_root(self, registers: bytes) -> int | None:
+        paging = self._paging(registers)
+        if paging is None or not paging.cr3 & USER_PGD_BIT:
+            return None
+        cr3 = paging.cr3 & ADDRESS_MASK
+        return pair_roots(cr3)[0] if self._kpti.get(cr3) else None
+
+    async def _read_physical(self, spans: list[tuple[int, int]]) -> list[bytes | None]:
+        if self.ram is not None:
+            try:
+                return [self.ram.read(a, n) for a, n in spans]
+            except OSError as exc:
+                self.fall_back(f"reading /proc/PID/mem failed: {exc}")
+        return await self._physical.read(spans)
+
+    async def _read_through(self, root: int, registers: bytes, slots: list[int], requests: Sequence[tuple[int, int]],
+                            out: list) -> None:
+        """Read `requests[i]` for i in `slots` through the kernel PGD `root` instead of the CPU's CR3."""
+        paging = replace(self._paging(registers), cr3=root)
+        wanted = [requests[i] for i in slots]
+        self.stats["kpti"] += len(wanted)
+        if self.ram is not None:
+            if self._walker is None:
+                self._walker = PageWalker(self._read_phys)
+            mask = (1 << (8 * self.target.arch.word_size)) - 1
+            try:
+                replies = [self._read_virtual(paging, a & mask, n) for a, n in wanted]
+            except OSError as exc:
+                self.fall_back(f"reading /proc/PID/mem failed: {exc}")
+            else:
+                for i, (a, n), data in zip(slots, wanted, replies, strict=True):
+                    out[i] = data if data is not None else not_mapped(a, n)
+                return
+        if self._fed_walker is None:
+            self._fed_walker = PageWalker(None)
+        replies = await self._physical.read_virtual(self._fed_walker, paging, wanted)
+        if self._physical.unsupported is not None:
+            log.warning("guest memory: KPTI: no physical reads through the stub: %s", self._physical.unsupported)
+        for i, reply in zip(slots, replies, strict=True):
+            out[i] = reply
 
     def _paging(self, registers: bytes) -> Paging | None:
         if self._paging_of is not None and self._paging_of[0] is registers:

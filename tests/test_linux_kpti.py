@@ -1,0 +1,118 @@
+"""Linux guests with kernel page-table isolation (KPTI, `pti=on`) on the real Debian kernel.
+
+At a user-mode stop the CPU runs on the process's user PGD, which maps almost none of the kernel: QEMU's `m`
+refuses the per-CPU `current_task`, and CR3 is the kernel PGD + 4 KiB. These tests show the guest is in
+that state, then that kernel probes, user probes (`$comm`, `$pid`, `$tid`, `:ustring`, address spaces by
+CR3) and kernel reads at user stops come out exact, through guest RAM and through the gdbstub alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from probed.api import attach
+from probed.testing.qemu import CACHE
+from rsp.errors import RemoteError
+from tests.linux.conftest_linux import boot_linux_guest
+from tests.linux.uprogs import uprog_path
+
+pytestmark = pytest.mark.linux
+
+MODES = ["auto", "gdbstub"]
+USER_PGD_BIT = 1 << 12
+GUARD_HOLE = 0xFFFF_8000_0000_0000  # the kernel half's first bytes: mapped in no Linux page table
+
+
+@pytest.fixture(scope="module")
+def kpti_guest(tmp_path_factory):
+    """One guest for this module, booted with `pti=on` (QEMU's default CPU does not turn KPTI on itself)."""
+    yield from boot_linux_guest(tmp_path_factory, cmdline="pti=on")
+
+
+def _copy(name: str) -> str:
+    return str(uprog_path(CACHE / "linux", name))
+
+
+async def _shell(guest, command: str) -> str:
+    return await trio.to_thread.run_sync(guest.shell, command)
+
+
+async def _take(sub, count: int) -> list[dict]:
+    with trio.fail_after(60):
+        return [await sub.receive() for _ in range(count)]
+
+
+async def _none_left(engine, sub) -> None:
+    """Nothing more was published: a request round-trips through the engine first."""
+    await engine.call_stopped(lambda: trio.sleep(0))
+    with pytest.raises(trio.WouldBlock):
+        sub.receive_nowait()
+
+
+async def test_the_guest_runs_with_kpti(kpti_guest):
+    log = await _shell(kpti_guest, "dmesg")
+    assert "Kernel/User page tables isolation: enabled" in log
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_user_probes_with_kpti(kpti_guest, mode):
+    async with attach(kpti_guest.target, symbols=[str(kpti_guest.kallsyms)], guest_memory=mode) as engine:
+        args = await engine.add_probe("/bin/utarget:utarget", file_copy=_copy("utarget"),
+                                      pre=["$comm", "$pid", "$tid", "a=$arg1:s64", "b=$arg2:s64"])
+        name = await engine.add_probe("/bin/utarget-pie:uname_len", file_copy=_copy("utarget-pie"),
+                                      pre=["$comm", "$pid", "s=$arg1:ustring"])
+        with engine.hub.subscribe() as sub:
+            pids = (await _shell(kpti_guest, "utarget 3 & a=$!; utarget-pie 2 & b=$!; wait; echo $a $b")).split()
+            records = await _take(sub, 3 + 2)
+            await _none_left(engine, sub)
+        kpti_reads = engine.target.memory.stats["kpti"]
+    static, pie = int(pids[0]), int(pids[1])
+    assert [r["pre"] for r in records if r["probe"] == args.id] == [
+        {"comm": "utarget", "pid": static, "tid": static, "a": a, "b": a * a} for a in (1, 2, 3)]
+    assert [r["pre"] for r in records if r["probe"] == name.id] == [
+        {"comm": "utarget-pie", "pid": pie, "s": "utarget-pie"}] * 2
+    assert kpti_reads > 0  # $comm and $pid were read through the kernel PGD
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_kernel_reads_at_a_user_stop(kpti_guest, mode):
+    seen: list[dict] = []
+    async with attach(kpti_guest.target, symbols=[str(kpti_guest.kallsyms)], guest_memory=mode) as engine:
+        banner = engine.symbols.lookup("linux_banner").address
+
+        async def handler(ctx):
+            regs = ctx.regs
+            current = engine.types.current
+            percpu = regs[current.user_register] + current.percpu_offset
+            wanted = [(percpu, 8), (banner, 14), (GUARD_HOLE, 8), (regs["rsp"], 16)]
+            raw = await engine.target.read_many_stub(wanted)  # QEMU's `m`: walks CR3, the user PGD
+            ours = await ctx.read_many(wanted)
+            task = int.from_bytes(ours[0], "little")
+            comm = (await ctx.read(task + current.comm, current.comm_size)).split(b"\0")[0]
+            seen.append({"cr3": regs["cr3"], "cpl": regs["cs"] & 3, "raw": raw, "ours": ours, "comm": comm})
+
+        probe = await engine.add_probe("/bin/utarget:utarget", file_copy=_copy("utarget"), pre=handler)
+        with engine.hub.subscribe(probe.id) as sub:
+            await _shell(kpti_guest, "utarget 1")
+            (record,) = await _take(sub, 1)
+    assert record["error"] is None
+    (hit,) = seen
+    assert hit["cpl"] == 3 and hit["cr3"] & USER_PGD_BIT  # user mode, on the user PGD
+    assert isinstance(hit["raw"][0], RemoteError)  # the condition KPTI makes: `m` cannot read current_task
+    assert hit["comm"] == b"utarget"  # ...and through the kernel PGD it is the hitting task
+    assert hit["ours"][1] == b"Linux version "
+    assert isinstance(hit["raw"][2], RemoteError) and isinstance(hit["ours"][2], RemoteError)  # never made up
+    assert hit["ours"][3] == hit["raw"][3]  # the user half: the CPU's own page tables
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_kernel_probe_with_comm_and_user_string(kpti_guest, mode):
+    async with attach(kpti_guest.target, symbols=[str(kpti_guest.kallsyms)], guest_memory=mode) as engine:
+        probe = await engine.add_probe("do_sys_openat2", pre=["$comm", "$pid", "$tid", "f=+0(%si):ustring"],
+                                       condition='f ~ "/kpti-*"')
+        with engine.hub.subscribe(probe.id) as sub:
+            pid = int(await _shell(kpti_guest, "cat /kpti-nothing 2>/dev/null & p=$!; wait; echo $p"))
+            (record,) = await _take(sub, 1)
+            await _none_left(engine, sub)
+    assert record["pre"] == {"comm": "cat", "pid": pid, "tid": pid, "f": "/kpti-nothing"}
