@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from probed.errors import TargetError
 from probed.guest.memory.kpti import (
     HALF_BYTES,
     USER_PGD_BIT,
@@ -143,8 +144,11 @@ class GuestMemory:
             self._fed_walker = None
             self._cache = _StopCache()
         out: list[_Reply | None] = [None] * len(requests)
-        # KPTI: at a stop known to run on a user PGD, kernel addresses go through the kernel PGD at once.
-        root = self._known_kernel_root(registers) if registers is not None else None
+        # KPTI (once seen in this guest): at a stop on a user PGD, kernel addresses go through the kernel PGD
+        # at once, without the `m` that would be refused first.
+        root = None
+        if registers is not None and any(kernel_half(a) for a, _ in requests) and True in self._kpti.values():
+            root = await self.kernel_root(registers)
         through = [i for i, (a, _) in enumerate(requests) if kernel_half(a)] if root is not None else []
         rest = [i for i in range(len(requests)) if i not in through] if through else list(range(len(requests)))
         if self.ram is not None and rest:
@@ -224,13 +228,6 @@ class GuestMemory:
             self._physical_reads = PhysicalThroughStub(self.target.client)
         return self._physical_reads
 
-    def _known_kernel_root(self, registers: bytes) -> int | None:
-        paging = self._paging(registers)
-        if paging is None or not paging.cr3 & USER_PGD_BIT:
-            return None
-        cr3 = paging.cr3 & ADDRESS_MASK
-        return pair_roots(cr3)[0] if self._kpti.get(cr3) else None
-
     async def _read_physical(self, spans: list[tuple[int, int]]) -> list[bytes | None]:
         if self.ram is not None:
             try:
@@ -261,7 +258,11 @@ class GuestMemory:
             self._fed_walker = PageWalker(None)
         replies = await self._physical.read_virtual(self._fed_walker, paging, wanted)
         if self._physical.unsupported is not None:
+            # Cannot read it: say why, rather than the `m` refusal that hides it.
             log.warning("guest memory: KPTI: no physical reads through the stub: %s", self._physical.unsupported)
+            replies = [TargetError(f"cannot read kernel memory at {a:#x}: this stop runs on a KPTI user page table "
+                                   f"that does not map it, and the stub cannot read physical memory to walk the "
+                                   f"kernel's ({self._physical.unsupported})") for a, _ in wanted]
         for i, reply in zip(slots, replies, strict=True):
             out[i] = reply
 
