@@ -90,7 +90,10 @@ async def test_kernel_reads_at_a_user_stop(kpti_guest, mode):
             ours = await ctx.read_many(wanted)
             task = int.from_bytes(ours[0], "little")
             comm = (await ctx.read(task + current.comm, current.comm_size)).split(b"\0")[0]
-            seen.append({"cr3": regs["cr3"], "cpl": regs["cs"] & 3, "raw": raw, "ours": ours, "comm": comm})
+            # Without the stop's registers (as the Linux model reads): small and bulk reads alike.
+            bare = await engine.target.read_many([(percpu, 8), (banner, 14), (banner, 4096)])
+            seen.append({"cr3": regs["cr3"], "cpl": regs["cs"] & 3, "raw": raw, "ours": ours, "comm": comm,
+                         "bare": bare})
 
         probe = await engine.add_probe("/bin/utarget:utarget", file_copy=_copy("utarget"), pre=handler)
         with engine.hub.subscribe(probe.id) as sub:
@@ -104,6 +107,7 @@ async def test_kernel_reads_at_a_user_stop(kpti_guest, mode):
     assert hit["ours"][1] == b"Linux version "
     assert isinstance(hit["raw"][2], RemoteError) and isinstance(hit["ours"][2], RemoteError)  # never made up
     assert hit["ours"][3] == hit["raw"][3]  # the user half: the CPU's own page tables
+    assert hit["bare"][:2] == hit["ours"][:2] and hit["bare"][2].startswith(b"Linux version ")
 
 
 @pytest.mark.parametrize("mode", MODES)
