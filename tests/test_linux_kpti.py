@@ -12,7 +12,10 @@ import pytest
 import trio
 
 from probed.api import attach
+from probed.engine.target import Target
+from probed.guest.symbols import SymbolStore
 from probed.testing.qemu import CACHE
+from rsp.connection import RSPClient
 from rsp.errors import RemoteError
 from tests.linux.conftest_linux import boot_linux_guest
 from tests.linux.uprogs import uprog_path
@@ -120,3 +123,54 @@ async def test_kernel_probe_with_comm_and_user_string(kpti_guest, mode):
             (record,) = await _take(sub, 1)
             await _none_left(engine, sub)
     assert record["pre"] == {"comm": "cat", "pid": pid, "tid": pid, "f": "/kpti-nothing"}
+
+
+def _link_address(path: str, name: str) -> int:
+    from elftools.elf.elffile import ELFFile
+
+    with open(path, "rb") as f:
+        (sym,) = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name(name)
+        return sym["st_value"]
+
+
+async def _stop_in_user_mode(guest, nursery) -> int:
+    """Leave the guest paused at the first instruction of utarget() (user mode, on its user PGD), with no
+    debugger connected (QEMU keeps a paused guest paused when the gdbstub client goes); its CR3. The shell
+    command that ran utarget answers in `nursery` once the guest runs again."""
+    address = _link_address(_copy("utarget"), "utarget")  # static, not PIE: the link address
+    client = await RSPClient.connect(guest.target)
+    target = Target(client, SymbolStore())
+    await target.attach()
+    assert await client.request(b"Z0,%x,1" % address) == b"OK"
+    await client.resume(b"c")
+    nursery.start_soon(_shell, guest, "utarget 1")  # stopped at utarget(): it answers when the guest runs
+    with trio.fail_after(60):
+        await client.wait_stop()
+    assert await client.request(b"z0,%x,1" % address) == b"OK"
+    await client.aclose()
+    client = await RSPClient.connect(guest.target)  # connecting again: still there
+    target = Target(client, SymbolStore())
+    await target.attach()
+    g = await target.read_g()
+    value = target.layout.value
+    assert (value(g, "rip"), value(g, "cs") & 3) == (address, 3)
+    await client.aclose()
+    return value(g, "cr3")
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_linux_attach_while_user_code_runs(kpti_guest, mode):
+    # `probed --linux` with no symbol file, attaching at a user-mode stop: finding _text and reading kallsyms
+    # from guest memory are kernel reads on the user PGD.
+    expected = {}
+    for line in kpti_guest.kallsyms.read_text().splitlines():
+        address, _, name = line.split()[:3]
+        if name in ("linux_banner", "do_sys_openat2"):
+            expected[name] = int(address, 16)
+    async with trio.open_nursery() as nursery:
+        cr3 = await _stop_in_user_mode(kpti_guest, nursery)
+        assert cr3 & USER_PGD_BIT
+        async with attach(kpti_guest.target, linux=True, guest_memory=mode) as engine:
+            assert {n: engine.symbols.lookup(n).address for n in expected} == expected
+            assert engine.linux.slide == 0  # nokaslr
+            assert engine.target.memory.stats["kpti"] > 0  # read through the kernel PGD
