@@ -10,7 +10,10 @@ Each variant checks every stop saw the right argument (utarget's first argument 
 The rate is over the hits' own timestamps (first to last), so process start-up is left out; a second rate
 takes the median gap between hits, which the other loads of a shared machine disturb less.
 
-    python bench/uprobes.py [--calls N]
+    python bench/uprobes.py [--calls N] [--cmdline "pti=on"] [--guest-memory gdbstub]
+
+`--cmdline pti=on` boots the guest with page-table isolation: `$comm $pid` at a user hit are then read
+through the kernel PGD (probed.guest.memory.kpti).
 """
 
 from __future__ import annotations
@@ -97,8 +100,8 @@ class RawLoop:
         return _rates(stamps)
 
 
-async def probed_run(guest: LinuxGuest, calls: int, args: list[str]) -> float:
-    async with attach(guest.target, symbols=[str(guest.kallsyms)]) as engine:
+async def probed_run(guest: LinuxGuest, calls: int, args: list[str], memory: str = "auto") -> float:
+    async with attach(guest.target, symbols=[str(guest.kallsyms)], guest_memory=memory) as engine:
         probe = await engine.add_probe("/bin/utarget:utarget", file_copy=str(uprog_path(CACHE / "linux", "utarget")),
                                        pre=["a=$arg1:s64", *args])
         with engine.hub.subscribe(probe.id, maxsize=calls + 10) as sub:
@@ -117,9 +120,13 @@ def _rates(stamps: list[float]) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2000)
-    calls = ap.parse_args().calls
+    ap.add_argument("--cmdline", default="", help="more kernel arguments, e.g. pti=on")
+    ap.add_argument("--guest-memory", default="auto", choices=["auto", "gdbstub"])
+    options = ap.parse_args()
+    calls, memory = options.calls, options.guest_memory
     address = STATIC_BASE + UserElf(uprog_path(CACHE / "linux", "utarget")).resolve("utarget")
-    guest = LinuxGuest(fetch_linux(), Path(tempfile.mkdtemp(prefix="bench-uprobes-"))).start()
+    guest = LinuxGuest(fetch_linux(), Path(tempfile.mkdtemp(prefix="bench-uprobes-")), cmdline=options.cmdline).start()
+    print(f"guest: {options.cmdline or 'default kernel arguments'}; probed --guest-memory {memory}")
     results: dict[str, tuple[float, float]] = {}
     try:
         def measure(name: str, fn) -> None:
@@ -127,9 +134,9 @@ def main() -> None:
             print(f"{name:<42} {rate:7.0f} hits/s  median gap: {median:7.0f} hits/s  ({calls} calls)", flush=True)
 
         measure("raw loop c,g,s (one address)", lambda: RawLoop(guest.target).run(guest, address, calls))
-        measure("probed user probe, $arg1", lambda: trio.run(probed_run, guest, calls, []))
+        measure("probed user probe, $arg1", lambda: trio.run(probed_run, guest, calls, [], memory))
         measure("probed user probe, $arg1 $comm $pid $arg2",
-                lambda: trio.run(probed_run, guest, calls, ["$comm", "$pid", "b=$arg2:s64"]))
+                lambda: trio.run(probed_run, guest, calls, ["$comm", "$pid", "b=$arg2:s64"], memory))
     finally:
         guest.close()
     raw = results["raw loop c,g,s (one address)"]

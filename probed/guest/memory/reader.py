@@ -97,6 +97,7 @@ class GuestMemory:
         self._fed_walker: PageWalker | None = None  # for walks through the stub's physical mode
         self._cache = _StopCache()
         self._kpti: dict[int, bool] = {}  # CR3 with bit 12 set -> whether it is a KPTI user PGD
+        self._kpti_seen = False  # some CR3 was one: this guest runs with KPTI
         self._physical_reads: PhysicalThroughStub | None = None
         self._paging_of: tuple[bytes, Paging | None] | None = None  # the last register block's regime
         self._calls = 0
@@ -147,7 +148,7 @@ class GuestMemory:
         # KPTI (once seen in this guest): at a stop on a user PGD, kernel addresses go through the kernel PGD
         # at once, without the `m` that would be refused first.
         root = None
-        if registers is not None and any(kernel_half(a) for a, _ in requests) and True in self._kpti.values():
+        if registers is not None and self._kpti_seen and any(kernel_half(a) for a, _ in requests):
             root = await self.kernel_root(registers)
         through = [i for i, (a, _) in enumerate(requests) if kernel_half(a)] if root is not None else []
         rest = [i for i in range(len(requests)) if i not in through] if through else list(range(len(requests)))
@@ -209,7 +210,8 @@ class GuestMemory:
             if len(self._kpti) >= KPTI_VERDICTS:
                 self._kpti.clear()
             verdict = self._kpti[cr3] = mirrors(*halves)
-            if verdict and self.stats["kpti"] == 0:
+            if verdict and not self._kpti_seen:
+                self._kpti_seen = True
                 log.info("guest memory: KPTI: kernel reads at stops on a user PGD go through its kernel PGD")
         return pair_roots(cr3)[0] if verdict else None
 
