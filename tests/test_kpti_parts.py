@@ -160,3 +160,103 @@ def test_entry_missing_names_the_entry():
     with pytest.raises(EntryMissing) as need:
         walker.translate(Paging("4-level", 0x200000), 0xFFFF_8880_0000_0000)
     assert (need.value.address, need.value.width) == (0x200000 + 0x111 * 8, 8)
+
+
+class _Target:
+    """What GuestMemory uses of a Target, over `_Ram`: `m` walks CR3 as QEMU's does (E14 where unmapped)."""
+
+    class _Layout:
+        @staticmethod
+        def value(g, name):
+            return g.get(name)
+
+    class _Arch:
+        word_size = 8
+
+    layout_names = frozenset({"cr0", "cr3", "cr4", "efer"})
+    layout = _Layout()
+    arch = _Arch()
+
+    def __init__(self, ram: _Ram, g: dict, phys_mode: bool = True):
+        self.ram, self.g = ram, g
+        self.client = _Stub(ram, phys_mode)
+        self.m = 0
+
+    async def read_g(self):
+        return self.g
+
+    async def read_many_stub(self, requests, timeout=None):
+        self.m += len(requests)
+        walker = PageWalker(self.ram.read)
+        paging = Paging.from_registers(self.g["cr0"], self.g["cr3"], self.g["cr4"], self.g["efer"])
+        out = []
+        for address, length in requests:
+            hit = walker.translate(paging, address)
+            data = self.ram.read(hit[0], length) if hit is not None and hit[1] >= length else None
+            out.append(data if data is not None else RemoteError(0x14, None, b"m%x,%x" % (address, length)))
+        return out
+
+
+def _guest(kpti: bool = True):
+    """A process's page tables: its user half, and the kernel's per-CPU data mapped in the kernel PGD only."""
+    ram = _Ram()
+    ram.next = 0x200000  # 8 KiB aligned: the pair
+    kernel, user = ram.page(), ram.page()
+    percpu, code = ram.page(), ram.page()
+    ram.pages[percpu][:8] = b"current!"
+    ram.map(kernel, 0xFFFF_8880_0002_0000, percpu)
+    ram.map(kernel, 0x40_1000, code)
+    entry = struct.unpack("<Q", ram.read(kernel, 8))[0]
+    if kpti:  # the user half: one set of tables under both PGDs, the kernel's entry with NX added
+        ram.put(user, entry | A)
+        ram.put(kernel, entry | NX)
+    else:
+        ram.map(user, 0x40_1000, ram.page())  # another process's PGD next door: its own tables
+    ram.pages[code][:4] = b"user"
+    g = {"cr0": 1 << 31, "cr3": user | 0x801, "cr4": 1 << 5, "efer": 1 << 10}  # PCID 0x801 in the low bits
+    return ram, kernel, g
+
+
+async def test_guest_memory_reads_the_kernel_through_the_kernel_pgd_at_a_user_pgd_stop():
+    from probed.guest.memory.reader import GuestMemory
+
+    ram, kernel, g = _guest()
+    target = _Target(ram, g)
+    memory = GuestMemory(target, None, "--guest-memory gdbstub")
+    wanted = [(0xFFFF_8880_0002_0000, 8), (0x40_1000, 4), (0xFFFF_8880_0003_0000, 8)]
+    for registers in (None, g):  # unknown yet (and no registers), then known
+        got = await memory.read_many(wanted, registers)
+        assert got[:2] == [b"current!", b"user"]
+        assert isinstance(got[2], RemoteError) and "E14" in str(got[2])  # the kernel does not map it either
+    assert memory.stats["kpti"] == 2 + 2
+    assert await memory.address_space(g) == kernel  # what mm->pgd holds
+    m = target.m
+    await memory.read_many(wanted[:1], g)
+    assert target.m == m  # once known: no `m` that would be refused first
+
+
+async def test_without_kpti_a_cr3_with_bit_12_is_just_a_root():
+    from probed.guest.memory.reader import GuestMemory
+
+    ram, _, g = _guest(kpti=False)
+    memory = GuestMemory(_Target(ram, g), None, "--guest-memory gdbstub")
+    got = await memory.read_many([(0xFFFF_8880_0002_0000, 8)], g)
+    assert isinstance(got[0], RemoteError)  # not read through the page next door
+    assert await memory.address_space(g) == g["cr3"] & ~0xFFF
+    assert memory.stats["kpti"] == 0
+
+
+async def test_no_physical_mode_is_a_clear_error_at_a_user_pgd_stop():
+    from probed.errors import TargetError
+    from probed.guest.memory.reader import GuestMemory
+
+    ram, _, g = _guest()
+    memory = GuestMemory(_Target(ram, g, phys_mode=False), None, "--guest-memory gdbstub")
+    (got,) = await memory.read_many([(0xFFFF_8880_0002_0000, 8)], g)
+    assert isinstance(got, RemoteError)  # the pair cannot be checked: `m`'s own answer stands
+    target = _Target(ram, g)
+    memory = GuestMemory(target, None, "--guest-memory gdbstub")
+    assert (await memory.read_many([(0xFFFF_8880_0002_0000, 8)], g)) == [b"current!"]
+    target.client.phys_mode = False  # the pair was checked; physical reads fail from now on
+    (got,) = await memory.read_many([(0xFFFF_8880_0002_0000, 8)], g)
+    assert isinstance(got, TargetError) and "KPTI" in str(got) and "physical" in str(got)
