@@ -174,3 +174,28 @@ async def test_linux_attach_while_user_code_runs(kpti_guest, mode):
             assert {n: engine.symbols.lookup(n).address for n in expected} == expected
             assert engine.linux.slide == 0  # nokaslr
             assert engine.target.memory.stats["kpti"] > 0  # read through the kernel PGD
+
+
+async def test_kernel_probe_in_the_entry_code_still_on_the_user_pgd(kpti_guest):
+    # entry_SYSCALL_64+3 runs after swapgs (GS is the kernel's) and before the switch to the kernel PGD: a
+    # kernel-mode stop on the user PGD. Every syscall of one process is seen there and in do_syscall_64.
+    # (Guest RAM only: every syscall of the guest stops here; the stub's path is the one tested above.)
+    fields = ["$comm", "$pid", "cr3=%cr3:u64"]
+    async with attach(kpti_guest.target, symbols=[str(kpti_guest.kallsyms)]) as engine:
+        entry = await engine.add_probe("entry_SYSCALL_64+3", pre=fields, condition='comm == "kpti-sys"')
+        syscall = await engine.add_probe("do_syscall_64", pre=fields, condition='comm == "kpti-sys"')
+        with engine.hub.subscribe() as sub:
+            pid = int(await _shell(kpti_guest, "cp /bin/utarget /tmp/kpti-sys; /tmp/kpti-sys 1 & p=$!; wait; echo $p"))
+            await engine.call_stopped(lambda: trio.sleep(0))
+            records = []
+            while True:
+                try:
+                    records.append(sub.receive_nowait())
+                except trio.WouldBlock:
+                    break
+    at_entry = [r["pre"] for r in records if r["probe"] == entry.id]
+    in_kernel = [r["pre"] for r in records if r["probe"] == syscall.id]
+    assert len(at_entry) == len(in_kernel) >= 3
+    assert {(r["comm"], r["pid"]) for r in at_entry + in_kernel} == {("kpti-sys", pid)}
+    assert all(r["cr3"] & USER_PGD_BIT for r in at_entry)
+    assert not any(r["cr3"] & USER_PGD_BIT for r in in_kernel)
