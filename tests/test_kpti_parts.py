@@ -260,3 +260,17 @@ async def test_no_physical_mode_is_a_clear_error_at_a_user_pgd_stop():
     target.client.phys_mode = False  # the pair was checked; physical reads fail from now on
     (got,) = await memory.read_many([(0xFFFF_8880_0002_0000, 8)], g)
     assert isinstance(got, TargetError) and "KPTI" in str(got) and "physical" in str(got)
+
+
+async def test_a_reboot_forgets_which_roots_were_user_pgds():
+    from probed.guest.memory.reader import GuestMemory
+
+    ram, kernel, g = _guest()
+    memory = GuestMemory(_Target(ram, g), None, "--guest-memory gdbstub")
+    assert await memory.address_space(g) == kernel
+    after, _, g2 = _guest(kpti=False)  # the new boot: no KPTI, the same CR3 value
+    assert g2["cr3"] == g["cr3"]
+    ram.pages = after.pages  # the same RAM, rewritten by the new boot
+    assert await memory.address_space(g2) == kernel  # still the old boot's verdict...
+    memory.forget_boot()
+    assert await memory.address_space(g2) == g2["cr3"] & ~0xFFF  # ...until the reboot is known

@@ -240,6 +240,8 @@ class Reboots:
             self._unplaced.append(probe)
         engine.uprobes.forget_all()
         engine.break_hits.forget_places()
+        if engine.target is not None and engine.target.memory is not None:
+            engine.target.memory.forget_boot()  # KPTI or not is the new kernel's choice
         debugger = engine.debugger
         if debugger is not None:
             debugger.forget_registers()

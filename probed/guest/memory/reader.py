@@ -215,6 +215,11 @@ class GuestMemory:
                 log.info("guest memory: KPTI: kernel reads at stops on a user PGD go through its kernel PGD")
         return pair_roots(cr3)[0] if verdict else None
 
+    def forget_boot(self) -> None:
+        """The guest rebooted: which roots are KPTI user PGDs is asked again (the new kernel may not isolate)."""
+        self._kpti.clear()
+        self._kpti_seen = False
+
     async def address_space(self, registers: bytes) -> int | None:
         """The stop's address space as the kernel's `mm->pgd` names it (physical): CR3's page-table root without
         the PCID and NOFLUSH bits, and with KPTI the kernel PGD of the pair. None without CR3."""
