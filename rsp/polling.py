@@ -14,6 +14,7 @@ Sans-IO: the caller passes the times in (`rsp.connection.RSPClient` and `stub.se
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 __all__ = ["PollChooser"]
 
@@ -37,8 +38,9 @@ class PollChooser:
     a wait, which this still shows; a longer wait is the peer's own time (a guest that ran, a person at
     GDB's prompt), which says nothing about the way of waiting and must not swamp the short ones."""
 
-    def __init__(self, window: float, *, seed: int | None = None):
+    def __init__(self, window: float, *, seed: int | None = None, free_cores: Callable[[float], float | None] | None = None):
         self.window = window
+        self.free_cores = free_cores  # (now) -> free cores lately; under one, no poll (see rsp.hostcores)
         self.cost: dict[bool, float | None] = {True: None, False: None}
         self._random = random.Random(seed)
         self._started: float | None = None
@@ -48,6 +50,11 @@ class PollChooser:
         """A wait starts at `now`: returns until when to poll (`now` or earlier: do not poll)."""
         if self.window <= 0:
             return 0.0
+        if self.free_cores is not None:
+            free = self.free_cores(now)
+            if free is not None and free < 1.0:
+                self._started = None  # (not a sample of either way's cost)
+                return 0.0
         poll, sleep = self.cost[True], self.cost[False]
         if poll is None or sleep is None:
             self._polled = poll is None  # each way once, polling first

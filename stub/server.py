@@ -68,6 +68,7 @@ from rsp.commands import (
 from rsp.connection import parse_target, receive_from
 from rsp.features import build_qsupported_reply
 from rsp.framing import ACK, NACK, NEED_DATA, BadChecksum, Framer, Interrupt, Nack, Packet, encode_packet
+from rsp.hostcores import FreeCores
 from rsp.polling import PollChooser
 from rsp.stop import StopEvent, StopReply, ThreadId
 from stub.policy import forwarded, monitor_refusal
@@ -118,7 +119,8 @@ class GdbSession:
         # guest runs first; meanwhile polling keeps the engine's wait for QEMU's stop hot too) cost
         # differently: each kind has its own measure.
         window = HOT_SECONDS if len(os.sched_getaffinity(0)) > 1 else 0.0
-        self.pollers = {False: PollChooser(window), True: PollChooser(window)}
+        cores = FreeCores()
+        self.pollers = {False: PollChooser(window, free_cores=cores.free), True: PollChooser(window, free_cores=cores.free)}
         sock = getattr(stream, "socket", None)  # None for a stream that is not a socket (tests' memory streams)
         self._fd = sock.fileno() if sock is not None else None
         self._parsed: dict[bytes, Command] = {}

@@ -49,3 +49,30 @@ def test_window_zero_never_polls():
     chooser = PollChooser(0.0)
     assert run(chooser, 50, poll_cost=1e-6, sleep_cost=1.0) == [False] * 50
     assert not chooser.polling
+
+
+def test_no_poll_while_no_core_is_free_and_the_averages_are_left_alone():
+    """A poll takes a core: with none free lately (`rsp.hostcores.FreeCores`), every wait sleeps, and those
+    waits do not count as samples of sleeping (they say nothing about which way is cheaper)."""
+    free = {"cores": 0.4}
+    chooser = PollChooser(0.001, seed=1, free_cores=lambda now: free["cores"])
+    assert run(chooser, 50, poll_cost=20e-6, sleep_cost=50e-6) == [False] * 50
+    assert chooser.cost == {True: None, False: None}
+    free["cores"] = 1.3
+    ways = run(chooser, 400, poll_cost=20e-6, sleep_cost=50e-6)
+    assert ways[:2] == [True, False] and chooser.polling
+    free["cores"] = None  # (unknown: /proc unreadable) as without the gate
+    assert run(chooser, 1, poll_cost=20e-6, sleep_cost=50e-6) in ([True], [False])
+
+
+def test_free_cores_counts_idle_time_and_our_own(monkeypatch):
+    from rsp import hostcores
+
+    samples = iter([(1000, 400, 10), (1200, 450, 60)])  # 200 ticks: 50 idle, 50 ours
+    monkeypatch.setattr(hostcores, "_sample", lambda: next(samples))
+    monkeypatch.setattr(hostcores.os, "cpu_count", lambda: 2)
+    cores = hostcores.FreeCores(interval=0.1)
+    cores._cores = 2
+    assert cores.free(0.0) is None  # one sample: nothing to compare yet
+    assert cores.free(0.05) is None  # (not measured again within the interval)
+    assert cores.free(0.2) == 2 * (50 + 50) / 200

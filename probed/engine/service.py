@@ -35,6 +35,7 @@ from probed.engine.state import Event, Guest
 from probed.errors import TargetError
 from probed.sim.emulate import NoEmulator
 from rsp.errors import ConnectionClosed, RSPError, TargetTimeout
+from rsp.hostcores import FreeCores
 from rsp.packets import cont, detach
 from rsp.stop import Exited, StopEvent, StopReply, Terminated
 
@@ -86,6 +87,7 @@ class Service:
         engine = self.engine
         client = engine.client
         client.poller.window = self.poll_seconds
+        client.poller.free_cores = FreeCores().free
         guest = engine.guest
         running = False
         while True:
