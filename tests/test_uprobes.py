@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from probed.api import attach
-from probed.errors import BadSpec, UnknownSymbol, Unsupported
+from probed.errors import BadSpec, UnknownSymbol
 from probed.testing.qemu import CACHE
 from tests.linux.uprogs import uprog_path
 
@@ -157,8 +157,6 @@ async def test_bad_user_specs(linux_guest):
             await engine.add_probe("/bin/utarget:utarget")
         with pytest.raises(BadSpec, match="dentry cache"):
             await engine.add_probe("/bin/nosuchprogram:0x1000")
-        with pytest.raises(Unsupported, match="return probes"):
-            await engine.add_probe("/bin/utarget:utarget", file_copy=_copy("utarget"), retprobe=True)
         assert engine.probes() == [] and engine.stats()["breakpoints"] == 0
 
 

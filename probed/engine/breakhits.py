@@ -141,6 +141,14 @@ class BreakHits:
         returning = engine.returns.armed(pc)
         debugger_wants = debugger is not None and not stepped and debugger.wants_break(pc)
         kind = "break"
+        ended = None
+        if returning and engine.returns.is_user(pc):
+            # A user function's return address: every process running there stops; only the calls of
+            # the address space and task that made them end here.
+            ended = await engine.returns.ended_at(thread, pc, g)
+            if not ended:
+                engine.returns.silent += 1
+                returning = False
         if engine.uprobes.owns(pc):
             # A user probe's address (a hit only in a process that maps the file there) or a kernel hook
             # that tracks mappings: with no probe to run, the instruction is stepped past silently.
@@ -151,6 +159,8 @@ class BreakHits:
                 probes, kind = probes + users, "user" if not probes else "break"
             if point is None:
                 code = engine.uprobes.code  # read by on_stop (a user hit's instruction), else None
+        elif ended is not None and not returning and not probes and not debugger_wants:
+            return await self.step_over(thread, g, pc, stepped)
         if not probes and not returning:
             if stepped:
                 await self.finish_step()
@@ -163,7 +173,7 @@ class BreakHits:
         self.last_point = point
         self._learn(pc)
         engine.guest.move(Event.HIT)
-        hit = await self.begin(thread, pc, g, probes, returning, prefetched, kind=kind)
+        hit = await self.begin(thread, pc, g, probes, returning, prefetched, kind=kind, ended=ended)
         if debugger_wants:
             # Both want this place: the probe hit is recorded, and the debugger gets the stop. The probed
             # instruction is stepped (and the post-handlers run) when the debugger resumes.
@@ -211,19 +221,21 @@ class BreakHits:
         returning: bool,
         prefetched: dict[tuple[int, int], bytes | Exception] | None = None,
         kind: str = "break",
+        ended: list | None = None,
     ) -> Hit:
         """The hit of a breakpoint stop at `pc`: the returns it ends (their records come first), the
-        breakpoint probes there, and the entries of return probes there (`probed.engine.returns`)."""
+        breakpoint probes there, and the entries of return probes there (`probed.engine.returns`).
+        `ended`: the return instances this stop ends, when found already (`ReturnProbes.ended_at`)."""
         engine = self.engine
         entries = [p for p in probes if p.retprobe]
         if entries:
             probes = [p for p in probes if not p.retprobe]
-        hit = await engine.returns.on_return(thread, pc, g) if returning else None
+        hit = await engine.returns.on_return(thread, pc, g, ended) if returning else None
         if probes or hit is None:
             plain = await engine.pipeline.begin(kind, thread, pc, g, probes)
             hit = plain if hit is None else engine.pipeline.merge(hit, plain)
         if entries:
-            seq = next((r.seq for r in hit.records if r.kind == "break"), None)
+            seq = next((r.seq for r in hit.records if r.kind in ("break", "user")), None)
             if await engine.returns.on_entry(thread, pc, g, entries, seq, prefetched):
                 await engine.breakpoints.reconcile()  # the return breakpoint, before the guest goes on
         return hit

@@ -302,7 +302,8 @@ class Engine:
                 that call, with `$retval`, registers at the return, `$argN` as they were at the entry,
                 and `ctx.entry` (`probed.engine.returns.EntryContext`) for a callable.
             maxactive: a return probe's limit of calls in flight at once (0: kretprobe's default,
-                max(10, 2 * CPUs)); entries past it are counted in `missed`.
+                max(10, 2 * CPUs); for a user function 4096, all processes together); entries past it
+                are counted in `missed`.
             timeout: seconds a Python handler of this probe may run (None: the engine's `handler_timeout`;
                 0: no limit); past it the hit is a fault and the guest goes on.
 

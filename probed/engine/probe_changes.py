@@ -93,7 +93,8 @@ class ProbeChanges:
                 raise BadSpec(spec, "user probes use software breakpoints (--hw is for kernel code)")
             return await engine.uprobes.add(spec, file_copy=file_copy, name=name, pre=pre, post=post,
                                             condition=condition, priority=priority, ret=retprobe,
-                                            file_offset=file_offset)
+                                            file_offset=file_offset, maxactive=maxactive,
+                                            timeout=_timeout(timeout))
         if file_copy is not None or file_offset is not None:
             raise BadSpec(spec, "a file copy or offset is for user probes (/PATH:SYMBOL)")
         location, pending = self._resolve_or_pending(spec)

@@ -23,8 +23,13 @@ so a function called in a loop costs no `Z`/`z` per call; at most `IDLE_RETURN_P
 live instance are kept. `maxactive` bounds a probe's live instances; an entry past it is counted in the
 probe's `missed` (kretprobe semantics) and gets no return record.
 
-Hook for user-space probes (branch `uprobes`): `task_of` is the one place a stop is mapped to a task; a
-user-space return probe keys by address space there, and `on_entry` / `end` work unchanged.
+Return probes on user functions (`probed.engine.uprobes`): an instance is keyed by its address space
+(CR3's page-table root), its task (the kernel's `current`, read at the stop) and its entry sp, so a return
+address (a user address: every process running there stops) ends only the calls of the task that made
+them; a stop there in any other process or task is stepped past silently (`BreakHits`). A user return
+address stays armed while an address space that called through it lives, and goes with the last one:
+when a process exits or execs, its mappings of the probed files go (the `uprobe_munmap` hook), and
+`forget_space` drops its instances and the return addresses only it used.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from rsp.stop import ThreadId
 if TYPE_CHECKING:
     from probed.engine.engine import Engine
 
-__all__ = ["EntryContext", "ReturnProbes", "IDLE_RETURN_POINTS", "STACK_REGION_BITS", "default_maxactive"]
+__all__ = ["EntryContext", "ReturnProbes", "IDLE_RETURN_POINTS", "STACK_REGION_BITS", "UserTask", "default_maxactive"]
 
 log = logging.getLogger("probed.engine.engine")
 
@@ -54,6 +59,10 @@ STACK_REGION_BITS = 14
 
 IDLE_RETURN_POINTS = 64
 """Return addresses kept armed with no live instance (a loop's calls then cost no `Z`/`z` each)."""
+
+
+UserTask = tuple[str, int, int]
+"""A user-space task as return probes key it: ("user", page-table root, task_struct address)."""
 
 
 def default_maxactive(cpus: int) -> int:
@@ -74,6 +83,8 @@ class EntryContext:
         seq: the entry record's `seq` when an entry probe on the same function recorded this call, else None.
         time_ns: monotonic time when the daemon saw the entry.
         g: the registers at the entry (`regs` decodes them).
+        pc: where the function was entered (for a user function: its address in that process).
+        space: a user function's address space (the page-table root), else None.
     """
 
     probe: Probe
@@ -85,6 +96,8 @@ class EntryContext:
     time_ns: int
     g: bytes = field(repr=False)
     target: Any = field(repr=False, default=None)
+    pc: int | None = None
+    space: int | None = None
 
     @property
     def regs(self) -> RegisterView:
@@ -117,6 +130,9 @@ class ReturnProbes:
         self.reaped = 0  # instances whose frame went without a return
         self._programs: dict[int, FetchProgram] = {}
         self.entry_sp: dict[int, int] = {}  # function -> sp at its last entry (`prefetch`)
+        # User return addresses -> the address spaces (page-table roots) whose calls armed them.
+        self.user_spaces: dict[int, set[int]] = {}
+        self.silent = 0  # stops at a user return address that ended no call (another process or task)
 
     # -- what is armed -------------------------------------------------------------------------------------
 
@@ -146,6 +162,29 @@ class ReturnProbes:
             users.discard(probe.id)
             if not users:
                 del self.addresses[address]
+                self.user_spaces.pop(address, None)
+
+    def is_user(self, pc: int) -> bool:
+        """Whether `pc` is a user function's return address (armed for some process's call)."""
+        return pc in self.user_spaces
+
+    def forget_space(self, space: int) -> bool:
+        """An address space went away (its process exited or exec'd): drop its calls in flight and the
+        user return addresses only it used. True when a breakpoint must go (`Breakpoints.reconcile`)."""
+        for task in [t for t in self.live if t[0] == "user" and t[1] == space]:
+            for entries in self.live.pop(task).values():
+                for entry in entries:
+                    self._drop(entry)
+                    self.reaped += 1
+        changed = False
+        for address in [a for a, spaces in self.user_spaces.items() if space in spaces]:
+            spaces = self.user_spaces[address]
+            spaces.discard(space)
+            if not spaces:
+                del self.user_spaces[address]
+                self.addresses.pop(address, None)
+                changed = True
+        return changed
 
     def task_of(self, cpu: int, sp: int) -> tuple[int, int]:
         """The task a stop belongs to, as `(cpu, stack region)` (see the module's docstring)."""
@@ -189,7 +228,8 @@ class ReturnProbes:
     ) -> bool:
         """Keep an instance per return probe entered at this stop; True when a return breakpoint must be
         installed before the guest goes on (`Breakpoints.reconcile`). `prefetched`: reads already made
-        with the registers (see `prefetch`)."""
+        with the registers (see `prefetch`). User functions' probes (kind "user") key their instances by
+        address space and task (`UserProbes.task_key`)."""
         engine = self.engine
         target = engine.target
         cpu = cpu_of(thread)
@@ -197,7 +237,9 @@ class ReturnProbes:
         if len(self.entry_sp) > 4096:
             self.entry_sp.clear()
         self.entry_sp[pc] = sp
-        task = self.task_of(cpu, sp)
+        user = probes[0].kind == "user"
+        task: Any = await engine.uprobes.task_key(g) if user else self.task_of(cpu, sp)
+        space = task[1] if user else None
         self._reap(task, sp)
         ctx = _EntryReads(target, cpu, g, prefetched or {})
         now = time.monotonic_ns()
@@ -213,7 +255,7 @@ class ReturnProbes:
                 log.warning("return probe %s: cannot read the return address at entry: %s", probe.name, ret)
                 continue
             args = {int(name[3:]): value for name, value in values.items()}
-            entry = EntryContext(probe, cpu, sp, ret, args, seq, now, g, target)
+            entry = EntryContext(probe, cpu, sp, ret, args, seq, now, g, target, pc, space)
             self.live.setdefault(task, {}).setdefault(sp, []).append(entry)
             self.active[probe.id] = self.active.get(probe.id, 0) + 1
             users = self.addresses.get(ret)
@@ -223,15 +265,20 @@ class ReturnProbes:
             else:
                 self.addresses.move_to_end(ret)
             users.add(probe.id)
+            if user:
+                self.user_spaces.setdefault(ret, set()).add(space)
         self._trim()
         return install
 
     # -- the return ----------------------------------------------------------------------------------------
 
-    def end(self, cpu: int, pc: int, sp: int) -> list[EntryContext]:
-        """The instances a return to `pc` with stack pointer `sp` ends (taken out of the live set)."""
+    def end(self, cpu: int, pc: int, sp: int, task: Any = None) -> list[EntryContext]:
+        """The instances a return to `pc` with stack pointer `sp` ends (taken out of the live set); `task`:
+        a user task's key (`UserTask`), else the kernel's (cpu, stack region) is taken."""
         arch = self.engine.arch
-        task = self.task_of(cpu, sp)
+        user = task is not None
+        if task is None:
+            task = self.task_of(cpu, sp)
         group = self.live.get(task, {})
         # x86: `ret` popped the return address, so the entry sp is below sp; elsewhere it is sp itself.
         below = [e for e in group if (e < sp if arch.return_address_on_stack else e <= sp)]
@@ -245,7 +292,7 @@ class ReturnProbes:
                 else:
                     del group[entry_sp]
                 break
-        if not ended:
+        if not ended and not user:
             ended = self._migrated(task, pc, sp - arch.word_size if arch.return_address_on_stack else sp)
         for entry in ended:
             self._drop(entry)
@@ -264,16 +311,37 @@ class ReturnProbes:
                     return ended
         return []
 
-    async def on_return(self, thread: ThreadId | None, pc: int, g: bytes) -> Hit:
-        """The hit of a stop at an armed return address: one "return" record per instance it ends (none
-        for a stray return to the same place, e.g. a call that entered before the probe was added)."""
+    async def ended_at(self, thread: ThreadId | None, pc: int, g: bytes) -> list[EntryContext]:
+        """The instances a stop at the armed return address `pc` ends (taken out of the live set). At a
+        user return address only the calls of the address space and task that stopped there end; any
+        other process or task there ends none, cheaply (no memory read when its address space has no call
+        in flight to `pc`)."""
         engine = self.engine
-        cpu = cpu_of(thread)
         sp = engine.target.layout.value(g, engine.arch.sp)
-        ended = [e for e in self.end(cpu, pc, sp) if e.probe.enabled]
+        if not self.is_user(pc):
+            return self.end(cpu_of(thread), pc, sp)
+        space = await engine.uprobes.space_of(g)
+        if space not in self.user_spaces.get(pc, ()) or not any(
+            t[0] == "user" and t[1] == space for t in self.live
+        ):
+            return []
+        return self.end(cpu_of(thread), pc, sp, await engine.uprobes.task_key(g))
+
+    async def on_return(
+        self, thread: ThreadId | None, pc: int, g: bytes, ended: list[EntryContext] | None = None
+    ) -> Hit:
+        """The hit of a stop at an armed return address: one "return" record per instance it ends (none
+        for a stray return to the same place, e.g. a call that entered before the probe was added).
+        `ended`: what `ended_at` found already at this stop."""
+        engine = self.engine
+        if ended is None:
+            ended = await self.ended_at(thread, pc, g)
+        ended = [e for e in ended if e.probe.enabled]
         now = time.monotonic_ns()
         extra = [
-            {"func": f"{e.probe.address:#x}", "duration_ns": now - e.time_ns, "entry_seq": e.seq} for e in ended
+            {"func": f"{e.pc if e.space is not None else e.probe.address:#x}", "duration_ns": now - e.time_ns,
+             "entry_seq": e.seq}
+            for e in ended
         ]
         return await engine.pipeline.begin(
             "return", thread, pc, g, [e.probe for e in ended], extra=extra, entries=ended
@@ -309,3 +377,4 @@ class ReturnProbes:
         idle = [a for a in self.addresses if a not in busy]
         for address in idle[: len(self.addresses) - IDLE_RETURN_POINTS]:
             del self.addresses[address]
+            self.user_spaces.pop(address, None)

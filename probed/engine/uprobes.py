@@ -22,9 +22,11 @@ How (uprobes' semantics, from outside the guest):
 - 32-bit (compat) processes: each hit's registers say which user ABI its fetch args follow
   (probed.lang.compat); their instructions are decoded as 32-bit code.
 
-Return probes on user functions: `add(..., ret=True)` raises Unsupported today; the return-probe
-machinery (planned on top of the engine's hit pipeline) hooks in at `UserProbes.entry_hit`, which sees
-every user hit with its registers (the return address is at the stack pointer on x86_64 entry).
+Return probes on user functions (`add(..., ret=True)`, uretprobes): the entry is a user probe like any
+other, and `probed.engine.returns` keeps the call (the return address read from the user stack through
+the process's page tables) keyed by `task_key`: the address space (CR3) and the task (`current`). A
+process that exits or execs unmaps its files: the `uprobe_munmap` hook that drops its last mapping of a
+probed file also drops its calls in flight and the return addresses only it used (`ReturnProbes.forget_space`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ __all__ = ["HOOKS", "UserFile", "UserProbes"]
 log = logging.getLogger(__name__)
 
 HOOKS = ("uprobe_mmap", "uprobe_munmap", "uprobe_dup_mmap")
+USER_MAXACTIVE = 4096
+"""A user return probe's default limit of calls in flight, all processes together (uretprobes have no
+global limit, only 64 nested calls per task; kretprobes' default of max(10, 2 * CPUs) is for one kernel)."""
 PAGE = 4096
 Key = tuple[str, int, int, str]
 
@@ -115,22 +120,33 @@ class UserProbes:
     # -- adding -------------------------------------------------------------------------------------
 
     async def add(self, spec: str, *, file_copy: str | None, name: str | None, pre: Any, post: Any,
-                  condition: str | None, priority: int, ret: bool = False, file_offset: int | None = None) -> Probe:
+                  condition: str | None, priority: int, ret: bool = False, file_offset: int | None = None,
+                  maxactive: int = 0, timeout: float | None = None) -> Probe:
         """Add a user probe (`/PATH:OFFSET`, `/PATH:SYMBOL[+OFF]`); see `Engine.add_probe` (`file_offset`: the
-        offset a symbol resolved to when the probe was first added, from a saved state).
+        offset a symbol resolved to when the probe was first added, from a saved state). With `ret`, a
+        return probe on the function there (`maxactive`: its calls in flight, all processes together;
+        0: `USER_MAXACTIVE`).
 
         Raises:
             BadSpec, UnknownSymbol, Unsupported, FetchSyntaxError, TargetError.
         """
+        from probed.engine.probe_changes import MAXACTIVE_MAX
         from probed.engine.probes import Probe
         from probed.guest.symbols import Location
         from probed.lang.handlers import make_handlers
 
         engine = self.engine
-        if ret:
-            raise Unsupported("return probes on user functions (-r on /PATH:...) are not supported yet: "
-                              "return probes are for kernel functions")
         parsed = parse_user_spec(spec)
+        if ret:
+            if parsed.symbol_offset:
+                raise BadSpec(spec, "a return probe goes on a function's entry, without an offset")
+            if post is not None:
+                raise BadSpec(spec, "a return probe has no post-handler: its handler runs at the return")
+            if not 0 <= maxactive <= MAXACTIVE_MAX:
+                raise BadSpec(spec, f"maxactive must be 0..{MAXACTIVE_MAX}, not {maxactive}")
+            maxactive = maxactive or USER_MAXACTIVE
+        elif maxactive:
+            raise BadSpec(spec, "maxactive is for return probes (retprobe=True, probectl add -r)")
         if file_copy is None and engine.sysroot is not None:
             candidate = Path(engine.sysroot) / parsed.path.lstrip("/")
             file_copy = str(candidate) if candidate.is_file() else None
@@ -148,7 +164,7 @@ class UserProbes:
         except LookupError as exc:  # NoKernelTypes: not a Linux guest, or no BTF
             raise Unsupported(f"user probes need a Linux guest with its kernel's types (BTF): {exc}") from None
         pre_h, post_h = await make_handlers([pre, post], engine.arch, engine.symbols, function=None, offset=offset,
-                                            load_types=engine.kernel_types, user=True)
+                                            load_types=engine.kernel_types, user=True, retprobe=ret)
         cond = engine.make_condition(condition, pre_h, post_h)
 
         async def apply() -> Probe:
@@ -161,7 +177,7 @@ class UserProbes:
                 spec=spec,
                 location=Location(spec, parsed.path, parsed.symbol, offset, offset),
                 kind="user", pre=pre_h, post=post_h, condition=cond, priority=priority, file_tag=file.tag,
-                where=where,
+                where=where, retprobe=ret, maxactive=maxactive, timeout=timeout,
             )
             engine.table.add(probe)
             await engine.breakpoints.reconcile()
@@ -286,7 +302,6 @@ class UserProbes:
             if point is not None:
                 probes += point.active()
         probes.sort(key=lambda p: (-p.priority, p.order))
-        self.entry_hit(probes, regs)
         return probes
 
     async def _address_space(self, g: bytes, regs: RegisterView) -> int:
@@ -295,8 +310,23 @@ class UserProbes:
         space = await self.engine.target.address_space(g)
         return space if space is not None else regs["cr3"] & CR3_ADDRESS_MASK
 
-    def entry_hit(self, probes: list[Probe], regs: RegisterView) -> None:
-        """Where return probes will hook in: every user hit at a probe's place, before its handlers run."""
+    async def space_of(self, g: bytes) -> int:
+        """The address space a user stop ran in: its page-table root as `mm->pgd` has it."""
+        return await self._address_space(g, RegisterView(self.engine.target, g))
+
+    async def task_key(self, g: bytes) -> tuple[str, int, int]:
+        """A user stop's task, as return probes key their instances: ("user", address space, the task's
+        task_struct address: the CPU's `current`, found through KERNEL_GS_BASE as `$tid` is)."""
+        regs = RegisterView(self.engine.target, g)
+        space = await self._address_space(g, regs)
+        current = self.engine.types.current if self.engine.types is not None else None
+        task = 0  # unknown: the address space's calls then share one stack of calls (a single thread's)
+        if current is not None:
+            try:
+                task = await self._run(read_word(self._read, regs[current.user_register] + current.percpu_offset))
+            except (TargetError, KeyError) as exc:
+                log.debug("user return probe: cannot read the current task: %s", exc)
+        return ("user", space, task)
 
     async def _settle_unknown(self, pc: int, pgd: int, regs: RegisterView) -> list[tuple[UserFile, int]]:
         """A stop in an address space we have no mapping for (a forked child): read its VMAs."""
@@ -350,6 +380,10 @@ class UserProbes:
                 held = file.mappings.get(address)
                 if held is not None and start <= held[1].start and end >= held[1].end:
                     del file.mappings[address]
+                    pgd = held[0]
+                    if not any(m[0] == pgd for f in self.files.values() for m in f.mappings.values()):
+                        # Its last probed mapping: the process exits or execs; its calls never return.
+                        self.engine.returns.forget_space(pgd)
                     return True
             return False
         if name == "uprobe_dup_mmap" and self._unknown_ok:
@@ -428,6 +462,8 @@ class UserProbes:
             "files": {f.path: len(f.mappings) for f in self.files.values()},
             "addresses": len(self._armed),
             "silent_stops": self.silent,
+            "silent_returns": self.engine.returns.silent,
+            "return_addresses": len(self.engine.returns.user_spaces),
             "hook_stops": self.hook_stops,
         }
 
