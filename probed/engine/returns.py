@@ -343,9 +343,13 @@ class ReturnProbes:
              "entry_seq": e.seq}
             for e in ended
         ]
-        return await engine.pipeline.begin(
+        hit = await engine.pipeline.begin(
             "return", thread, pc, g, [e.probe for e in ended], extra=extra, entries=ended
         )
+        for entry, record in zip(ended, hit.records, strict=True):
+            if entry.space is not None:  # a user return site: its place in a probed file, else none
+                record.where = engine.uprobes.place_of(entry.space, pc)
+        return hit
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
 

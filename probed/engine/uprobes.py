@@ -304,6 +304,17 @@ class UserProbes:
         probes.sort(key=lambda p: (-p.priority, p.order))
         return probes
 
+    def place_of(self, space: int, address: int) -> str | None:
+        """`/PATH:SYMBOL+0xOFF` (or `/PATH:0xOFFSET` without a host copy) of a user address in the address
+        space `space`, when a probed file is mapped there; else None (probed knows no other user files)."""
+        for file in self.files.values():
+            for pgd, vma in file.mappings.values():
+                if pgd == space and vma.start <= address < vma.end:
+                    offset = vma.file_offset(address)
+                    where = file.elf.symbolize(offset) if file.elf is not None else None
+                    return f"{file.path}:{where or hex(offset)}"
+        return None
+
     async def _address_space(self, g: bytes, regs: RegisterView) -> int:
         """The stop's page-table root as `mm->pgd` has it: with KPTI, user mode runs on the user PGD of the
         mm's pair (bit 12 set), and CR3's low bits may hold a PCID (probed.guest.memory.kpti)."""
