@@ -6,7 +6,13 @@ booted guest:
   any debugger can do (it knows nothing of processes: it would stop in any program at that address);
 - probed: a user probe on /bin/utarget:utarget (the file), with no fetch args, then with
   `$comm $pid a=$arg1 b=$arg2`. Each decides per stop whether the process maps the file there.
-Each variant checks every stop saw the right argument (utarget's first argument i = 1..N, in order).
+Return probes, the same way (a call is two stops: the entry and the return):
+- raw loop: breakpoints at utarget's entry and at its return address (read from the stack at the first
+  entry, then left armed); per entry `g`, `m` of the return address, `s`, `c`; per return `g`, `s`, `c`;
+- probed: a return probe on /bin/utarget:utarget with `a=$arg1 ret=$retval` (the instance keyed by
+  address space, task and sp, matched at the return). The rate is of calls (returns) per second.
+Each variant checks every stop saw the right argument (utarget's first argument i = 1..N, in order; at
+the returns, utarget's return value i + i * i too).
 The rate is over the hits' own timestamps (first to last), so process start-up is left out; a second rate
 takes the median gap between hits, which the other loads of a shared machine disturb less.
 
@@ -39,7 +45,7 @@ from tests.linux.guest import LinuxGuest, fetch_linux  # noqa: E402
 from tests.linux.uprogs import uprog_path  # noqa: E402
 
 STATIC_BASE = 0x400000  # the static program's first segment: file offset 0 at this address
-RDI = 5  # x86_64 `g` order: rax rbx rcx rdx rsi rdi ...
+RAX, RDI, RSP, RIP = 0, 5, 7, 16  # x86_64 `g` order: rax rbx rcx rdx rsi rdi rbp rsp r8..r15 rip
 
 
 class RawLoop:
@@ -100,6 +106,61 @@ class RawLoop:
         return _rates(stamps)
 
 
+    def run_returns(self, guest: LinuxGuest, entry: int, calls: int) -> tuple[float, float]:
+        """utarget's returns: entry and return breakpoints, per entry g, m, s, c; per return g, s, c."""
+        self.ask(b"qSupported:swbreak+")
+        self.ask(b"?", stop=True)
+        assert self.ask(b"Z0,%x,1" % entry) == b"OK"
+        self.sock.sendall(encode_packet(b"c"))
+        shell = threading.Thread(target=guest.shell, args=(f"utarget {calls}", 600))
+        shell.start()
+        stamps: list[float] = []
+        last, returning, ret_address = 0, False, None
+        while len(stamps) < calls:
+            self.packet()  # a stop at the entry or at the return address
+            now = time.perf_counter()
+            g = self.ask(b"g")
+            pc = _reg(g, RIP)
+            if pc == entry and _reg(g, RDI) != last:  # (the same rdi again: a step that ran nothing)
+                assert not returning and _reg(g, RDI) == last + 1, (last, _reg(g, RDI))
+                last, returning = last + 1, True
+                address = int.from_bytes(bytes.fromhex(self.ask(b"m%x,8" % _reg(g, RSP)).decode()), "little")
+                if ret_address is None:
+                    ret_address = address
+                    assert self.ask(b"Z0,%x,1" % address) == b"OK"
+                assert address == ret_address
+            elif pc == ret_address and returning:
+                assert _reg(g, RAX) == last + last * last, (last, _reg(g, RAX))
+                stamps.append(now)
+                returning = False
+            self.ask(b"s", stop=True)
+            self.sock.sendall(encode_packet(b"c"))
+        self.sock.sendall(b"\x03")
+        self.packet()
+        self.ask(b"z0,%x,1" % entry)
+        self.ask(b"z0,%x,1" % ret_address)
+        self.sock.sendall(encode_packet(b"D"))
+        self.packet()
+        self.sock.close()
+        shell.join()
+        return _rates(stamps)
+
+
+def _reg(g: bytes, index: int) -> int:
+    return int.from_bytes(bytes.fromhex(g[index * 16:(index + 1) * 16].decode()), "little")
+
+
+async def probed_returns(guest: LinuxGuest, calls: int, memory: str = "auto") -> tuple[float, float]:
+    async with attach(guest.target, symbols=[str(guest.kallsyms)], guest_memory=memory) as engine:
+        probe = await engine.add_probe("/bin/utarget:utarget", file_copy=str(uprog_path(CACHE / "linux", "utarget")),
+                                       retprobe=True, pre=["a=$arg1:s64", "ret=$retval:s64"])
+        with engine.hub.subscribe(probe.id, maxsize=calls + 10) as sub:
+            await trio.to_thread.run_sync(guest.shell, f"utarget {calls}", 600)
+            records = [sub.receive_nowait() for _ in range(calls)]
+    assert [(r["pre"]["a"], r["pre"]["ret"]) for r in records] == [(i, i + i * i) for i in range(1, calls + 1)]
+    return _rates([r["time_ns"] / 1e9 for r in records])
+
+
 async def probed_run(guest: LinuxGuest, calls: int, args: list[str], memory: str = "auto") -> float:
     async with attach(guest.target, symbols=[str(guest.kallsyms)], guest_memory=memory) as engine:
         probe = await engine.add_probe("/bin/utarget:utarget", file_copy=str(uprog_path(CACHE / "linux", "utarget")),
@@ -131,19 +192,21 @@ def main() -> None:
     try:
         def measure(name: str, fn) -> None:
             results[name] = (rate, median) = fn()
-            print(f"{name:<42} {rate:7.0f} hits/s  median gap: {median:7.0f} hits/s  ({calls} calls)", flush=True)
+            print(f"{name:<46} {rate:7.0f} hits/s  median gap: {median:7.0f} hits/s  ({calls} calls)", flush=True)
 
         measure("raw loop c,g,s (one address)", lambda: RawLoop(guest.target).run(guest, address, calls))
         measure("probed user probe, $arg1", lambda: trio.run(probed_run, guest, calls, [], memory))
         measure("probed user probe, $arg1 $comm $pid $arg2",
                 lambda: trio.run(probed_run, guest, calls, ["$comm", "$pid", "b=$arg2:s64"], memory))
+        measure("raw loop, returns (entry g,m,s; return g,s)", lambda: RawLoop(guest.target).run_returns(guest, address, calls))
+        measure("probed user return probe, $arg1 $retval", lambda: trio.run(probed_returns, guest, calls, memory))
     finally:
         guest.close()
-    raw = results["raw loop c,g,s (one address)"]
     print()
     for name, (rate, median) in results.items():
         if name.startswith("probed"):
-            print(f"{name:<42} / raw  {rate / raw[0]:.2f}   median gap / raw  {median / raw[1]:.2f}")
+            raw = results["raw loop, returns (entry g,m,s; return g,s)" if "return" in name else "raw loop c,g,s (one address)"]
+            print(f"{name:<46} / raw  {rate / raw[0]:.2f}   median gap / raw  {median / raw[1]:.2f}")
 
 
 if __name__ == "__main__":

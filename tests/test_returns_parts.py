@@ -174,3 +174,79 @@ def test_idle_return_points_are_bounded_and_forget_drops_everything():
     calls.enter(f, STACK - 0x100, 0x9000)
     calls.returns.forget(f)
     assert calls.returns.keys() == set() and calls.returns.instances() == 0
+
+
+# -- user functions: instances keyed by address space and task -----------------------------------------
+
+USTACK = 0x7FFD_1234_0000  # a user stack (both processes' stacks at the same address: no ASLR)
+
+
+class _UserProbes:
+    """`space_of` and `task_key` from the made-up registers' "cr3" and "task"; counts the task reads."""
+
+    def __init__(self):
+        self.task_reads = 0
+
+    async def space_of(self, g: bytes) -> int:
+        return json.loads(g)["cr3"]
+
+    async def task_key(self, g: bytes) -> tuple[str, int, int]:
+        self.task_reads += 1
+        regs = json.loads(g)
+        return ("user", regs["cr3"], regs["task"])
+
+    def place_of(self, space: int, address: int) -> None:
+        return None
+
+
+class _UserCalls(_Calls):
+    def __init__(self):
+        super().__init__()
+        self.engine.uprobes = _UserProbes()
+
+    def uenter(self, probe: Probe, space: int, task: int, sp: int, ret: int, arg: int) -> bool:
+        self.engine.target.memory[sp] = ret
+        g = json.dumps({"rsp": sp, "rdi": arg, "cr3": space, "task": task}).encode()
+        return trio.run(self.returns.on_entry, ThreadId(1, 1), probe.address, g, [probe], None)
+
+    def uret(self, space: int, task: int, ret: int, sp: int) -> list[tuple[int, int]]:
+        g = json.dumps({"rsp": sp, "cr3": space, "task": task}).encode()
+        return [(e.probe.id, e.args[1]) for e in trio.run(self.returns.ended_at, ThreadId(1, 1), ret, g)]
+
+
+def _uprobe(pid: int) -> Probe:
+    probe = _probe(pid, maxactive=4096)
+    probe.kind = "user"
+    return probe
+
+
+def test_user_calls_end_only_in_their_address_space_and_task():
+    calls, f = _UserCalls(), _uprobe(1)
+    # Two processes (page-table roots 0xA000, 0xB000) at the same addresses, and a second thread in A.
+    calls.uenter(f, 0xA000, 1, USTACK - 0x100, 0x401000, arg=1)
+    calls.uenter(f, 0xB000, 2, USTACK - 0x100, 0x401000, arg=2)
+    calls.uenter(f, 0xA000, 3, USTACK - 0x200, 0x401000, arg=3)  # thread 3's stack is below thread 1's
+    assert calls.returns.is_user(0x401000) and calls.returns.instances() == 3
+    reads = calls.engine.uprobes.task_reads
+    assert calls.uret(0xC000, 4, 0x401000, USTACK - 0x100 + 8) == []  # a third process there: nothing ends,
+    assert calls.engine.uprobes.task_reads == reads  # and nothing was read to know it
+    # Thread 1 returns at an sp above thread 3's call: that is not thread 3's frame going away.
+    assert calls.uret(0xA000, 1, 0x401000, USTACK - 0x100 + 8) == [(1, 1)]
+    assert calls.uret(0xB000, 2, 0x401000, USTACK - 0x100 + 8) == [(1, 2)]
+    assert calls.uret(0xA000, 3, 0x401000, USTACK - 0x200 + 8) == [(1, 3)]
+    assert calls.returns.reaped == 0 and calls.returns.instances() == 0
+    assert calls.returns.keys() == {("break", 0x401000, 0, "x")}  # armed while A and B live
+
+
+def test_an_address_space_that_goes_takes_its_calls_and_return_addresses():
+    calls, f = _UserCalls(), _uprobe(1)
+    calls.uenter(f, 0xA000, 1, USTACK - 0x100, 0x401000, arg=1)
+    calls.uenter(f, 0xA000, 1, USTACK - 0x140, 0x555000, arg=2)  # A's own return address
+    calls.uenter(f, 0xB000, 2, USTACK - 0x100, 0x401000, arg=3)
+    assert calls.returns.forget_space(0xA000) is True  # 0x555000 was A's alone
+    assert calls.returns.reaped == 2 and calls.returns.instances() == 1
+    assert calls.returns.keys() == {("break", 0x401000, 0, "x")}
+    assert calls.uret(0xA000, 1, 0x401000, USTACK - 0x100 + 8) == []  # (a new process with A's root)
+    assert calls.returns.forget_space(0xB000) is True
+    assert calls.returns.keys() == set() and calls.returns.instances() == 0 and not calls.returns.is_user(0x401000)
+    assert calls.returns.forget_space(0xB000) is False
