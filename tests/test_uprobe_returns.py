@@ -182,3 +182,25 @@ async def test_bad_user_return_specs(linux_guest):
         with pytest.raises(FetchSyntaxError, match="only for return probes"):
             await engine.add_probe("/bin/utarget:utarget", file_copy=_copy("utarget"), pre=["$retval"])
         assert engine.probes() == [] and engine.stats()["breakpoints"] == 0
+
+
+async def test_uprobe_events_return_lines_load_fire_and_save_back(linux_guest):
+    from probed.front.kprobe_events import parse_text
+    from probed.front.probe_files import apply_lines, save_text
+
+    elf = UserElf(_copy("utarget"))
+    lines = [f"r:uprobes/sum_ret /bin/utarget:{elf.resolve('utarget'):#x} a=$arg1:s64 ret=$retval:s64",
+             f"p:uprobes/len_ret /bin/utarget:{elf.resolve('uname_len'):#x}%return len=$retval:s64"]
+    async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
+        groups: dict[int, str] = {}
+        added = await apply_lines(engine, parse_text("\n".join(lines)), groups)
+        assert [p["name"] for p in added["added"]] == ["sum_ret", "len_ret"]
+        with engine.hub.subscribe() as sub:
+            await _shell(linux_guest, "utarget 2")
+            records = await _take(sub, 4)
+            await _none_left(engine, sub)
+        saved = save_text(engine.probes(), groups)
+    assert [(r["name"], r["pre"]) for r in records] == [
+        ("sum_ret", {"a": 1, "ret": 2}), ("len_ret", {"len": 7}), ("sum_ret", {"a": 2, "ret": 6}), ("len_ret", {"len": 7})
+    ]
+    assert [line for line in saved.splitlines() if not line.startswith("#")] == [lines[0], "r" + lines[1][1:].replace("%return", "")]

@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from probed.engine.uprobes import USER_MAXACTIVE
 from probed.errors import FetchSyntaxError, ProbedError
 from probed.front.kprobe_events import (
     GOOD_NAME,
@@ -170,7 +171,7 @@ def format_probe(probe: Any, group: str | None = None) -> list[str]:
     group = group or (UPROBE_GROUP if user else KPROBE_GROUP)
     head = "r" if retprobe else "p"
     maxactive = getattr(probe, "maxactive", None)
-    if retprobe and maxactive:
+    if retprobe and maxactive and not (user and maxactive == USER_MAXACTIVE):  # (uprobe_events has no rN)
         head += str(maxactive)
     name = probe.name if GOOD_NAME.match(probe.name) and len(probe.name) <= MAX_EVENT_NAME else None
     head += f":{group}/{name}" if name else (f":{group}/" if group not in (KPROBE_GROUP, UPROBE_GROUP) else "")
