@@ -5,7 +5,8 @@ return probes on one function, a process killed inside a probed call, bad specs.
 The programs (tests/linux/uprogs/utarget.c) call utarget(i, i * i) (returns a + b), uname_len(argv[0])
 (returns its length) and udepth(i) (recursive: n + udepth(n - 1), udepth(0) = 0) for i = 1..N;
 `PROG N hold` first prints its PID and waits for SIGUSR1; `PROG N twice` makes its calls, then prints its
-PID and waits, then makes them again.
+PID and waits, then makes them again; `PROG N threads`: two threads make them at once, thread t calling
+utarget(100 * t + i, i * i).
 """
 
 from __future__ import annotations
@@ -125,6 +126,36 @@ async def test_a_copy_running_through_an_armed_return_address_passes_silently(li
         assert user["return_addresses"] == 0 and engine.stats()["return_instances"] == 0
     assert [{k: r["pre"][k] for k in ("a", "b", "ret")} for r in records] == _sums(3) * 2
     assert {r["pre"]["comm"] for r in records} == {"utarget"}
+
+
+async def test_threads_of_one_process_each_get_their_own_returns(linux_guest):
+    def handler(ctx):  # a Python handler: the entry's registers and the return value
+        return {"n": ctx.entry.regs["rdi"], "sum": ctx.retval, "sp_ok": ctx.regs["rsp"] == ctx.entry.sp + 8}
+
+    async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
+        sums = await engine.add_probe("/bin/utarget:utarget", file_copy=_copy("utarget"), retprobe=True,
+                                      pre=RET_ARGS)
+        depth = await engine.add_probe("/bin/utarget:udepth", file_copy=_copy("utarget"), retprobe=True,
+                                       pre=handler)
+        with engine.hub.subscribe() as sub:
+            await _shell(linux_guest, "utarget 3 threads")
+            records = await _take(sub, 2 * (3 + len(_depth_returns(3))))
+            await _none_left(engine, sub)
+        assert engine.stats()["reaped"] == 0 and engine.stats()["return_instances"] == 0
+    by_tid: dict[int, list[dict]] = {}
+    for r in records:
+        if r["probe"] == sums.id:
+            by_tid.setdefault(r["pre"]["tid"], []).append(r["pre"])
+    assert len(by_tid) == 2 and len({p["pid"] for recs in by_tid.values() for p in recs}) == 1
+    assert sorted(recs[0]["a"] // 100 for recs in by_tid.values()) == [1, 2]
+    for recs in by_tid.values():
+        base = recs[0]["a"] // 100 * 100
+        assert [(p["a"], p["b"], p["ret"]) for p in recs] == [(base + i, i * i, base + i + i * i) for i in (1, 2, 3)]
+        assert recs[0]["tid"] != recs[0]["pid"]  # (the threads, not the main one)
+    depths = [r["pre"] for r in records if r["probe"] == depth.id]
+    # Both threads' recursions, each in its own order (they may interleave between calls).
+    assert sorted((d["n"], d["sum"]) for d in depths) == sorted(_depth_returns(3) * 2)
+    assert all(d["sp_ok"] for d in depths)
 
 
 async def test_recursion_with_an_entry_probe_on_the_same_function(linux_guest):

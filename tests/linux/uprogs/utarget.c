@@ -5,7 +5,9 @@
  * With a second argument "hold", it first prints its PID and waits for SIGUSR1: its file stays mapped
  * while other programs run, and its calls come when the host says (`utarget 3 hold | { read pid; ...;
  * kill -USR1 $pid; }`). With "twice", it makes its calls, then prints its PID and waits for SIGUSR1, then
- * makes them again. */
+ * makes them again. With "threads", two threads make the calls at once, thread t (1, 2) with
+ * utarget(100 * t + i, i * i). */
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -51,19 +53,43 @@ static void wait_for_usr1(void)
     sigsuspend(&none);
 }
 
-static void calls(long n, const char *name)
+static void calls_from(long base, long n, const char *name)
 {
     for (long i = 1; i <= n; i++) {
-        sink += utarget(i, i * i);
+        sink += utarget(base + i, i * i);
         sink += uname_len(name);
         sink += udepth(i);
     }
+}
+
+static void calls(long n, const char *name)
+{
+    calls_from(0, n, name);
+}
+
+static long thread_calls;
+static const char *thread_name;
+
+static void *thread_main(void *arg)
+{
+    calls_from(100 * (long)arg, thread_calls, thread_name);
+    return NULL;
 }
 
 int main(int argc, char **argv)
 {
     long n = argc > 1 ? atol(argv[1]) : 3;
     int twice = argc > 2 && strcmp(argv[2], "twice") == 0;
+    if (argc > 2 && strcmp(argv[2], "threads") == 0) {
+        pthread_t threads[2];
+        thread_calls = n;
+        thread_name = argv[0];
+        for (long t = 0; t < 2; t++)
+            pthread_create(&threads[t], NULL, thread_main, (void *)(t + 1));
+        for (long t = 0; t < 2; t++)
+            pthread_join(threads[t], NULL);
+        return 0;
+    }
     if (argc > 2 && !twice)
         wait_for_usr1();
     calls(n, argv[0]);
