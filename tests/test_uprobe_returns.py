@@ -235,3 +235,19 @@ async def test_uprobe_events_return_lines_load_fire_and_save_back(linux_guest):
         ("sum_ret", {"a": 1, "ret": 2}), ("len_ret", {"len": 7}), ("sum_ret", {"a": 2, "ret": 6}), ("len_ret", {"len": 7})
     ]
     assert [line for line in saved.splitlines() if not line.startswith("#")] == [lines[0], "r" + lines[1][1:].replace("%return", "")]
+
+
+async def test_returns_in_a_32bit_process_by_the_i386_abi(linux_guest):
+    # utarget32 (static i386, cdecl: the return address and every argument on the stack, 4 bytes each)
+    # calls utarget32(i, i * i, -i), which returns i * i.
+    async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
+        probe = await engine.add_probe("/bin/utarget32:utarget32", file_copy=_copy("utarget32"), retprobe=True,
+                                       pre=["$comm", "a=$arg1:s32", "b=$arg2:s32", "c=$arg3:s32", "ret=$retval:s32"])
+        with engine.hub.subscribe(probe.id) as sub:
+            await _shell(linux_guest, "utarget32 3")
+            records = await _take(sub, 3)
+            await _none_left(engine, sub)
+        assert engine.stats()["return_instances"] == 0
+    assert [r["pre"] for r in records] == [{"comm": "utarget32", "a": i, "b": i * i, "c": -i, "ret": i * i}
+                                           for i in (1, 2, 3)]
+    assert all(int(r["pc"], 16) < 1 << 32 for r in records)  # the 4-byte return address

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from probed.engine.hits import Hit, cpu_of
 from probed.engine.probes import Probe
+from probed.lang.compat import CompatProgram, compat_arch, is_compat
 from probed.lang.context import HitContext, RegisterView
 from probed.lang.program import FetchProgram
 from probed.lang.tree import Arg, FetchField, FieldType, Reg, StackEntry
@@ -128,7 +129,7 @@ class ReturnProbes:
         self.active: dict[int, int] = {}  # probe id -> live instances
         self.addresses: OrderedDict[int, set[int]] = OrderedDict()  # return address -> probe ids using it
         self.reaped = 0  # instances whose frame went without a return
-        self._programs: dict[int, FetchProgram] = {}
+        self._programs: dict[tuple[int, bool], FetchProgram] = {}  # (probe id, compat) -> its entry's reads
         self.entry_sp: dict[int, int] = {}  # function -> sp at its last entry (`prefetch`)
         # User return addresses -> the address spaces (page-table roots) whose calls armed them.
         self.user_spaces: dict[int, set[int]] = {}
@@ -155,7 +156,8 @@ class ReturnProbes:
                 if not group[sp]:
                     del group[sp]
         self.active.pop(probe.id, None)
-        self._programs.pop(probe.id, None)
+        self._programs.pop((probe.id, False), None)
+        self._programs.pop((probe.id, True), None)
         self.entry_sp.pop(probe.address, None)
         for address in list(self.addresses):
             users = self.addresses[address]
@@ -192,11 +194,12 @@ class ReturnProbes:
 
     # -- the entry -----------------------------------------------------------------------------------------
 
-    def _program(self, probe: Probe) -> FetchProgram:
-        """What an entry reads for `probe`: the return address and the `$argN` its handler uses."""
-        program = self._programs.get(probe.id)
+    def _program(self, probe: Probe, compat: bool = False) -> FetchProgram:
+        """What an entry reads for `probe`: the return address and the `$argN` its handler uses (`compat`:
+        in a 32-bit process, by the i386 user ABI: a 4-byte return address, every argument on the stack)."""
+        program = self._programs.get((probe.id, compat))
         if program is None:
-            arch = self.engine.arch
+            arch = compat_arch(self.engine.arch) if compat else self.engine.arch
             word = FieldType("u", arch.word_size, None)
             if arch.return_address_on_stack:
                 ret: Any = StackEntry(0)
@@ -206,7 +209,8 @@ class ReturnProbes:
             used = getattr(probe.pre, "program", None)
             for n in used.entry_args if used is not None else ():
                 fields.append(FetchField(f"arg{n}", Arg(n), word, f"$arg{n}"))
-            program = self._programs[probe.id] = FetchProgram(tuple(fields), arch)
+            program = (CompatProgram if compat else FetchProgram)(tuple(fields), arch)
+            self._programs[(probe.id, compat)] = program
         return program
 
     def prefetch(self, pc: int) -> tuple[int, int] | None:
@@ -242,13 +246,14 @@ class ReturnProbes:
         space = task[1] if user else None
         self._reap(task, sp)
         ctx = _EntryReads(target, cpu, g, prefetched or {})
+        compat = user and engine.arch.name == "x86_64" and is_compat(ctx.regs)  # a 32-bit process
         now = time.monotonic_ns()
         install = False
         for probe in probes:
             if self.active.get(probe.id, 0) >= probe.maxactive:
                 probe.missed += 1
                 continue
-            values = await self._program(probe).evaluate(ctx)
+            values = await self._program(probe, compat).evaluate(ctx)
             ret = values.pop("ret")
             if not isinstance(ret, int):
                 probe.missed += 1
