@@ -199,3 +199,21 @@ async def test_kernel_probe_in_the_entry_code_still_on_the_user_pgd(kpti_guest):
     assert {(r["comm"], r["pid"]) for r in at_entry + in_kernel} == {("kpti-sys", pid)}
     assert all(r["cr3"] & USER_PGD_BIT for r in at_entry)
     assert not any(r["cr3"] & USER_PGD_BIT for r in in_kernel)
+
+
+async def test_user_return_probes_with_kpti(kpti_guest):
+    # The task read at the entry and at the return (the per-CPU `current`) goes through the kernel's PGD;
+    # the address space is the kernel PGD of the pair, as for entry probes.
+    async with attach(kpti_guest.target, symbols=[str(kpti_guest.kallsyms)]) as engine:
+        probe = await engine.add_probe("/bin/utarget:utarget", file_copy=_copy("utarget"), retprobe=True,
+                                       pre=["$comm", "$tid", "a=$arg1:s64", "ret=$retval:s64"])
+        with engine.hub.subscribe(probe.id) as sub:
+            await _shell(kpti_guest, "utarget 3 & ucopy 3 & utarget 2 & wait")
+            records = await _take(sub, 5)
+            await _none_left(engine, sub)
+        assert engine.stats()["return_instances"] == 0 and engine.stats()["user"]["return_addresses"] == 0
+    by_tid: dict[int, list[tuple[int, int]]] = {}
+    for r in records:
+        assert r["pre"]["comm"] == "utarget"
+        by_tid.setdefault(r["pre"]["tid"], []).append((r["pre"]["a"], r["pre"]["ret"]))
+    assert sorted(by_tid.values()) == [[(1, 2), (2, 6)], [(1, 2), (2, 6), (3, 12)]]

@@ -332,11 +332,14 @@ class UserProbes:
         space = await self._address_space(g, regs)
         current = self.engine.types.current if self.engine.types is not None else None
         task = 0  # unknown: the address space's calls then share one stack of calls (a single thread's)
-        if current is not None:
-            try:
-                task = await self._run(read_word(self._read, regs[current.user_register] + current.percpu_offset))
-            except (TargetError, KeyError) as exc:
-                log.debug("user return probe: cannot read the current task: %s", exc)
+        if current is not None and current.user_register in regs:
+            # With this stop's registers: under KPTI the per-CPU data is read through the kernel's PGD.
+            (data,) = await self.engine.target.read_many([(regs[current.user_register] + current.percpu_offset, 8)],
+                                                         registers=g)
+            if isinstance(data, Exception):
+                log.debug("user return probe: cannot read the current task: %s", data)
+            else:
+                task = int.from_bytes(data, "little")
         return ("user", space, task)
 
     async def _settle_unknown(self, pc: int, pgd: int, regs: RegisterView) -> list[tuple[UserFile, int]]:
