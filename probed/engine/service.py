@@ -35,7 +35,6 @@ from probed.engine.state import Event, Guest
 from probed.errors import TargetError
 from probed.sim.emulate import NoEmulator
 from rsp.errors import ConnectionClosed, RSPError, TargetTimeout
-from rsp.hostcores import FreeCores
 from rsp.packets import cont, detach
 from rsp.stop import Exited, StopEvent, StopReply, Terminated
 
@@ -87,7 +86,6 @@ class Service:
         engine = self.engine
         client = engine.client
         client.poller.window = self.poll_seconds
-        client.poller.free_cores = FreeCores().free
         guest = engine.guest
         running = False
         while True:
