@@ -17,6 +17,7 @@ from probed.errors import TargetError
 from probed.guest.linux.kaslr import LINK_TEXT, KernelMismatch
 from probed.guest.linux.kernel import KERNEL_FILE, LinuxKernel
 from tests.linux.kallsyms import read_symbols
+from tests.linux.probing import drain
 
 pytestmark = [pytest.mark.linux, pytest.mark.time_limit(180)]
 
@@ -25,15 +26,6 @@ MODLOOP_READS = 5  # tests/linux/init.sh
 
 def _dump(guest) -> list[tuple[int, str, str]]:
     return [(int(a, 16), kind, name) for a, kind, name, *_ in (line.split() for line in guest.kallsyms.read_text().splitlines())]
-
-
-def _drain(sub) -> list[dict]:
-    records = []
-    while True:
-        try:
-            records.append(sub.receive_nowait())
-        except trio.WouldBlock:
-            return records
 
 
 def _slide(guest) -> int:
@@ -129,7 +121,7 @@ async def test_module_probe_waits_is_set_taken_out_and_set_again(linux_kaslr_gue
             start = await tracker.wait_for("unload", "dummy", after=len(tracker.history))
             assert probe.state == "pending: module dummy unloaded"
             assert not engine.symbols.has_file("dummy")
-            _drain(sub)  # hits of the cycle we joined halfway
+            drain(sub)  # hits of the cycle we joined halfway
             cycles = []
             after = start + 1
             for _ in range(2):
@@ -139,7 +131,7 @@ async def test_module_probe_waits_is_set_taken_out_and_set_again(linux_kaslr_gue
                 assert address == probe.address and address >= 0xFFFF_FFFF_C000_0000
                 unloaded = await tracker.wait_for("unload", "dummy", after=loaded + 1)
                 assert probe.state == "pending: module dummy unloaded"
-                cycles.append(_drain(sub))
+                cycles.append(drain(sub))
                 after = unloaded + 1
     for records in cycles:
         assert {r["where"] for r in records} == {"dummy_get_stats64"}

@@ -14,11 +14,10 @@ import trio
 from probed.api import attach
 from probed.engine.target import Target
 from probed.guest.symbols import SymbolStore
-from probed.testing.qemu import CACHE
 from rsp.connection import RSPClient
 from rsp.errors import RemoteError
 from tests.linux.conftest_linux import boot_linux_guest
-from tests.linux.uprogs import uprog_path
+from tests.linux.probing import none_left, shell, take, uprog_copy
 
 pytestmark = pytest.mark.linux
 
@@ -33,42 +32,22 @@ def kpti_guest(tmp_path_factory):
     yield from boot_linux_guest(tmp_path_factory, cmdline="pti=on")
 
 
-def _copy(name: str) -> str:
-    return str(uprog_path(CACHE / "linux", name))
-
-
-async def _shell(guest, command: str) -> str:
-    return await trio.to_thread.run_sync(guest.shell, command)
-
-
-async def _take(sub, count: int) -> list[dict]:
-    with trio.fail_after(60):
-        return [await sub.receive() for _ in range(count)]
-
-
-async def _none_left(engine, sub) -> None:
-    """Nothing more was published: a request round-trips through the engine first."""
-    await engine.call_stopped(lambda: trio.sleep(0))
-    with pytest.raises(trio.WouldBlock):
-        sub.receive_nowait()
-
-
 async def test_the_guest_runs_with_kpti(kpti_guest):
-    log = await _shell(kpti_guest, "dmesg")
+    log = await shell(kpti_guest, "dmesg")
     assert "Kernel/User page tables isolation: enabled" in log
 
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_user_probes_with_kpti(kpti_guest, mode):
     async with attach(kpti_guest.target, symbols=[str(kpti_guest.kallsyms)], guest_memory=mode) as engine:
-        args = await engine.add_probe("/bin/utarget:utarget", file_copy=_copy("utarget"),
+        args = await engine.add_probe("/bin/utarget:utarget", file_copy=uprog_copy("utarget"),
                                       pre=["$comm", "$pid", "$tid", "a=$arg1:s64", "b=$arg2:s64"])
-        name = await engine.add_probe("/bin/utarget-pie:uname_len", file_copy=_copy("utarget-pie"),
+        name = await engine.add_probe("/bin/utarget-pie:uname_len", file_copy=uprog_copy("utarget-pie"),
                                       pre=["$comm", "$pid", "s=$arg1:ustring"])
         with engine.hub.subscribe() as sub:
-            pids = (await _shell(kpti_guest, "utarget 3 & a=$!; utarget-pie 2 & b=$!; wait; echo $a $b")).split()
-            records = await _take(sub, 3 + 2)
-            await _none_left(engine, sub)
+            pids = (await shell(kpti_guest, "utarget 3 & a=$!; utarget-pie 2 & b=$!; wait; echo $a $b")).split()
+            records = await take(sub, 3 + 2)
+            await none_left(engine, sub)
         kpti_reads = engine.target.memory.stats["kpti"]
     static, pie = int(pids[0]), int(pids[1])
     assert [r["pre"] for r in records if r["probe"] == args.id] == [
@@ -98,10 +77,10 @@ async def test_kernel_reads_at_a_user_stop(kpti_guest, mode):
             seen.append({"cr3": regs["cr3"], "cpl": regs["cs"] & 3, "raw": raw, "ours": ours, "comm": comm,
                          "bare": bare})
 
-        probe = await engine.add_probe("/bin/utarget:utarget", file_copy=_copy("utarget"), pre=handler)
+        probe = await engine.add_probe("/bin/utarget:utarget", file_copy=uprog_copy("utarget"), pre=handler)
         with engine.hub.subscribe(probe.id) as sub:
-            await _shell(kpti_guest, "utarget 1")
-            (record,) = await _take(sub, 1)
+            await shell(kpti_guest, "utarget 1")
+            (record,) = await take(sub, 1)
     assert record["error"] is None
     (hit,) = seen
     assert hit["cpl"] == 3 and hit["cr3"] & USER_PGD_BIT  # user mode, on the user PGD
@@ -119,9 +98,9 @@ async def test_kernel_probe_with_comm_and_user_string(kpti_guest, mode):
         probe = await engine.add_probe("do_sys_openat2", pre=["$comm", "$pid", "$tid", "f=+0(%si):ustring"],
                                        condition='f ~ "/kpti-*"')
         with engine.hub.subscribe(probe.id) as sub:
-            pid = int(await _shell(kpti_guest, "cat /kpti-nothing 2>/dev/null & p=$!; wait; echo $p"))
-            (record,) = await _take(sub, 1)
-            await _none_left(engine, sub)
+            pid = int(await shell(kpti_guest, "cat /kpti-nothing 2>/dev/null & p=$!; wait; echo $p"))
+            (record,) = await take(sub, 1)
+            await none_left(engine, sub)
     assert record["pre"] == {"comm": "cat", "pid": pid, "tid": pid, "f": "/kpti-nothing"}
 
 
@@ -137,13 +116,13 @@ async def _stop_in_user_mode(guest, nursery) -> int:
     """Leave the guest paused at the first instruction of utarget() (user mode, on its user PGD), with no
     debugger connected (QEMU keeps a paused guest paused when the gdbstub client goes); its CR3. The shell
     command that ran utarget answers in `nursery` once the guest runs again."""
-    address = _link_address(_copy("utarget"), "utarget")  # static, not PIE: the link address
+    address = _link_address(uprog_copy("utarget"), "utarget")  # static, not PIE: the link address
     client = await RSPClient.connect(guest.target)
     target = Target(client, SymbolStore())
     await target.attach()
     assert await client.request(b"Z0,%x,1" % address) == b"OK"
     await client.resume(b"c")
-    nursery.start_soon(_shell, guest, "utarget 1")  # stopped at utarget(): it answers when the guest runs
+    nursery.start_soon(shell, guest, "utarget 1")  # stopped at utarget(): it answers when the guest runs
     with trio.fail_after(60):
         await client.wait_stop()
     assert await client.request(b"z0,%x,1" % address) == b"OK"
@@ -185,7 +164,7 @@ async def test_kernel_probe_in_the_entry_code_still_on_the_user_pgd(kpti_guest):
         entry = await engine.add_probe("entry_SYSCALL_64+3", pre=fields, condition='comm == "kpti-sys"')
         syscall = await engine.add_probe("do_syscall_64", pre=fields, condition='comm == "kpti-sys"')
         with engine.hub.subscribe() as sub:
-            pid = int(await _shell(kpti_guest, "cp /bin/utarget /tmp/kpti-sys; /tmp/kpti-sys 1 & p=$!; wait; echo $p"))
+            pid = int(await shell(kpti_guest, "cp /bin/utarget /tmp/kpti-sys; /tmp/kpti-sys 1 & p=$!; wait; echo $p"))
             await engine.call_stopped(lambda: trio.sleep(0))
             records = []
             while True:
@@ -205,12 +184,12 @@ async def test_user_return_probes_with_kpti(kpti_guest):
     # The task read at the entry and at the return (the per-CPU `current`) goes through the kernel's PGD;
     # the address space is the kernel PGD of the pair, as for entry probes.
     async with attach(kpti_guest.target, symbols=[str(kpti_guest.kallsyms)]) as engine:
-        probe = await engine.add_probe("/bin/utarget:utarget", file_copy=_copy("utarget"), retprobe=True,
+        probe = await engine.add_probe("/bin/utarget:utarget", file_copy=uprog_copy("utarget"), retprobe=True,
                                        pre=["$comm", "$tid", "a=$arg1:s64", "ret=$retval:s64"])
         with engine.hub.subscribe(probe.id) as sub:
-            await _shell(kpti_guest, "utarget 3 & ucopy 3 & utarget 2 & wait")
-            records = await _take(sub, 5)
-            await _none_left(engine, sub)
+            await shell(kpti_guest, "utarget 3 & ucopy 3 & utarget 2 & wait")
+            records = await take(sub, 5)
+            await none_left(engine, sub)
         assert engine.stats()["return_instances"] == 0 and engine.stats()["user"]["return_addresses"] == 0
     by_tid: dict[int, list[tuple[int, int]]] = {}
     for r in records:

@@ -24,6 +24,7 @@ from probed.guest.linux.reboot import RESET_VECTOR
 from probed.testing.qemu import CACHE
 from tests.linux.conftest_linux import boot_linux_guest
 from tests.linux.kallsyms import read_symbols
+from tests.linux.probing import drain
 from tests.linux.uprogs import uprog_path
 
 pytestmark = [pytest.mark.linux, pytest.mark.time_limit(300)]
@@ -44,15 +45,6 @@ def rebooting_guest(tmp_path_factory):
 
 def _live(guest) -> dict[str, int]:
     return read_symbols(guest.kallsyms)
-
-
-def _drain(sub) -> list[dict]:
-    records = []
-    while True:
-        try:
-            records.append(sub.receive_nowait())
-        except trio.WouldBlock:
-            return records
 
 
 def test_a_boot_is_told_by_any_of_its_values():
@@ -176,7 +168,7 @@ async def test_reboot_in_place_and_qemu_restarted_probes_follow_the_kernel(reboo
             after_restart = await _runs(sub, 2, seen)
             _check_runs(after_restart, third, banner)
             await _user_calls(engine, guest, user, usub)
-            seen += _drain(sub)
+            seen += drain(sub)
             # 3. A reboot into another build (what the engine read of this build's banner made another's):
             # found as soon as the new kernel is mapped; the probes stay, unarmed, and status says why.
             engine.linux.banner = b"Linux version 6.1.0-other (someone@elsewhere) #1 SMP\0"

@@ -12,13 +12,11 @@ utarget(100 * t + i, i * i).
 from __future__ import annotations
 
 import pytest
-import trio
 
 from probed.api import attach
 from probed.errors import BadSpec, FetchSyntaxError
 from probed.guest.userfile import UserElf
-from probed.testing.qemu import CACHE
-from tests.linux.uprogs import uprog_path
+from tests.linux.probing import by_pid, none_left, shell, take, uprog_copy
 
 pytestmark = pytest.mark.linux
 
@@ -31,10 +29,6 @@ def linux_guest(own_linux_guest):
     return own_linux_guest
 
 
-def _copy(name: str) -> str:
-    return str(uprog_path(CACHE / "linux", name))
-
-
 def _sums(n: int) -> list[dict]:
     return [{"a": i, "b": i * i, "ret": i + i * i} for i in range(1, n + 1)]
 
@@ -44,51 +38,28 @@ def _depth_returns(n: int) -> list[tuple[int, int]]:
     return [(k, k * (k + 1) // 2) for i in range(1, n + 1) for k in range(i + 1)]
 
 
-async def _shell(guest, command: str) -> str:
-    return await trio.to_thread.run_sync(guest.shell, command)
-
-
-async def _take(sub, count: int) -> list[dict]:
-    with trio.fail_after(90):
-        return [await sub.receive() for _ in range(count)]
-
-
-async def _none_left(engine, sub) -> None:
-    """Nothing more was published: a request of ours round-trips through the engine first."""
-    await engine.call_stopped(lambda: trio.sleep(0))
-    with pytest.raises(trio.WouldBlock):
-        sub.receive_nowait()
-
-
-def _by_pid(records: list[dict]) -> dict[int, list[dict]]:
-    out: dict[int, list[dict]] = {}
-    for rec in records:
-        out.setdefault(rec["pre"]["pid"], []).append(rec)
-    return out
-
-
 async def test_returns_in_several_processes_with_their_entry_args(linux_guest):
     async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
-        static = await engine.add_probe("/bin/utarget:utarget", file_copy=_copy("utarget"), retprobe=True,
+        static = await engine.add_probe("/bin/utarget:utarget", file_copy=uprog_copy("utarget"), retprobe=True,
                                         pre=RET_ARGS)
-        pie = await engine.add_probe("/bin/utarget-pie:utarget", file_copy=_copy("utarget-pie"), retprobe=True,
+        pie = await engine.add_probe("/bin/utarget-pie:utarget", file_copy=uprog_copy("utarget-pie"), retprobe=True,
                                      pre=RET_ARGS)
-        length = await engine.add_probe("/bin/utarget:uname_len", file_copy=_copy("utarget"), retprobe=True,
+        length = await engine.add_probe("/bin/utarget:uname_len", file_copy=uprog_copy("utarget"), retprobe=True,
                                         pre=["$pid", "s=$arg1:ustring", "len=$retval:s64"])
         with engine.hub.subscribe() as sub:
-            await _shell(linux_guest, "utarget 3 & utarget-pie 3 & ucopy 3 & utarget 2 & wait")
-            records = await _take(sub, (3 + 2) * 2 + 3)
-            await _none_left(engine, sub)
+            await shell(linux_guest, "utarget 3 & utarget-pie 3 & ucopy 3 & utarget 2 & wait")
+            records = await take(sub, (3 + 2) * 2 + 3)
+            await none_left(engine, sub)
         stats = engine.stats()
         for probe in (static, pie, length):
             await engine.remove_probe(probe.id)
         assert engine.stats()["breakpoints"] == 0
     assert {r["kind"] for r in records} == {"return"}
-    static_runs = _by_pid([r for r in records if r["probe"] == static.id])
-    pie_runs = _by_pid([r for r in records if r["probe"] == pie.id])
+    static_runs = by_pid([r for r in records if r["probe"] == static.id])
+    pie_runs = by_pid([r for r in records if r["probe"] == pie.id])
     assert sorted(len(r) for r in static_runs.values()) == [2, 3] and len(pie_runs) == 1
-    for runs, comm, elf in ((static_runs, "utarget", UserElf(_copy("utarget"))),
-                            (pie_runs, "utarget-pie", UserElf(_copy("utarget-pie")))):
+    for runs, comm, elf in ((static_runs, "utarget", UserElf(uprog_copy("utarget"))),
+                            (pie_runs, "utarget-pie", UserElf(uprog_copy("utarget-pie")))):
         for pid, recs in runs.items():
             assert [{k: r["pre"][k] for k in ("a", "b", "ret")} for r in recs] == _sums(len(recs))
             assert {(r["pre"]["comm"], r["pre"]["tid"]) for r in recs} == {(comm, pid)}
@@ -103,7 +74,7 @@ async def test_returns_in_several_processes_with_their_entry_args(linux_guest):
             assert func % 4096 == elf.resolve("utarget") % 4096
             assert all(int(r["pc"], 16) != func for r in recs)
     assert (int(next(iter(pie_runs.values()))[0]["func"], 16)) >= 1 << 40
-    lengths = _by_pid([r for r in records if r["probe"] == length.id])
+    lengths = by_pid([r for r in records if r["probe"] == length.id])
     assert set(lengths) == set(static_runs)
     for recs in lengths.values():
         assert [(r["pre"]["s"], r["pre"]["len"]) for r in recs] == [("utarget", 7)] * len(recs)
@@ -113,14 +84,14 @@ async def test_returns_in_several_processes_with_their_entry_args(linux_guest):
 
 async def test_a_copy_running_through_an_armed_return_address_passes_silently(linux_guest):
     async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
-        probe = await engine.add_probe("/bin/utarget:utarget", file_copy=_copy("utarget"), retprobe=True,
+        probe = await engine.add_probe("/bin/utarget:utarget", file_copy=uprog_copy("utarget"), retprobe=True,
                                        pre=RET_ARGS)
         with engine.hub.subscribe(probe.id) as sub:
             # utarget returns through main's call site (armed, and kept armed while utarget lives), holds,
             # and ucopy (the same bytes at the same addresses) runs there four times; then utarget again.
-            await _shell(linux_guest, "utarget 3 twice | { read pid; ucopy 4; kill -USR1 $pid; }")
-            records = await _take(sub, 6)
-            await _none_left(engine, sub)
+            await shell(linux_guest, "utarget 3 twice | { read pid; ucopy 4; kill -USR1 $pid; }")
+            records = await take(sub, 6)
+            await none_left(engine, sub)
         user = engine.stats()["user"]
         assert user["silent_returns"] == 4 and user["silent_stops"] == 4  # ucopy's 4 returns, 4 entries
         assert user["return_addresses"] == 0 and engine.stats()["return_instances"] == 0
@@ -133,14 +104,14 @@ async def test_threads_of_one_process_each_get_their_own_returns(linux_guest):
         return {"n": ctx.entry.regs["rdi"], "sum": ctx.retval, "sp_ok": ctx.regs["rsp"] == ctx.entry.sp + 8}
 
     async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
-        sums = await engine.add_probe("/bin/utarget:utarget", file_copy=_copy("utarget"), retprobe=True,
+        sums = await engine.add_probe("/bin/utarget:utarget", file_copy=uprog_copy("utarget"), retprobe=True,
                                       pre=RET_ARGS)
-        depth = await engine.add_probe("/bin/utarget:udepth", file_copy=_copy("utarget"), retprobe=True,
+        depth = await engine.add_probe("/bin/utarget:udepth", file_copy=uprog_copy("utarget"), retprobe=True,
                                        pre=handler)
         with engine.hub.subscribe() as sub:
-            await _shell(linux_guest, "utarget 3 threads")
-            records = await _take(sub, 2 * (3 + len(_depth_returns(3))))
-            await _none_left(engine, sub)
+            await shell(linux_guest, "utarget 3 threads")
+            records = await take(sub, 2 * (3 + len(_depth_returns(3))))
+            await none_left(engine, sub)
         assert engine.stats()["reaped"] == 0 and engine.stats()["return_instances"] == 0
     by_tid: dict[int, list[dict]] = {}
     for r in records:
@@ -160,18 +131,18 @@ async def test_threads_of_one_process_each_get_their_own_returns(linux_guest):
 
 async def test_recursion_with_an_entry_probe_on_the_same_function(linux_guest):
     async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
-        entry = await engine.add_probe("/bin/utarget-pie:udepth", file_copy=_copy("utarget-pie"),
+        entry = await engine.add_probe("/bin/utarget-pie:udepth", file_copy=uprog_copy("utarget-pie"),
                                        pre=["$pid", "n=$arg1:s64"])
-        ret = await engine.add_probe("/bin/utarget-pie:udepth", file_copy=_copy("utarget-pie"), retprobe=True,
+        ret = await engine.add_probe("/bin/utarget-pie:udepth", file_copy=uprog_copy("utarget-pie"), retprobe=True,
                                      pre=["$pid", "n=$arg1:s64", "sum=$retval:s64"])
         calls = len(_depth_returns(3))
         with engine.hub.subscribe() as sub:
-            await _shell(linux_guest, "utarget-pie 3 & utarget-pie 3 & wait")
-            records = await _take(sub, 4 * calls)
-            await _none_left(engine, sub)
+            await shell(linux_guest, "utarget-pie 3 & utarget-pie 3 & wait")
+            records = await take(sub, 4 * calls)
+            await none_left(engine, sub)
         assert engine.stats()["return_instances"] == 0 and engine.stats()["reaped"] == 0
-    entries = _by_pid([r for r in records if r["probe"] == entry.id])
-    returns = _by_pid([r for r in records if r["probe"] == ret.id])
+    entries = by_pid([r for r in records if r["probe"] == entry.id])
+    returns = by_pid([r for r in records if r["probe"] == ret.id])
     assert len(returns) == 2 and set(entries) == set(returns)
     for pid, recs in returns.items():
         assert [(r["pre"]["n"], r["pre"]["sum"]) for r in recs] == _depth_returns(3)
@@ -182,15 +153,15 @@ async def test_recursion_with_an_entry_probe_on_the_same_function(linux_guest):
 
 async def test_a_process_killed_inside_a_probed_call_leaves_nothing_behind(linux_guest):
     async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
-        main = await engine.add_probe("/bin/utarget:main", file_copy=_copy("utarget"), retprobe=True,
+        main = await engine.add_probe("/bin/utarget:main", file_copy=uprog_copy("utarget"), retprobe=True,
                                       pre=["$pid", "ret=$retval:s32"])
         with engine.hub.subscribe(main.id) as sub:
             # main is in flight (waiting for SIGUSR1) when the process is killed: it never returns.
-            out = await _shell(linux_guest, "utarget 1 hold | { read pid; kill -KILL $pid; echo $pid; }")
+            out = await shell(linux_guest, "utarget 1 hold | { read pid; kill -KILL $pid; echo $pid; }")
             (pid,) = [int(w) for w in out.split() if w.isdigit()]  # (and the shell says "Killed")
-            await _shell(linux_guest, "utarget 1")  # and one that returns
-            (record,) = await _take(sub, 1)
-            await _none_left(engine, sub)
+            await shell(linux_guest, "utarget 1")  # and one that returns
+            (record,) = await take(sub, 1)
+            await none_left(engine, sub)
         stats = engine.stats()
         assert stats["return_instances"] == 0 and stats["reaped"] == 1
         assert stats["user"]["return_addresses"] == 0 and stats["return_points"] == 0
@@ -202,16 +173,16 @@ async def test_a_process_killed_inside_a_probed_call_leaves_nothing_behind(linux
 async def test_bad_user_return_specs(linux_guest):
     async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
         with pytest.raises(BadSpec, match="entry"):
-            await engine.add_probe("/bin/utarget:utarget+0x4", file_copy=_copy("utarget"), retprobe=True)
+            await engine.add_probe("/bin/utarget:utarget+0x4", file_copy=uprog_copy("utarget"), retprobe=True)
         with pytest.raises(BadSpec, match="post-handler"):
-            await engine.add_probe("/bin/utarget:utarget", file_copy=_copy("utarget"), retprobe=True, post=[])
+            await engine.add_probe("/bin/utarget:utarget", file_copy=uprog_copy("utarget"), retprobe=True, post=[])
         with pytest.raises(BadSpec, match="maxactive"):
-            await engine.add_probe("/bin/utarget:utarget", file_copy=_copy("utarget"), retprobe=True,
+            await engine.add_probe("/bin/utarget:utarget", file_copy=uprog_copy("utarget"), retprobe=True,
                                    maxactive=5000)
         with pytest.raises(BadSpec, match="maxactive is for return probes"):
-            await engine.add_probe("/bin/utarget:utarget", file_copy=_copy("utarget"), maxactive=3)
+            await engine.add_probe("/bin/utarget:utarget", file_copy=uprog_copy("utarget"), maxactive=3)
         with pytest.raises(FetchSyntaxError, match="only for return probes"):
-            await engine.add_probe("/bin/utarget:utarget", file_copy=_copy("utarget"), pre=["$retval"])
+            await engine.add_probe("/bin/utarget:utarget", file_copy=uprog_copy("utarget"), pre=["$retval"])
         assert engine.probes() == [] and engine.stats()["breakpoints"] == 0
 
 
@@ -219,7 +190,7 @@ async def test_uprobe_events_return_lines_load_fire_and_save_back(linux_guest):
     from probed.front.kprobe_events import parse_text
     from probed.front.probe_files import apply_lines, save_text
 
-    elf = UserElf(_copy("utarget"))
+    elf = UserElf(uprog_copy("utarget"))
     lines = [f"r:uprobes/sum_ret /bin/utarget:{elf.resolve('utarget'):#x} a=$arg1:s64 ret=$retval:s64",
              f"p:uprobes/len_ret /bin/utarget:{elf.resolve('uname_len'):#x}%return len=$retval:s64"]
     async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
@@ -227,9 +198,9 @@ async def test_uprobe_events_return_lines_load_fire_and_save_back(linux_guest):
         added = await apply_lines(engine, parse_text("\n".join(lines)), groups)
         assert [p["name"] for p in added["added"]] == ["sum_ret", "len_ret"]
         with engine.hub.subscribe() as sub:
-            await _shell(linux_guest, "utarget 2")
-            records = await _take(sub, 4)
-            await _none_left(engine, sub)
+            await shell(linux_guest, "utarget 2")
+            records = await take(sub, 4)
+            await none_left(engine, sub)
         saved = save_text(engine.probes(), groups)
     assert [(r["name"], r["pre"]) for r in records] == [
         ("sum_ret", {"a": 1, "ret": 2}), ("len_ret", {"len": 7}), ("sum_ret", {"a": 2, "ret": 6}), ("len_ret", {"len": 7})
@@ -241,12 +212,12 @@ async def test_returns_in_a_32bit_process_by_the_i386_abi(linux_guest):
     # utarget32 (static i386, cdecl: the return address and every argument on the stack, 4 bytes each)
     # calls utarget32(i, i * i, -i), which returns i * i.
     async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
-        probe = await engine.add_probe("/bin/utarget32:utarget32", file_copy=_copy("utarget32"), retprobe=True,
+        probe = await engine.add_probe("/bin/utarget32:utarget32", file_copy=uprog_copy("utarget32"), retprobe=True,
                                        pre=["$comm", "a=$arg1:s32", "b=$arg2:s32", "c=$arg3:s32", "ret=$retval:s32"])
         with engine.hub.subscribe(probe.id) as sub:
-            await _shell(linux_guest, "utarget32 3")
-            records = await _take(sub, 3)
-            await _none_left(engine, sub)
+            await shell(linux_guest, "utarget32 3")
+            records = await take(sub, 3)
+            await none_left(engine, sub)
         assert engine.stats()["return_instances"] == 0
     assert [r["pre"] for r in records] == [{"comm": "utarget32", "a": i, "b": i * i, "c": -i, "ret": i * i}
                                            for i in (1, 2, 3)]

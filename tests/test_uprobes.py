@@ -9,12 +9,10 @@ The programs (tests/linux/uprogs/utarget.c) call utarget(i, i * i) and uname_len
 from __future__ import annotations
 
 import pytest
-import trio
 
 from probed.api import attach
 from probed.errors import BadSpec, UnknownSymbol
-from probed.testing.qemu import CACHE
-from tests.linux.uprogs import uprog_path
+from tests.linux.probing import by_pid, none_left, shell, take, uprog_copy
 
 pytestmark = pytest.mark.linux
 
@@ -28,52 +26,25 @@ def linux_guest(own_linux_guest):
     return own_linux_guest
 
 
-def _copy(name: str) -> str:
-    return str(uprog_path(CACHE / "linux", name))
-
-
 def _calls(n: int) -> list[tuple[int, int]]:
     return [(i, i * i) for i in range(1, n + 1)]
 
 
-async def _shell(guest, command: str) -> str:
-    return await trio.to_thread.run_sync(guest.shell, command)
-
-
-async def _take(sub, count: int) -> list[dict]:
-    with trio.fail_after(60):
-        return [await sub.receive() for _ in range(count)]
-
-
-async def _none_left(engine, sub) -> None:
-    """Nothing more was published: a probe of ours round-trips through the engine first."""
-    await engine.call_stopped(lambda: trio.sleep(0))
-    with pytest.raises(trio.WouldBlock):
-        sub.receive_nowait()
-
-
-def _by_pid(records: list[dict]) -> dict[int, list[dict]]:
-    out: dict[int, list[dict]] = {}
-    for rec in records:
-        out.setdefault(rec["pre"]["pid"], []).append(rec)
-    return out
-
-
 async def test_static_pie_and_copy_at_once(linux_guest):
     async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
-        static = await engine.add_probe("/bin/utarget:utarget", file_copy=_copy("utarget"), pre=ARGS)
-        pie = await engine.add_probe("/bin/utarget-pie:utarget", file_copy=_copy("utarget-pie"), pre=ARGS)
+        static = await engine.add_probe("/bin/utarget:utarget", file_copy=uprog_copy("utarget"), pre=ARGS)
+        pie = await engine.add_probe("/bin/utarget-pie:utarget", file_copy=uprog_copy("utarget-pie"), pre=ARGS)
         assert engine.uprobes.stats()["addresses"] == 0  # nothing maps them yet: only the kernel hooks are set
         with engine.hub.subscribe() as sub:
-            await _shell(linux_guest, "utarget 3 & utarget-pie 3 & ucopy 3 & utarget 2 & wait")
-            records = await _take(sub, 3 + 3 + 2)
-            await _none_left(engine, sub)
+            await shell(linux_guest, "utarget 3 & utarget-pie 3 & ucopy 3 & utarget 2 & wait")
+            records = await take(sub, 3 + 3 + 2)
+            await none_left(engine, sub)
         stats = engine.uprobes.stats()
         await engine.remove_probe(static.id)
         await engine.remove_probe(pie.id)
         assert engine.stats()["breakpoints"] == 0  # the kernel hooks went with the last user probe
-    static_runs = _by_pid([r for r in records if r["probe"] == static.id])
-    pie_runs = _by_pid([r for r in records if r["probe"] == pie.id])
+    static_runs = by_pid([r for r in records if r["probe"] == static.id])
+    pie_runs = by_pid([r for r in records if r["probe"] == pie.id])
     assert sorted(len(r) for r in static_runs.values()) == [2, 3] and len(pie_runs) == 1
     for runs, comm in ((static_runs, "utarget"), (pie_runs, "utarget-pie")):
         for pid, recs in runs.items():
@@ -87,12 +58,12 @@ async def test_static_pie_and_copy_at_once(linux_guest):
 
 async def test_copy_running_at_the_probed_address_never_fires(linux_guest):
     async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
-        probe = await engine.add_probe("/bin/utarget:utarget", file_copy=_copy("utarget"), pre=ARGS)
+        probe = await engine.add_probe("/bin/utarget:utarget", file_copy=uprog_copy("utarget"), pre=ARGS)
         with engine.hub.subscribe(probe.id) as sub:
             # utarget holds its mapping (the breakpoint armed) while ucopy, the same bytes, runs there.
-            await _shell(linux_guest, "utarget 3 hold | { read pid; ucopy 4; kill -USR1 $pid; }")
-            records = await _take(sub, 3)
-            await _none_left(engine, sub)
+            await shell(linux_guest, "utarget 3 hold | { read pid; ucopy 4; kill -USR1 $pid; }")
+            records = await take(sub, 3)
+            await none_left(engine, sub)
         assert engine.uprobes.silent == 4  # ucopy stopped at the very address four times, silently
         assert [(r["pre"]["comm"], r["pre"]["a"], r["pre"]["b"]) for r in records] == \
             [("utarget", a, b) for a, b in _calls(3)]
@@ -101,44 +72,44 @@ async def test_copy_running_at_the_probed_address_never_fires(linux_guest):
 async def test_a_process_running_before_the_probe_is_found_in_its_vmas(linux_guest):
     # The held process maps utarget-pie (at a random base) before the probe exists: adding the probe reads
     # every process's VMAs (the mm's maple tree) and arms the address this one mapped.
-    pid = int(await _shell(linux_guest, "rm -f /tmp/uf; mkfifo /tmp/uf; (utarget-pie 3 hold > /tmp/uf &); "
+    pid = int(await shell(linux_guest, "rm -f /tmp/uf; mkfifo /tmp/uf; (utarget-pie 3 hold > /tmp/uf &); "
                                         "read pid < /tmp/uf; echo $pid"))
     async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
-        probe = await engine.add_probe("/bin/utarget-pie:utarget", file_copy=_copy("utarget-pie"), pre=ARGS)
+        probe = await engine.add_probe("/bin/utarget-pie:utarget", file_copy=uprog_copy("utarget-pie"), pre=ARGS)
         assert engine.uprobes.stats()["addresses"] == 1
         with engine.hub.subscribe(probe.id) as sub:
-            await _shell(linux_guest, f"kill -USR1 {pid}")
-            records = await _take(sub, 3)
+            await shell(linux_guest, f"kill -USR1 {pid}")
+            records = await take(sub, 3)
     assert [r["pre"] for r in records] == [{"comm": "utarget-pie", "pid": pid, "a": a, "b": b} for a, b in _calls(3)]
 
 
 async def test_program_removed_while_it_runs(linux_guest):
     async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
-        await _shell(linux_guest, "cp /bin/utarget /tmp/ut")
-        probe = await engine.add_probe("/tmp/ut:utarget", file_copy=_copy("utarget"), pre=ARGS)
+        await shell(linux_guest, "cp /bin/utarget /tmp/ut")
+        probe = await engine.add_probe("/tmp/ut:utarget", file_copy=uprog_copy("utarget"), pre=ARGS)
         with engine.hub.subscribe(probe.id) as sub:
             # The held process runs after its file is gone; a new file at the same path is another inode.
-            await _shell(linux_guest, "/tmp/ut 3 hold | { read pid; rm /tmp/ut; cp /bin/utarget /tmp/ut; "
+            await shell(linux_guest, "/tmp/ut 3 hold | { read pid; rm /tmp/ut; cp /bin/utarget /tmp/ut; "
                                       "/tmp/ut 2; kill -USR1 $pid; }; rm /tmp/ut")
-            records = await _take(sub, 3)
-            await _none_left(engine, sub)
+            records = await take(sub, 3)
+            await none_left(engine, sub)
         assert [(r["pre"]["comm"], r["pre"]["a"], r["pre"]["b"]) for r in records] == \
             [("ut", a, b) for a, b in _calls(3)]
         assert engine.uprobes.stats()["addresses"] == 0
 
 
 async def test_two_probes_in_one_file_by_offset_and_symbol_and_the_double_stop(linux_guest):
-    elf_offset = _elf_offsets(_copy("utarget"))
+    elf_offset = _elf_offsets(uprog_copy("utarget"))
     async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
         # _start is the first instruction run: its page is not present yet, so it stops twice for one run.
-        start = await engine.add_probe("/bin/utarget:_start", file_copy=_copy("utarget"), pre=["$comm"])
+        start = await engine.add_probe("/bin/utarget:_start", file_copy=uprog_copy("utarget"), pre=["$comm"])
         name = await engine.add_probe(f"/bin/utarget:{elf_offset['uname_len']:#x}",
                                       pre=["$comm", "s=$arg1:ustring", "p=+0($arg1):u8"])
         with engine.hub.subscribe() as sub:
             silent = engine.uprobes.silent
-            await _shell(linux_guest, "utarget 2")
-            records = await _take(sub, 3)
-            await _none_left(engine, sub)
+            await shell(linux_guest, "utarget 2")
+            records = await take(sub, 3)
+            await none_left(engine, sub)
         assert engine.uprobes.silent - silent == 1
     assert [(r["probe"], r["pre"]) for r in records] == [
         (start.id, {"comm": "utarget"}),
@@ -151,7 +122,7 @@ async def test_two_probes_in_one_file_by_offset_and_symbol_and_the_double_stop(l
 async def test_bad_user_specs(linux_guest):
     async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
         with pytest.raises(UnknownSymbol) as err:
-            await engine.add_probe("/bin/utarget:utargt", file_copy=_copy("utarget"))
+            await engine.add_probe("/bin/utarget:utargt", file_copy=uprog_copy("utarget"))
         assert "utarget" in err.value.suggestions
         with pytest.raises(BadSpec, match="--file-copy"):
             await engine.add_probe("/bin/utarget:utarget")

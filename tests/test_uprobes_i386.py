@@ -9,34 +9,13 @@ module's own, so no process other tests left in the session's guest runs it.
 from __future__ import annotations
 
 import pytest
-import trio
 from capstone import CS_ARCH_X86, CS_MODE_32, Cs
 
 from probed.api import attach
 from probed.guest.userfile import UserElf
-from probed.testing.qemu import CACHE
-from tests.linux.uprogs import uprog_path
+from tests.linux.probing import none_left, shell, take, uprog_copy
 
 pytestmark = pytest.mark.linux
-
-
-def _copy(name: str) -> str:
-    return str(uprog_path(CACHE / "linux", name))
-
-
-async def _shell(guest, command: str) -> str:
-    return await trio.to_thread.run_sync(guest.shell, command)
-
-
-async def _take(sub, count: int) -> list[dict]:
-    with trio.fail_after(60):
-        return [await sub.receive() for _ in range(count)]
-
-
-async def _none_left(engine, sub) -> None:
-    await engine.call_stopped(lambda: trio.sleep(0))
-    with pytest.raises(trio.WouldBlock):
-        sub.receive_nowait()
 
 
 def _functions(path: str) -> dict[str, tuple[int, int]]:
@@ -55,26 +34,26 @@ async def _ret_offset(elf: UserElf, symbol: str) -> int:
 
 
 async def test_i386_abi_in_32bit_processes_beside_a_64bit_one(linux_guest):
-    copy32 = UserElf(_copy("utarget32"))
+    copy32 = UserElf(uprog_copy("utarget32"))
     assert copy32.arch_name == "i386"
-    functions = _functions(_copy("utarget32"))
+    functions = _functions(uprog_copy("utarget32"))
     ret = await _ret_offset(copy32, "utarget32")
     async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
-        await _shell(linux_guest, "cp /bin/utarget /tmp/ui64")
+        await shell(linux_guest, "cp /bin/utarget /tmp/ui64")
         entry = await engine.add_probe(
-            "/bin/utarget32:utarget32", file_copy=_copy("utarget32"),
+            "/bin/utarget32:utarget32", file_copy=uprog_copy("utarget32"),
             pre=["$comm", "$pid", "a=$arg1:s32", "b=$arg2:s32", "c=$arg3:s32", "x=$arg3", "ra=+0(%sp):u32"])
         # By offset from the symbol: checked to start an instruction by decoding the copy as i386 code.
-        sums = await engine.add_probe(f"/bin/utarget32:utarget32+{ret:#x}", file_copy=_copy("utarget32"),
+        sums = await engine.add_probe(f"/bin/utarget32:utarget32+{ret:#x}", file_copy=uprog_copy("utarget32"),
                                       pre=["$pid", "sum=%ax:s32", "ip=%ip:u64"])
-        names = await engine.add_probe("/bin/utarget32:uname32", file_copy=_copy("utarget32"),
+        names = await engine.add_probe("/bin/utarget32:uname32", file_copy=uprog_copy("utarget32"),
                                        pre=["$pid", "s=$arg1:ustring", "first=+0($arg1):u8"])
-        wide = await engine.add_probe("/tmp/ui64:utarget", file_copy=_copy("utarget"),
+        wide = await engine.add_probe("/tmp/ui64:utarget", file_copy=uprog_copy("utarget"),
                                       pre=["$comm", "$pid", "a=$arg1:s64", "b=$arg2:s64"])
         with engine.hub.subscribe() as sub:
-            await _shell(linux_guest, "utarget32 3 & /tmp/ui64 2 & utarget32 2 & wait; rm /tmp/ui64")
-            records = await _take(sub, 3 * (3 + 2) + 2)
-            await _none_left(engine, sub)
+            await shell(linux_guest, "utarget32 3 & /tmp/ui64 2 & utarget32 2 & wait; rm /tmp/ui64")
+            records = await take(sub, 3 * (3 + 2) + 2)
+            await none_left(engine, sub)
         assert engine.uprobes.stats()["addresses"] == 0
     by_pid: dict[int, list[tuple]] = {}
     for r in records:
