@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from probed.engine.probes import Probe
-from probed.engine.returns import default_maxactive
+from probed.engine.returns import checked_maxactive, default_maxactive
 from probed.engine.state import Guest
 from probed.errors import BadSpec, NotFound, TargetError
 from probed.guest.insn import verify_boundary
@@ -19,10 +19,7 @@ from probed.lang.handlers import Handler, make_handlers
 if TYPE_CHECKING:
     from probed.engine.engine import Engine
 
-__all__ = ["MAXACTIVE_MAX", "ProbeChanges"]
-
-MAXACTIVE_MAX = 4096
-"""The largest `maxactive` (as kretprobes' KRETPROBE_MAXACTIVE_MAX)."""
+__all__ = ["ProbeChanges"]
 
 
 class ProbeChanges:
@@ -100,16 +97,8 @@ class ProbeChanges:
         location, pending = self._resolve_or_pending(spec)
         if pending and hw:
             raise BadSpec(spec, "a hardware probe needs its module loaded (its slot is taken when it is set)")
-        if retprobe:
-            if location.offset:
-                raise BadSpec(spec, "a return probe goes on a function's entry, without an offset")
-            if post is not None:
-                raise BadSpec(spec, "a return probe has no post-handler: its handler runs at the return")
-            if not 0 <= maxactive <= MAXACTIVE_MAX:
-                raise BadSpec(spec, f"maxactive must be 0..{MAXACTIVE_MAX}, not {maxactive}")
-            maxactive = maxactive or default_maxactive(len(engine.target.threads))
-        elif maxactive:
-            raise BadSpec(spec, "maxactive is for return probes (retprobe=True, probectl add -r)")
+        maxactive = checked_maxactive(spec, retprobe=retprobe, offset=location.offset, post=post, maxactive=maxactive,
+                                      default=default_maxactive(len(engine.target.threads)))
         pre_h, post_h = await make_handlers([pre, post], engine.arch, engine.symbols, function=location.symbol,
                                             offset=location.offset, load_types=engine.kernel_types,
                                             retprobe=retprobe)

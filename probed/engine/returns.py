@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from probed.engine.hits import Hit, cpu_of
 from probed.engine.probes import Probe
+from probed.errors import BadSpec
 from probed.lang.compat import CompatProgram, compat_arch, is_compat
 from probed.lang.context import HitContext, RegisterView
 from probed.lang.program import FetchProgram
@@ -51,7 +52,16 @@ from rsp.stop import ThreadId
 if TYPE_CHECKING:
     from probed.engine.engine import Engine
 
-__all__ = ["EntryContext", "ReturnProbes", "IDLE_RETURN_POINTS", "STACK_REGION_BITS", "UserTask", "default_maxactive"]
+__all__ = [
+    "EntryContext",
+    "IDLE_RETURN_POINTS",
+    "MAXACTIVE_MAX",
+    "STACK_REGION_BITS",
+    "ReturnProbes",
+    "UserTask",
+    "checked_maxactive",
+    "default_maxactive",
+]
 
 log = logging.getLogger("probed.engine.engine")
 
@@ -66,9 +76,34 @@ UserTask = tuple[str, int, int]
 """A user-space task as return probes key it: ("user", page-table root, task_struct address)."""
 
 
+MAXACTIVE_MAX = 4096
+"""The largest `maxactive` (as kretprobes' KRETPROBE_MAXACTIVE_MAX)."""
+
+
 def default_maxactive(cpus: int) -> int:
     """kretprobe's default when maxactive is 0: max(10, 2 * CPUs)."""
     return max(10, 2 * cpus)
+
+
+def checked_maxactive(spec: str, *, retprobe: bool, offset: int, post: Any, maxactive: int, default: int) -> int:
+    """A probe's `maxactive` (`default` for a return probe's 0), once its return-probe options are checked:
+    a return probe goes on a function's entry, has no post-handler and at most `MAXACTIVE_MAX`; another
+    probe has no `maxactive`. Kernel and user probes alike.
+
+    Raises:
+        BadSpec: what is wrong, with the spec.
+    """
+    if not retprobe:
+        if maxactive:
+            raise BadSpec(spec, "maxactive is for return probes (retprobe=True, probectl add -r)")
+        return maxactive
+    if offset:
+        raise BadSpec(spec, "a return probe goes on a function's entry, without an offset")
+    if post is not None:
+        raise BadSpec(spec, "a return probe has no post-handler: its handler runs at the return")
+    if not 0 <= maxactive <= MAXACTIVE_MAX:
+        raise BadSpec(spec, f"maxactive must be 0..{MAXACTIVE_MAX}, not {maxactive}")
+    return maxactive or default
 
 
 @dataclass(eq=False)

@@ -130,23 +130,15 @@ class UserProbes:
         Raises:
             BadSpec, UnknownSymbol, Unsupported, FetchSyntaxError, TargetError.
         """
-        from probed.engine.probe_changes import MAXACTIVE_MAX
         from probed.engine.probes import Probe
+        from probed.engine.returns import checked_maxactive
         from probed.guest.symbols import Location
         from probed.lang.handlers import make_handlers
 
         engine = self.engine
         parsed = parse_user_spec(spec)
-        if ret:
-            if parsed.symbol_offset:
-                raise BadSpec(spec, "a return probe goes on a function's entry, without an offset")
-            if post is not None:
-                raise BadSpec(spec, "a return probe has no post-handler: its handler runs at the return")
-            if not 0 <= maxactive <= MAXACTIVE_MAX:
-                raise BadSpec(spec, f"maxactive must be 0..{MAXACTIVE_MAX}, not {maxactive}")
-            maxactive = maxactive or USER_MAXACTIVE
-        elif maxactive:
-            raise BadSpec(spec, "maxactive is for return probes (retprobe=True, probectl add -r)")
+        maxactive = checked_maxactive(spec, retprobe=ret, offset=parsed.symbol_offset, post=post, maxactive=maxactive,
+                                      default=USER_MAXACTIVE)
         if file_copy is None and engine.sysroot is not None:
             candidate = Path(engine.sysroot) / parsed.path.lstrip("/")
             file_copy = str(candidate) if candidate.is_file() else None

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from probed.engine.returns import MAXACTIVE_MAX
 from probed.errors import ProbedError
 
 __all__ = ["EventLine", "EventsFileError", "default_event_name", "parse_line", "parse_text", "split_return"]
@@ -28,7 +29,6 @@ __all__ = ["EventLine", "EventsFileError", "default_event_name", "parse_line", "
 KPROBE_GROUP, UPROBE_GROUP = "kprobes", "uprobes"
 MAX_EVENT_NAME = 64  # MAX_EVENT_NAME_LEN in the kernel
 MAX_ARGS = 128  # MAX_TRACE_ARGS
-MAX_MAXACTIVE = 4096  # KRETPROBE_MAXACTIVE_MAX
 
 GOOD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _SYMBOL = re.compile(r"[A-Za-z_.][A-Za-z0-9_.$]*")
@@ -172,8 +172,8 @@ def parse_line(raw: str, number: int = 1) -> EventLine | None:
         if kind != "r":
             raise fail(col + 1, "MAXACTIVE is only for return probes (r)")
         maxactive = int(digits)
-        if not 1 <= maxactive <= MAX_MAXACTIVE:
-            raise fail(col + 1, f"MAXACTIVE must be 1..{MAX_MAXACTIVE}")
+        if not 1 <= maxactive <= MAXACTIVE_MAX:
+            raise fail(col + 1, f"MAXACTIVE must be 1..{MAXACTIVE_MAX}")
     group, event = _group_event(name_part, col + 1 + len(digits) + 1, fail)
 
     if kind == "-":
