@@ -29,7 +29,7 @@ from .packets import raise_for_error
 from .polling import PollChooser
 from .stop import StopEvent
 
-__all__ = ["RSPClient", "open_stream", "parse_target", "send_now"]
+__all__ = ["RSPClient", "open_stream", "parse_target", "receive_from", "send_now", "stream_fd"]
 
 MAX_MEMORY_READ = 2048
 # QEMU's packet buffer is 4096 bytes: an `M` carries its data as hex, so at most ~2 KiB less the header.
@@ -37,27 +37,38 @@ MAX_MEMORY_WRITE = 2000
 """QEMU refuses `m` reads over 2048 bytes with E22; larger reads are split."""
 
 
-def send_now(stream: trio.abc.Stream, data: bytes) -> int:
-    """Write what the socket takes of `data` right now, without yielding to the scheduler.
+def send_now(fd: int | None, data: bytes) -> int:
+    """Write what the socket `fd` takes of `data` right now, without yielding to the scheduler.
 
     Packets are small and the socket's buffer is nearly always free, so this is the whole send in one
     system call, with none of the scheduling round trips of an awaited `send_all` (a probe hit makes
-    several sends). Returns how many bytes went out (0 when the socket would block or is not a socket).
+    several sends). Returns how many bytes went out (0 when the socket would block, or for `fd` None: a
+    stream that is not a socket, which the caller then sends to as usual).
 
     Raises:
         OSError: the peer is gone.
     """
-    sock = getattr(stream, "socket", None)
-    if sock is None:
+    if fd is None:
         return 0
     try:
-        return os.write(sock.fileno(), data)
+        return os.write(fd, data)
     except BlockingIOError:
         return 0
 
 
-async def receive_from(fd: int) -> bytes:
+def stream_fd(stream: trio.abc.Stream) -> int | None:
+    """The descriptor of a socket stream (None for another stream: tests' memory streams)."""
+    sock = getattr(stream, "socket", None)
+    return sock.fileno() if sock is not None else None
+
+
+async def receive_from(fd: int, poll_until: float = 0.0) -> bytes:
     """What a socket holds now, or, when nothing, the next bytes it gets (b"" at the peer's end).
+
+    Until `poll_until` (a `time.perf_counter` time) the socket is polled between scheduler passes (other
+    tasks run, and their sockets are polled too), then slept on in epoll as usual: bytes expected within
+    microseconds are seen without the wake-up from epoll, which costs about as long as a whole exchange
+    on small VMs (`rsp.polling` chooses when that pays).
 
     What trio's `receive_some` does, for the hot paths, without its layers (a try, a context manager and
     a checkpoint per call), which cost about as much as the system calls here. It does not checkpoint
@@ -71,7 +82,10 @@ async def receive_from(fd: int) -> bytes:
         try:
             return os.read(fd, 65536)
         except BlockingIOError:
-            await trio.lowlevel.wait_readable(fd)
+            if perf_counter() < poll_until:
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.wait_readable(fd)
 
 
 def parse_target(target: str) -> tuple[str, str | tuple[str, int]]:
@@ -117,7 +131,8 @@ class RSPClient:
     Attributes:
         protocol: the protocol state machine this pumps.
         console: text of `O` packets received outside a monitor command.
-        poll_until: `time.perf_counter` time until which receiving polls the socket instead of sleeping (`_poll_receive`).
+        poll_until: `time.perf_counter` time until which receiving polls the socket instead of sleeping
+            (`receive_from`).
         poller: chooses whether the wait after `poll_next` polls (its `window` is 0, never, until the
             owner sets it).
     """
@@ -137,8 +152,7 @@ class RSPClient:
         # Called before every read (when set): whoever else waits on this socket must let go of it now
         # (the engine's hangup watch, while GDB's requests run in GDB's task).
         self.claim: Callable[[], None] | None = None
-        sock = getattr(stream, "socket", None)  # None for a stream that is not a socket (tests' memory streams)
-        self._fd: int | None = sock.fileno() if sock is not None else None
+        self._fd = stream_fd(stream)
 
     @classmethod
     async def connect(cls, target: str, *, timeout: float = 10.0) -> RSPClient:
@@ -184,7 +198,7 @@ class RSPClient:
             return
         if not self._send_lock.locked():
             try:
-                sent = send_now(self._stream, data)
+                sent = send_now(self._fd, data)
             except OSError as exc:
                 self.protocol.close()
                 raise ConnectionClosed(f"connection lost while sending: {exc!r}") from exc
@@ -247,10 +261,8 @@ class RSPClient:
         if self.claim is not None:
             self.claim()
         try:
-            if self.poll_until and perf_counter() < self.poll_until:
-                data = await self._poll_receive()
-            elif self._fd is not None:
-                data = await receive_from(self._fd)
+            if self._fd is not None:
+                data = await receive_from(self._fd, self.poll_until)
             else:
                 data = await self._stream.receive_some(65536)
             if self._timed:
@@ -261,18 +273,6 @@ class RSPClient:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.protocol.close()
             raise ConnectionClosed(f"connection lost: {exc}") from exc
-
-    async def _poll_receive(self) -> bytes:
-        """What the peer sent, polling the socket between scheduler passes until `poll_until`, then
-        waiting as usual: a reply or stop expected within microseconds is seen without the wake-up from
-        epoll, which costs about as long as the exchange itself on small VMs."""
-        fd = self._stream.socket.fileno()
-        while perf_counter() < self.poll_until:
-            try:
-                return os.read(fd, 65536)
-            except BlockingIOError:
-                await trio.lowlevel.checkpoint()
-        return await receive_from(fd)
 
     async def wait_hangup(self) -> str:
         """Return when the peer closes the connection (why, in words); for a caller that expects nothing

@@ -65,7 +65,7 @@ from rsp.commands import (
     WriteMemory,
     XferRead,
 )
-from rsp.connection import parse_target, receive_from
+from rsp.connection import parse_target, receive_from, send_now, stream_fd
 from rsp.features import build_qsupported_reply
 from rsp.framing import ACK, NACK, NEED_DATA, BadChecksum, Framer, Interrupt, Nack, Packet, encode_packet
 from rsp.hostcores import FreeCores
@@ -121,8 +121,7 @@ class GdbSession:
         window = HOT_SECONDS if len(os.sched_getaffinity(0)) > 1 else 0.0
         cores = FreeCores()
         self.pollers = {False: PollChooser(window, free_cores=cores.free), True: PollChooser(window, free_cores=cores.free)}
-        sock = getattr(stream, "socket", None)  # None for a stream that is not a socket (tests' memory streams)
-        self._fd = sock.fileno() if sock is not None else None
+        self._fd = stream_fd(stream)
         self._parsed: dict[bytes, Command] = {}
 
     async def send(self, data: bytes) -> None:
@@ -133,7 +132,7 @@ class GdbSession:
         """
         if not self._send_lock.locked():
             try:
-                sent = self._write_now(data)
+                sent = send_now(self._fd, data)
             except OSError as exc:
                 raise trio.BrokenResourceError(f"GDB is gone: {exc}") from exc
             if sent == len(data):
@@ -144,15 +143,6 @@ class GdbSession:
                 await self.stream.send_all(data)
             except OSError as exc:
                 raise trio.BrokenResourceError(f"GDB is gone: {exc}") from exc
-
-    def _write_now(self, data: bytes) -> int:
-        """What the socket takes of `data` now (`rsp.connection.send_now`, with the descriptor at hand)."""
-        if self._fd is None:
-            return 0
-        try:
-            return os.write(self._fd, data)
-        except BlockingIOError:
-            return 0
 
     def _parse(self, payload: bytes) -> Command:
         """`parse_command`, remembered for short packets: GDB sends the same few again at every stop
@@ -217,20 +207,10 @@ class GdbSession:
         if self._fd is None:
             return await self.stream.receive_some(65536)
         poller = self.pollers[self.waiting_stop]
-        hot_until = poller.begin(perf_counter())
-        while perf_counter() < hot_until:
-            try:
-                data = os.read(self._fd, 65536)
-                break
-            except BlockingIOError:
-                await trio.lowlevel.checkpoint()
-            except OSError:
-                return b""
-        else:
-            try:
-                data = await receive_from(self._fd)
-            except OSError:
-                return b""
+        try:
+            data = await receive_from(self._fd, poller.begin(perf_counter()))
+        except OSError:
+            return b""
         poller.end(perf_counter())
         return data
 
@@ -269,7 +249,7 @@ class GdbSession:
         self._last_frame = data
         if not self._backlogged and not self._send_lock.locked():
             try:
-                data = data[self._write_now(data) :]
+                data = data[send_now(self._fd, data) :]
             except OSError:
                 return  # GDB is gone: the read loop sees it and ends the session
         if data:
