@@ -77,6 +77,13 @@ class Breakpoints:
             want |= self.engine.debugger.keys()
         return want
 
+    def engine_owns(self, pc: int) -> bool:
+        """Whether a breakpoint at `pc` is wanted by the engine itself (the owners of `wanted` but GDB):
+        a stop there is never GDB's alone."""
+        engine = self.engine
+        return bool(engine.table.active_at(pc) or engine.uprobes.owns(pc) or engine.returns.armed(pc)
+                    or (engine.reboot is not None and engine.reboot.owns(pc)))
+
     def watching(self) -> bool:
         """Whether a watchpoint is set or about to be (probes' or the debugger's)."""
         return any(k[0] == "watch" for k in self.installed) or any(k[0] == "watch" for k in self.wanted())

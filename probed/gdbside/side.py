@@ -351,12 +351,11 @@ class GdbSide:
         the pc), while the other reads are still on their way; but not if the registers equal `unless`
         (a step that did nothing). Returns the registers and whether the stop was delivered.
         """
-        # With guest RAM at hand, GDB's reads are served from it when GDB asks: only `g` goes to QEMU.
-        reads = [] if self._reads_directly() else list(link.prefetch)
-        if link.last_pc is not None and not self._reads_directly():
-            pc = link.last_pc
-            start = max(pc - CODE_BEHIND, pc - pc % PAGE)
-            reads.append((start, min(pc + CODE_WINDOW, pc - pc % PAGE + PAGE) - start))
+        # With guest RAM at hand, only `g` goes to QEMU: GDB's reads come from RAM (below, once GDB has its stop).
+        direct = self._reads_directly()
+        reads = [] if direct else list(link.prefetch)
+        if link.last_pc is not None and not direct:
+            reads.append(_code_around(link.last_pc))
         engine = self.engine
         client = engine.client
         await client.begin([read_registers(), *(read_memory(*r) for r in reads)])
@@ -368,20 +367,15 @@ class GdbSide:
         link.remember_registers(thread, g)
         link.memory.clear()
         pc = engine.target.pc_of(g)
-        # A return probe's or a user probe's breakpoint is never GDB's alone: GDB does not see that stop.
-        # Nor is the reset vector's (probed.guest.linux.reboot).
-        delivered = (gdbs is not None and g != unless and not engine.table.active_at(pc)
-                     and not engine.uprobes.owns(pc) and not engine.returns.armed(pc)
-                     and not (engine.reboot is not None and engine.reboot.owns(pc)))
+        delivered = gdbs is not None and g != unless and not engine.breakpoints.engine_owns(pc)
         if delivered:
             await self.deliver(gdbs)
         for address, length in reads:
             link.memory.put(address, length, await client.next_reply())
-        if delivered and not reads and self._reads_directly():
+        if delivered and direct:
             # From RAM, after GDB has its stop (it is busy with it meanwhile): what GDB read at its last
             # stop, and the code at the pc for a step, so that GDB's reads find them in the snapshot.
-            start = max(pc - CODE_BEHIND, pc - pc % PAGE)
-            for address, length in (*link.prefetch, (start, min(pc + CODE_WINDOW, pc - pc % PAGE + PAGE) - start)):
+            for address, length in (*link.prefetch, _code_around(pc)):
                 data = await self._read_direct(link, address, length)
                 if data is not None:
                     link.memory.put(address, length, data.hex().encode())
@@ -395,3 +389,10 @@ class GdbSide:
         link.interrupt_requested = True
         await self.engine.service.wakeup()
 
+
+def _code_around(pc: int) -> tuple[int, int]:
+    """(address, length) of the code read around a stop's pc: a little before it, `CODE_WINDOW` after, in
+    its page."""
+    page = pc - pc % PAGE
+    start = max(pc - CODE_BEHIND, page)
+    return start, min(pc + CODE_WINDOW, page + PAGE) - start
