@@ -139,11 +139,7 @@ class GuestMemory:
             scope: an object that lives for one stop (a hit's context): reads with the same scope share
                 translations and what the stub answered. None: nothing is kept beyond this call.
         """
-        if scope is None or scope is not self._scope:
-            self._scope = scope
-            self._walker = None
-            self._fed_walker = None
-            self._cache = _StopCache()
+        self._enter(scope)
         out: list[_Reply | None] = [None] * len(requests)
         # KPTI (once seen in this guest): at a stop on a user PGD, kernel addresses go through the kernel PGD
         # at once, without the `m` that would be refused first.
@@ -175,6 +171,14 @@ class GuestMemory:
             await self._read_through(root, registers, through, requests, out)
         return out  # type: ignore[return-value]
 
+    def _enter(self, scope: Any) -> None:
+        """Reads for `scope` (one stop) begin: what was kept for another stop goes (None: kept by none)."""
+        if scope is None or scope is not self._scope:
+            self._scope = scope
+            self._walker = None
+            self._fed_walker = None
+            self._cache = _StopCache()
+
     async def read_direct(self, address: int, length: int, registers: bytes) -> bytes | None:
         """One read from guest RAM only; None when it cannot be read there (the caller asks the stub, whose
         answer, an error included, is then the one to give).
@@ -183,11 +187,7 @@ class GuestMemory:
         """
         if self.ram is None:
             return None
-        if registers is not self._scope:
-            self._scope = registers
-            self._walker = None
-            self._fed_walker = None
-            self._cache = _StopCache()
+        self._enter(registers)
         out: list[_Reply | None] = [None]
         await self._read_direct([(address, length)], registers, out)
         return out[0] if isinstance(out[0], bytes) else None
