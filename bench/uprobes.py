@@ -76,44 +76,48 @@ class RawLoop:
             reply = self.packet()  # the stop QEMU sends unasked when we connect to a running guest
         return reply
 
-    def run(self, guest: LinuxGuest, address: int, calls: int) -> float:
+    def _start(self, guest: LinuxGuest, address: int, calls: int) -> threading.Thread:
+        """Attach, set the breakpoint at `address`, let the guest run `utarget calls`; the shell's thread."""
         self.ask(b"qSupported:swbreak+")
         self.ask(b"?", stop=True)
         assert self.ask(b"Z0,%x,1" % address) == b"OK"
         self.sock.sendall(encode_packet(b"c"))
         shell = threading.Thread(target=guest.shell, args=(f"utarget {calls}", 600))
         shell.start()
+        return shell
+
+    def _finish(self, shell: threading.Thread, *addresses: int) -> None:
+        """Stop the guest, remove the breakpoints, detach, wait for the shell."""
+        self.sock.sendall(b"\x03")
+        self.packet()
+        for address in addresses:
+            self.ask(b"z0,%x,1" % address)
+        self.sock.sendall(encode_packet(b"D"))
+        self.packet()
+        self.sock.close()
+        shell.join()
+
+    def run(self, guest: LinuxGuest, address: int, calls: int) -> float:
+        shell = self._start(guest, address, calls)
         stamps = []
         last = 0
         while len(stamps) < calls:
             self.packet()  # the stop at the breakpoint
             now = time.perf_counter()
-            g = self.ask(b"g")
-            rdi = int.from_bytes(bytes.fromhex(g[RDI * 16:(RDI + 1) * 16].decode()), "little")
+            rdi = _reg(self.ask(b"g"), RDI)
             if rdi != last:  # else: the step before ran nothing (see QEMU-GDBSTUB.md) and this is that call again
                 assert rdi == last + 1, (last, rdi)
                 stamps.append(now)
                 last = rdi
             self.ask(b"s", stop=True)
             self.sock.sendall(encode_packet(b"c"))
-        self.sock.sendall(b"\x03")
-        self.packet()
-        self.ask(b"z0,%x,1" % address)
-        self.sock.sendall(encode_packet(b"D"))
-        self.packet()
-        self.sock.close()
-        shell.join()
+        self._finish(shell, address)
         return _rates(stamps)
 
 
     def run_returns(self, guest: LinuxGuest, entry: int, calls: int) -> tuple[float, float]:
         """utarget's returns: entry and return breakpoints, per entry g, m, s, c; per return g, s, c."""
-        self.ask(b"qSupported:swbreak+")
-        self.ask(b"?", stop=True)
-        assert self.ask(b"Z0,%x,1" % entry) == b"OK"
-        self.sock.sendall(encode_packet(b"c"))
-        shell = threading.Thread(target=guest.shell, args=(f"utarget {calls}", 600))
-        shell.start()
+        shell = self._start(guest, entry, calls)
         stamps: list[float] = []
         last, returning, ret_address = 0, False, None
         while len(stamps) < calls:
@@ -135,14 +139,7 @@ class RawLoop:
                 returning = False
             self.ask(b"s", stop=True)
             self.sock.sendall(encode_packet(b"c"))
-        self.sock.sendall(b"\x03")
-        self.packet()
-        self.ask(b"z0,%x,1" % entry)
-        self.ask(b"z0,%x,1" % ret_address)
-        self.sock.sendall(encode_packet(b"D"))
-        self.packet()
-        self.sock.close()
-        shell.join()
+        self._finish(shell, entry, ret_address)
         return _rates(stamps)
 
 
