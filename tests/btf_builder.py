@@ -106,3 +106,16 @@ def model_kernel() -> bytes:
     b.function("no_names", b.ptr(0), [("", int_), ("", int_)])
     b.enum("pid_type", 4, [("PIDTYPE_PID", 0), ("PIDTYPE_TGID", 1)])
     return b.blob()
+
+
+def model_kernel_types(current_offset: int):
+    """`KernelTypes` of `model_kernel()`, its `current_task` at `current_offset` from the GS base."""
+    from probed.guest.linux.btf import Btf
+    from probed.guest.linux.kernel_types import KernelTypes
+    from probed.guest.linux.tasks import CurrentTask
+
+    btf = Btf(model_kernel())
+    task = btf.struct("task_struct")
+    current = CurrentTask("gs_base", current_offset, btf.member(task, "comm").bit_offset // 8, 16,
+                          btf.member(task, "pid").bit_offset // 8, btf.member(task, "tgid").bit_offset // 8)
+    return KernelTypes(btf, current, "", "test")

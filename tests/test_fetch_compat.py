@@ -7,14 +7,11 @@ from dataclasses import replace
 
 import pytest
 
-from probed.guest.linux.btf import Btf
-from probed.guest.linux.kernel_types import KernelTypes
-from probed.guest.linux.tasks import CurrentTask
 from probed.lang.compat import USER32_CS, is_compat
 from probed.lang.fetch import FetchEnv
 from probed.lang.handlers import FetchHandler
 from rsp.arch import ARCHES
-from tests.btf_builder import model_kernel
+from tests.btf_builder import model_kernel_types
 from tests.test_fetch import FakeHit, put, word
 
 X64 = replace(ARCHES["x86_64"], registers=(*ARCHES["x86_64"].registers, "fs_base", "gs_base", "k_gs_base"))
@@ -28,11 +25,7 @@ NAME64 = 0x7FFF_0000_1000
 
 @pytest.fixture(scope="module")
 def types():
-    btf = Btf(model_kernel())
-    task = btf.struct("task_struct")
-    current = CurrentTask("gs_base", CURRENT_OFF, btf.member(task, "comm").bit_offset // 8, 16,
-                          btf.member(task, "pid").bit_offset // 8, btf.member(task, "tgid").bit_offset // 8)
-    return KernelTypes(btf, current, "", "test")
+    return model_kernel_types(CURRENT_OFF)
 
 
 def memory() -> dict[int, int]:

@@ -11,13 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from probed.errors import FetchSyntaxError
-from probed.guest.linux.btf import Btf
-from probed.guest.linux.kernel_types import KernelTypes
-from probed.guest.linux.tasks import CurrentTask
 from probed.lang.fetch import MAX_DEPTH, FetchEnv, TypesNeeded, parse_fetchargs
 from probed.lang.handlers import make_handlers
 from rsp.arch import ARCHES
-from tests.btf_builder import model_kernel
+from tests.btf_builder import model_kernel_types
 from tests.test_fetch import FakeHit, put, word
 
 X64 = replace(ARCHES["x86_64"], registers=(*ARCHES["x86_64"].registers, "fs_base", "gs_base", "k_gs_base"))
@@ -27,11 +24,7 @@ GS, CURRENT_OFF, TASK, HOW, NAME = 0x10000, 0x100, 0x4000, 0x3000, 0x2000
 
 @pytest.fixture(scope="module")
 def types():
-    btf = Btf(model_kernel())
-    task = btf.struct("task_struct")
-    current = CurrentTask("gs_base", CURRENT_OFF, btf.member(task, "comm").bit_offset // 8, 16,
-                          btf.member(task, "pid").bit_offset // 8, btf.member(task, "tgid").bit_offset // 8)
-    return KernelTypes(btf, current, "", "test")
+    return model_kernel_types(CURRENT_OFF)
 
 
 def env(types, function="do_open", at_entry=True):
