@@ -208,7 +208,9 @@ def linux_raw_reads(off: dict[str, int]):
 
 
 async def probed_linux(target: str, kallsyms: str, hits: int, mode: str, fields: list[str]) -> tuple[float, float, str, list]:
-    async with attach(target, symbols=[kallsyms], guest_memory=mode) as engine:
+    # (as `probed --linux` runs: the kernel model knows the boot's direct map and image, see
+    # GuestMemory.keep_translations)
+    async with attach(target, symbols=[kallsyms], guest_memory=mode, linux=True) as engine:
         clock = StopClock(engine.target.client)
         if POLL is not None:
             engine.poll_seconds = POLL
@@ -229,6 +231,7 @@ def main() -> None:
     ap.add_argument("--linux-hits", type=int, default=100, help="hits per variant and round (Linux)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of all variants, one after the other")
     ap.add_argument("--no-linux", action="store_true")
+    ap.add_argument("--no-i386", action="store_true")
     ap.add_argument("--poll", type=float, default=None, metavar="SECONDS",
                     help="the engine's busy-poll after a hit (default: the engine's own, 1 ms with 2+ cores)")
     args = ap.parse_args()
@@ -240,6 +243,14 @@ def main() -> None:
     stopped: dict[str, list[float]] = {"raw": [], "auto": [], "gdbstub": []}
     writes: dict[str, float] = {"raw": RAW_WRITES}
     cpu: dict[str, list[float]] = {"raw": [], "auto": [], "gdbstub": []}
+    if not args.no_i386:
+        _i386(hits, rounds, modes, rate, stopped, writes, cpu)
+    if args.no_linux:
+        return
+    _linux(args.linux_hits, rounds, modes, writes)
+
+
+def _i386(hits, rounds, modes, rate, stopped, writes, cpu) -> None:
     with QemuGuest("i386", stopped=True) as guest:
         addr, turns = symbol_address(guest.elf, "probe_target"), symbol_address(guest.elf, "turns")
         print(f"i386 guest, probe_target with {' '.join(I386_FIELDS)}; {rounds} rounds of {hits} hits, medians")
@@ -263,11 +274,11 @@ def main() -> None:
         s_ = _median([q / p for p, q in zip(stopped[mode], stopped["raw"], strict=True)])
         c_ = _median([q / p for p, q in zip(cpu[mode], cpu["raw"], strict=True)])
         print(f"  ratio {label} / raw loop: {r:.2f} in hits/s, {s_:.2f} in stopped time, {c_:.2f} in CPU  (target >= 1.5)")
-    if args.no_linux:
-        return
+
+
+def _linux(n, rounds, modes, writes) -> None:
     from tests.linux.guest import LinuxGuest, fetch_linux
 
-    n = args.linux_hits
     per: dict[str, list[float]] = {"raw": [], "auto": [], "gdbstub": []}
     with tempfile.TemporaryDirectory() as work, LinuxGuest(fetch_linux(), Path(work)) as linux:
         off = trio.run(linux_offsets, linux.target, str(linux.kallsyms))

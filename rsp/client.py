@@ -44,7 +44,7 @@ from .framing import (
     Packet,
     encode_packet,
 )
-from .stop import ConsoleOutput, StopEvent, is_stop_payload, parse_stop_reply
+from .stop import ConsoleOutput, StopEvent, is_stop_payload, parse_stop_reply_cached
 
 __all__ = [
     "ClientProtocol",
@@ -344,7 +344,7 @@ class ClientProtocol:
         expected = self._expected
         head = expected[0] if expected else None
         if payload[:1] in b"STWXO" and is_stop_payload(payload) and (head is None or head.request != b"?"):
-            stop = parse_stop_reply(payload)
+            stop = parse_stop_reply_cached(payload)
             if type(stop) is ConsoleOutput:
                 return Output(stop.text, head is not None and head.request.startswith(b"qRcmd,"))
             if self.running and head is None:

@@ -12,6 +12,7 @@ From the GDB manual, "Stop Reply Packets":
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from .errors import RemoteProtocolError
 from .framing import is_hex
@@ -25,6 +26,7 @@ __all__ = [
     "WATCH_KINDS",
     "encode_stop_reply",
     "parse_stop_reply",
+    "parse_stop_reply_cached",
     "parse_thread_id",
 ]
 
@@ -202,3 +204,14 @@ def encode_stop_reply(event: StopEvent) -> bytes:
     if isinstance(event, Terminated):
         return b"X%02x" % event.signal + (b";process:%x" % event.pid if event.pid is not None else b"")
     return b"O" + event.text.hex().encode()
+
+
+@lru_cache(maxsize=256)
+def _parsed(payload: bytes) -> StopEvent:
+    return parse_stop_reply(payload)
+
+
+def parse_stop_reply_cached(payload: bytes) -> StopEvent:
+    """`parse_stop_reply`, remembered: a probe's stops repeat the same few replies, and the events are
+    immutable (their `registers` are not to be changed)."""
+    return _parsed(bytes(payload))

@@ -17,6 +17,7 @@ import trio
 
 from probed.api import attach
 from probed.guest.memory import GuestMemoryUnavailable
+from probed.guest.memory.reader import GuestMemory
 from probed.guest.memory.pagewalk import PageWalker, Paging
 from probed.guest.memory.qemu_process import find_qemu_pid, open_process_memory
 from probed.guest.memory.ram import parse_flat_view
@@ -360,6 +361,90 @@ def test_walker_5_level_and_1g_pages():
     low = (1 << 39) | (2 << 30) | (3 << 21) | (4 << 12)
     assert walker.translate(four, low) == (0xABC000, 0x1000)
     assert walker.translate(four, 1 << 47) is None  # not canonical with 4 levels
+
+
+class _Arch:
+    word_size = 8
+
+
+class _Target:
+    arch = _Arch()
+
+
+def _kernel_tables() -> tuple[FakePhysical, Paging, dict[str, int]]:
+    """A 4-level kernel half: a 4 KiB page and a 2 MiB page in a "direct map", and a 4 KiB page outside it."""
+    mem = FakePhysical()
+    pml4, pdpt, pd, pt = 0x8000, 0x2000, 0x3000, 0x4000  # (CR3 bit 12 clear: no KPTI user PGD)
+    mem.set(pml4, 0x111, pdpt | 3)
+    mem.set(pdpt, 0, pd | 3)
+    mem.set(pd, 0, pt | 3)  # 0..2 MiB: 4 KiB pages
+    mem.set(pt, 5, 0x10000 | 3)
+    mem.set(pd, 1, 0x400000 | 0x83)  # 2..4 MiB: one 2 MiB page
+    mem.set(pd, 9, pt | 3)  # 18..20 MiB: outside the lasting range (the same table, for brevity)
+    mem.words[0x10000 + 0x40] = 0x1111
+    mem.words[0x400000 + 0x1000] = 0x2222
+    base = 0xFFFF888000000000
+    paging = Paging.from_registers(cr0=0x80000011, cr3=pml4, cr4=0x20, efer=0x500)
+    places = {"small": base + 0x5040, "large": base + 0x201000, "outside": base + (9 << 21) + 0x5040, "base": base}
+    return mem, paging, places
+
+
+def _memory_over(mem: FakePhysical, paging: Paging, monkeypatch) -> GuestMemory:
+    import probed.guest.memory.reader as reader
+
+    monkeypatch.setattr(reader, "CHECK_FIRST", 0)
+    monkeypatch.setattr(reader, "CHECK_EVERY", 1 << 40)
+    memory = GuestMemory(_Target(), mem)
+    memory._paging = lambda registers: paging
+    return memory
+
+
+def test_kept_translations_read_live_entries(monkeypatch):
+    """In a lasting range (Linux's direct map), where a page's last entries lie is kept across stops: the
+    next stop reads two entries, not a walk; an entry made not present, repointed, a 2 MiB page split or
+    4 KiB pages merged are seen at once; outside the range, and after a reboot, every stop walks."""
+    mem, paging, at = _kernel_tables()
+    memory = _memory_over(mem, paging, monkeypatch)
+    memory.keep_translations([(at["base"], at["base"] + (8 << 21))])
+
+    def stop(address: int) -> tuple[bytes | None, int]:
+        g = object()  # a new stop: new registers, a new scope
+        data = memory.read_now(address, 8, g, g)
+        return data, (memory._walker.walks if memory._walker is not None else 0)
+
+    word = (0x1111).to_bytes(8, "little")
+    assert stop(at["small"]) == (word, 1)
+    assert stop(at["small"]) == (word, 0)  # kept: no walk
+    assert stop(at["large"]) == ((0x2222).to_bytes(8, "little"), 1)
+    assert stop(at["large"]) == ((0x2222).to_bytes(8, "little"), 0)
+    assert stop(at["outside"]) == (word, 1)
+    assert stop(at["outside"]) == (word, 1)  # not in a lasting range: walked at every stop
+    # The page made not present: the stub answers (None here), as `m` would fault.
+    mem.set(0x4000, 5, 0x10000 | 2)
+    assert stop(at["small"]) == (None, 1)
+    # Repointed: the new page's bytes.
+    mem.set(0x4000, 5, 0x11000 | 3)
+    mem.words[0x11000 + 0x40] = 0x3333
+    assert stop(at["small"])[0] == (0x3333).to_bytes(8, "little")
+    # The 2 MiB page split into 4 KiB pages (a new table): walked again, then kept.
+    mem.set(0x3000, 1, 0x5000 | 3)
+    mem.set(0x5000, 1, 0x12000 | 3)
+    mem.words[0x12000] = 0x4444
+    assert stop(at["large"]) == ((0x4444).to_bytes(8, "little"), 1)
+    assert stop(at["large"]) == ((0x4444).to_bytes(8, "little"), 0)
+    # The 4 KiB pages merged back into a 2 MiB page (their table freed, its page reused): not read through.
+    mem.set(0x3000, 1, 0x600000 | 0x83)
+    mem.set(0x5000, 1, 0x13000 | 3)  # (what the freed table's page holds now)
+    mem.words[0x600000 + 0x1000] = 0x5555
+    assert stop(at["large"]) == ((0x5555).to_bytes(8, "little"), 1)
+    # A stop on what may be a KPTI user PGD (CR3 bit 12) reads nothing through what was kept (`m` may refuse).
+    mem.set(0x9000, 0x111, 0x2000 | 3)
+    memory._paging = lambda registers: Paging.from_registers(cr0=0x80000011, cr3=0x9000, cr4=0x20, efer=0x500)
+    assert stop(at["small"])[1] == 1 and stop(at["small"])[1] == 1
+    memory._paging = lambda registers: paging
+    # A reboot: nothing kept, no lasting ranges until the new boot's are given.
+    memory.forget_boot()
+    assert stop(at["small"])[1] == 1 and stop(at["small"])[1] == 1
 
 
 def test_flat_view_keeps_ram_outside_the_legacy_window():

@@ -108,6 +108,10 @@ class BreakHits:
             (g,) = await client.pipeline([read_registers()], resume=target.step_packet(thread))
             raise_for_error(g, b"g")
             stepped = True
+        elif target.memory is not None and target.memory.direct:
+            # Read the registers; the instruction comes from guest RAM after them.
+            (g,) = await client.pipeline([read_registers()])
+            raise_for_error(g, b"g")
         else:
             # Read the registers and (speculatively) the instruction of the likely probe.
             code_at = self._code_guess(guess)
@@ -182,7 +186,9 @@ class BreakHits:
             return False
         if not stepped and not any(p.post for p in probes) and not engine.service.must_stop():
             if code_at != pc or code is None:
-                (code,) = await target.read_many([(pc, MAX_INSN)])
+                code = target.read_now(pc, MAX_INSN, g)
+                if code is None:
+                    (code,) = await target.read_many([(pc, MAX_INSN)])
             if await self.simulate(hit, g, code):
                 return True
         return await self.complete(hit, stepped=stepped)

@@ -98,6 +98,11 @@ class HitContext:
     async def read_many(self, requests: Sequence[tuple[int, int]]) -> list[bytes | Exception]:
         """Several reads in one round trip; a failed read is returned as its exception."""
         self.reads += len(requests)
+        read_local = getattr(self._target, "read_local", None)
+        if read_local is not None:
+            local = read_local(requests, self._g, self)
+            if local is not None:
+                return local
         # This context lives for one stop: reads share its registers (page tables) and a cache.
         # A handler cancelled at its time limit must not cut a request short (its reply would then be
         # taken for the next request's): the read finishes, bounded by the target's own time limit.
@@ -108,6 +113,17 @@ class HitContext:
             return await self._target.read_many(requests, registers=self._g, scope=self, timeout=client.timeout)
         client.protocol.abandon()
         raise TargetTimeout(f"the target did not answer a handler's read within {client.timeout:g} s")
+
+    def read_now(self, address: int, length: int) -> bytes | None:
+        """Guest memory read at once from guest RAM, or None when it must be read with `read_many` (the stub
+        answers it, or it is checked against the stub)."""
+        read_now = getattr(self._target, "read_now", None)
+        if read_now is None:
+            return None
+        data = read_now(address, length, self._g, self)
+        if data is not None:
+            self.reads += 1
+        return data
 
     @property
     def reads_are_cheap(self) -> bool:

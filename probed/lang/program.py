@@ -162,6 +162,10 @@ class FetchProgram:
             `<fault reading ADDR: ...>` (or `<no register ...>`) string instead; the other fields are unaffected.
         """
         regs = self._registers(await ctx.registers()) if self.needs_registers else {}
+        if getattr(ctx, "reads_are_cheap", False) and hasattr(ctx, "read_now"):
+            done = self._evaluate_now(regs, ctx)
+            if done is not None:
+                return done
         gens = {f.name: self._field(f, regs, ctx) for f in self.fields_spec}
         results: dict[str, Any] = {}
         pending: dict[str, _Read] = {}
@@ -186,6 +190,26 @@ class FetchProgram:
             dependent += pending.values()
         self._dependent = dependent[:16]
         return {f.name: results[f.name] for f in self.fields_spec}
+
+    def _evaluate_now(self, regs: Mapping[str, int], ctx: Any) -> dict[str, Any] | None:
+        """Every field, depth-first, with reads from guest RAM at once (`ctx.read_now`); None as soon as one
+        read cannot be made that way (then `evaluate` reads breadth-first, the stub answering what it must)."""
+        read_now = ctx.read_now
+        results: dict[str, Any] = {}
+        for f in self.fields_spec:
+            gen = self._field(f, regs, ctx)
+            try:
+                request = next(gen)
+                while True:
+                    data = read_now(*request)
+                    if data is None:
+                        return None
+                    request = gen.send(data)
+            except StopIteration as stop:
+                results[f.name] = stop.value
+            except _FieldError as error:
+                results[f.name] = Unfetched(error)
+        return results
 
     @staticmethod
     def _advance(name: str, gen: _Gen, reply: Any, pending: dict[str, _Read], results: dict[str, Any]) -> None:

@@ -154,6 +154,23 @@ class Reboots:
     async def remember(self) -> None:
         """Read the identity of the boot the probes are placed in (after the model is set up)."""
         self.identity = await self._identity(self.kernel.text)
+        self._keep_translations()
+
+    def _keep_translations(self) -> None:
+        """Tell direct reads which kernel ranges this boot maps for good: the direct map (from
+        `page_offset_base` to `vmalloc_base`) and the kernel's image (`_text` to `_end`)."""
+        memory = self.engine.target.memory if self.engine.target is not None else None
+        identity = self.identity
+        if memory is None or identity is None:
+            return
+        ranges = []
+        direct, vmalloc = identity.bases[0], identity.bases[1]
+        if direct is not None and vmalloc is not None:
+            ranges.append((direct, vmalloc))
+        end = _address(self.engine, "_end")  # (the symbols are this boot's when this is called)
+        if end is not None and end > identity.text:
+            ranges.append((identity.text, end))
+        memory.keep_translations(ranges)
 
     # -- seeing a reboot ---------------------------------------------------------------------------
 
@@ -335,6 +352,7 @@ class Reboots:
                 placed += ok
                 waiting += not ok
         self.identity = await self._identity(text)
+        self._keep_translations()
         self.waiting, self._old_text = False, None
         self.reboots += 1
         self.last = (f"{self._why}; guest rebooted, kernel at new slide {kernel.slide:#x}; {placed} probe(s) re-placed"

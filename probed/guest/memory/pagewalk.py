@@ -104,6 +104,28 @@ class PageWalker:
         offset = vaddr & (size - 1)
         return base + offset, size - offset
 
+    def leaf_table(self, paging: Paging, vaddr: int) -> tuple[int | None, int, int] | None:
+        """Where `vaddr`'s walk ends, on 4- and 5-level paging: (the table holding the entry that points to
+        the last table, or None when the last is the PUD; the last table; the shift of its entries' level:
+        12 for a 4 KiB page, 21 for 2 MiB, 30 for 1 GiB), all guest-physical. None where not present."""
+        if paging.kind not in ("4-level", "5-level"):
+            return None
+        table = paging.cr3
+        for shift in ((48, 39) if paging.kind == "5-level" else (39,)):
+            entry = self._entry(table & ADDRESS_MASK, (vaddr >> shift) & 0x1FF, 8)
+            if entry is None or not entry & PRESENT:
+                return None
+            table = entry
+        parent = None
+        for shift in (30, 21):
+            entry = self._entry(table & ADDRESS_MASK, (vaddr >> shift) & 0x1FF, 8)
+            if entry is None or not entry & PRESENT:
+                return None
+            if entry & PS:
+                return parent, table & ADDRESS_MASK, shift
+            parent, table = table & ADDRESS_MASK, entry
+        return parent, table & ADDRESS_MASK, 12
+
     def give(self, address: int, data: bytes | None) -> None:
         """The bytes of the page-table entry at physical `address` (None: not readable), after `EntryMissing`."""
         self._entries[address] = None if data is None else int.from_bytes(data, "little")

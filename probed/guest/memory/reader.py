@@ -34,7 +34,7 @@ from probed.guest.memory.kpti import (
     not_mapped,
     pair_roots,
 )
-from probed.guest.memory.pagewalk import ADDRESS_MASK, PageWalker, Paging
+from probed.guest.memory.pagewalk import ADDRESS_MASK, PRESENT, PS, PageWalker, Paging
 from probed.guest.memory.qemu_process import GuestMemoryUnavailable, find_qemu_pid, open_process_memory
 from probed.guest.memory.ram import HostRam, RamRange, parse_flat_view, parse_gpa2hva
 from rsp.connection import MAX_MEMORY_READ
@@ -53,6 +53,7 @@ JOIN_GAP = 64  # reads this close in one page share one `m`
 PAGE = 4096
 DIRECT_WITHOUT_REGISTERS = 2048  # reads without a stop's registers go direct only from this size (a `g` first)
 KPTI_VERDICTS = 4096  # page-table roots remembered as KPTI user PGDs or not (one per process seen)
+KEPT_MAX = 1 << 16  # last-level tables kept across stops, at most (one per 2 MiB of kernel addresses)
 
 _Reply = bytes | Exception
 
@@ -101,6 +102,11 @@ class GuestMemory:
         self._physical_reads: PhysicalThroughStub | None = None
         self._paging_of: tuple[bytes, Paging | None] | None = None  # the last register block's regime
         self._calls = 0
+        # Kernel ranges mapped once at boot (Linux's direct map and image): where their last-level page-table
+        # entries lie is kept across stops, by 2 MiB granule (see `keep_translations`).
+        self._lasting: tuple[tuple[int, int], ...] = ()
+        self._kept: dict[int, tuple[int | None, int, int]] = {}  # 2 MiB granule -> PageWalker.leaf_table
+        self._mask = (1 << (8 * target.arch.word_size)) - 1 if hasattr(target, "arch") else (1 << 64) - 1
         self.stats = {"direct": 0, "stub": 0, "cached": 0, "checks": 0, "kpti": 0}
 
     @property
@@ -112,6 +118,57 @@ class GuestMemory:
         if self.ram is not None:
             return f"guest RAM read directly ({self.ram.size >> 20} MiB RAM: {self.ram.describe()})"
         return f"guest memory read through the gdbstub ({self.reason})"
+
+    def keep_translations(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Kernel virtual ranges `[start, end)` whose page-table structure above the last level stays put (a
+        kernel's direct map and image: mapped once at boot): for them, where the last entry of a walk lies is
+        kept across stops, and a read reads the last two entries (live: a page made not present, a large page
+        split or merged, is seen) instead of walking four. Forgotten at a reboot (`forget_boot`); reads stay checked against `m`."""
+        self._lasting = tuple((start, end) for start, end in ranges if start >> 63 and start < end)
+        self._kept.clear()
+
+    def _kept_translation(self, address: int) -> tuple[int, int] | None:
+        kept = self._kept.get(address >> 21)
+        if kept is None:
+            return None
+        parent, table, shift = kept
+        read = self.ram.read
+        if parent is not None:
+            # The entry above must still point to the same table (a table is freed when its pages are
+            # merged into a large one, and its page may then hold anything).
+            data = read(parent + ((address >> (shift + 9)) & 0x1FF) * 8, 8)
+            if data is None:
+                return None
+            above = int.from_bytes(data, "little")
+            if not above & PRESENT or above & PS or above & ADDRESS_MASK != table:
+                return None
+        data = read(table + ((address >> shift) & 0x1FF) * 8, 8)
+        if data is None:
+            return None
+        entry = int.from_bytes(data, "little")
+        if not entry & PRESENT or (shift > 12) != bool(entry & PS):
+            return None  # changed since (not present, split): walked again
+        size = 1 << shift
+        offset = address & (size - 1)
+        return (entry & ADDRESS_MASK & ~(size - 1)) + offset, size - offset
+
+    def _maps_kernel(self, paging: Paging) -> bool:
+        """Whether `paging`'s root is known to map the kernel (not a KPTI user PGD, where `m` refuses kernel
+        addresses that a kept translation would read)."""
+        if paging.kind not in ("4-level", "5-level"):
+            return False
+        return not paging.cr3 & USER_PGD_BIT or self._kpti.get(paging.cr3 & ADDRESS_MASK) is False
+
+    def _keep(self, paging: Paging, address: int) -> None:
+        """Remember where the last page-table entry of `address` lies, if it is in a lasting range."""
+        if not any(s <= address < e for s, e in self._lasting):
+            return
+        leaf = self._walker.leaf_table(paging, address)
+        if leaf is None:
+            return
+        if len(self._kept) >= KEPT_MAX:
+            self._kept.clear()
+        self._kept[address >> 21] = leaf
 
     def fall_back(self, reason: str) -> None:
         """Read through the stub from now on, and say why."""
@@ -171,6 +228,49 @@ class GuestMemory:
             await self._read_through(root, registers, through, requests, out)
         return out  # type: ignore[return-value]
 
+    def read_local(
+        self, requests: Sequence[tuple[int, int]], registers: bytes, scope: Any = None
+    ) -> list[bytes] | None:
+        """All of `requests` from guest RAM at once, without a round trip or an await; None when any of them
+        needs the stub (see `read_now`): the caller then reads them all with `read_many`, which gives the
+        stub's answers where it must."""
+        out = []
+        for address, length in requests:
+            data = self.read_now(address, length, registers, scope)
+            if data is None:
+                return None
+            out.append(data)
+        return out
+
+    def read_now(self, address: int, length: int, registers: bytes, scope: Any = None) -> bytes | None:
+        """One read from guest RAM, without a round trip or an await: the hot path of a hit's fetches.
+
+        None when the stub must answer instead (no RAM, not translated, not RAM, a read at a KPTI stop) or
+        when this read's turn has come to be checked against `m`: `read_many` does both.
+        """
+        if self.ram is None or registers is None:
+            return None
+        calls = self._calls + 1
+        if calls <= CHECK_FIRST or calls % CHECK_EVERY == 0:
+            return None  # (checked by read_many)
+        if self._kpti_seen and kernel_half(address):
+            return None
+        if scope is None or scope is not self._scope:
+            self._enter(scope)
+        paging = self._paging(registers)
+        if paging is None:
+            return None
+        if self._walker is None:
+            self._walker = PageWalker(self._read_phys)
+        try:
+            data = self._read_virtual(paging, address & self._mask, length)
+        except OSError:
+            return None  # (read_many says why and falls back)
+        if data is not None:
+            self._calls = calls
+            self.stats["direct"] += 1
+        return data
+
     def _enter(self, scope: Any) -> None:
         """Reads for `scope` (one stop) begin: what was kept for another stop goes (None: kept by none)."""
         if scope is None or scope is not self._scope:
@@ -219,6 +319,8 @@ class GuestMemory:
         """The guest rebooted: which roots are KPTI user PGDs is asked again (the new kernel may not isolate)."""
         self._kpti.clear()
         self._kpti_seen = False
+        self._lasting = ()
+        self._kept.clear()
 
     async def address_space(self, registers: bytes) -> int | None:
         """The stop's address space as the kernel's `mm->pgd` names it (physical): CR3's page-table root without
@@ -324,10 +426,15 @@ class GuestMemory:
         """The bytes, or None if any page does not translate or is not RAM (the stub answers those)."""
         chunks: list[tuple[int, int]] = []
         at, left = address, length
+        lasting = self._lasting and address >> 63 and self._maps_kernel(paging)
         while left > 0:
-            hit = self._walker.translate(paging, at)
+            hit = self._kept_translation(at) if lasting else None
             if hit is None:
-                return None
+                hit = self._walker.translate(paging, at)
+                if hit is None:
+                    return None
+                if lasting:
+                    self._keep(paging, at)
             phys, span = hit
             n = min(span, left)
             if chunks and chunks[-1][0] + chunks[-1][1] == phys:
