@@ -17,10 +17,10 @@ import trio
 
 from probed.api import attach
 from probed.guest.memory import GuestMemoryUnavailable
-from probed.guest.memory.reader import GuestMemory
 from probed.guest.memory.pagewalk import PageWalker, Paging
 from probed.guest.memory.qemu_process import find_qemu_pid, open_process_memory
 from probed.guest.memory.ram import parse_flat_view
+from probed.guest.memory.reader import GuestMemory
 from probed.testing.qemu import QemuGuest
 from rsp.errors import RemoteError
 
