@@ -71,6 +71,7 @@ EFER_LMA = 1 << 10
 SYSTEM_SCHEDULING = 1  # enum system_states: SYSTEM_BOOTING, SYSTEM_SCHEDULING, ...
 MODULES_VADDR = 0xFFFF_FFFF_C000_0000
 RANDOMIZED_BASES = ("page_offset_base", "vmalloc_base", "vmemmap_base")
+KERNEL_HALF = 1 << 63  # x86_64 kernel addresses (4- and 5-level paging) all lie above
 
 
 @dataclass(frozen=True)
@@ -157,20 +158,12 @@ class Reboots:
         self._keep_translations()
 
     def _keep_translations(self) -> None:
-        """Tell direct reads which kernel ranges this boot maps for good: the direct map (from
-        `page_offset_base` to `vmalloc_base`) and the kernel's image (`_text` to `_end`)."""
+        """Tell direct reads that the kernel half's upper page-table levels stay put in this boot (its top
+        entries are made at boot and shared by every process): where a kernel page's last entries lie is
+        kept across stops, and only those entries are read again (`GuestMemory.keep_translations`)."""
         memory = self.engine.target.memory if self.engine.target is not None else None
-        identity = self.identity
-        if memory is None or identity is None:
-            return
-        ranges = []
-        direct, vmalloc = identity.bases[0], identity.bases[1]
-        if direct is not None and vmalloc is not None:
-            ranges.append((direct, vmalloc))
-        end = _address(self.engine, "_end")  # (the symbols are this boot's when this is called)
-        if end is not None and end > identity.text:
-            ranges.append((identity.text, end))
-        memory.keep_translations(ranges)
+        if memory is not None and self.identity is not None:
+            memory.keep_translations([(KERNEL_HALF, 1 << 64)])
 
     # -- seeing a reboot ---------------------------------------------------------------------------
 

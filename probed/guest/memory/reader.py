@@ -48,6 +48,7 @@ MODES = ("auto", "gdbstub")
 X86 = ("i386", "x86_64")
 CHECK_FIRST = 8  # the first calls served directly are all checked against `m`
 CHECK_EVERY = 64  # then one call in this many
+CHECK_EVERY_READ = 256  # for single reads made at once (`read_now`, a hit's fetches): one in this many
 CHECK_BYTES = 256  # how much of a checked read is compared
 JOIN_GAP = 64  # reads this close in one page share one `m`
 PAGE = 4096
@@ -102,10 +103,13 @@ class GuestMemory:
         self._physical_reads: PhysicalThroughStub | None = None
         self._paging_of: tuple[bytes, Paging | None] | None = None  # the last register block's regime
         self._calls = 0
+        self._reads_now = 0
+        self._check_next = False  # a read made at once was due to be checked: the next read_many call checks
         # Kernel ranges mapped once at boot (Linux's direct map and image): where their last-level page-table
         # entries lie is kept across stops, by 2 MiB granule (see `keep_translations`).
         self._lasting: tuple[tuple[int, int], ...] = ()
         self._kept: dict[int, tuple[int | None, int, int]] = {}  # 2 MiB granule -> PageWalker.leaf_table
+        self._kept_seen: dict[int, tuple[int, int]] = {}  # this stop's kept translations: page -> (base, size)
         self._mask = (1 << (8 * target.arch.word_size)) - 1 if hasattr(target, "arch") else (1 << 64) - 1
         self.stats = {"direct": 0, "stub": 0, "cached": 0, "checks": 0, "kpti": 0}
 
@@ -120,14 +124,23 @@ class GuestMemory:
         return f"guest memory read through the gdbstub ({self.reason})"
 
     def keep_translations(self, ranges: Sequence[tuple[int, int]]) -> None:
-        """Kernel virtual ranges `[start, end)` whose page-table structure above the last level stays put (a
-        kernel's direct map and image: mapped once at boot): for them, where the last entry of a walk lies is
-        kept across stops, and a read reads the last two entries (live: a page made not present, a large page
-        split or merged, is seen) instead of walking four. Forgotten at a reboot (`forget_boot`); reads stay checked against `m`."""
+        """Kernel virtual ranges `[start, end)` whose upper page-table levels stay put (a Linux kernel's half:
+        made at boot, shared by every process): for them, where a page's last two entries lie is kept across
+        stops, and a read reads those two entries, live, instead of walking four or five levels. A page made
+        not present, repointed, a large page split, or pages merged into a large one (their table freed)
+        are all seen in those two entries. Forgotten at a reboot (`forget_boot`); reads stay checked
+        against `m`."""
         self._lasting = tuple((start, end) for start, end in ranges if start >> 63 and start < end)
         self._kept.clear()
+        self._kept_seen = {}
 
     def _kept_translation(self, address: int) -> tuple[int, int] | None:
+        page = address >> 12
+        seen = self._kept_seen.get(page)  # (read live once per stop)
+        if seen is not None:
+            base, size = seen
+            offset = address & (size - 1)
+            return base + offset, size - offset
         kept = self._kept.get(address >> 21)
         if kept is None:
             return None
@@ -150,7 +163,9 @@ class GuestMemory:
             return None  # changed since (not present, split): walked again
         size = 1 << shift
         offset = address & (size - 1)
-        return (entry & ADDRESS_MASK & ~(size - 1)) + offset, size - offset
+        base = entry & ADDRESS_MASK & ~(size - 1)
+        self._kept_seen[page] = (base + (offset & ~(PAGE - 1)), PAGE) if shift == 12 else (base, size)
+        return base + offset, size - offset
 
     def _maps_kernel(self, paging: Paging) -> bool:
         """Whether `paging`'s root is known to map the kernel (not a KPTI user PGD, where `m` refuses kernel
@@ -250,9 +265,12 @@ class GuestMemory:
         """
         if self.ram is None or registers is None:
             return None
-        calls = self._calls + 1
-        if calls <= CHECK_FIRST or calls % CHECK_EVERY == 0:
-            return None  # (checked by read_many)
+        if self._calls < CHECK_FIRST or self._check_next:
+            return None  # (read_many checks it)
+        self._reads_now += 1
+        if self._reads_now % CHECK_EVERY_READ == 0:
+            self._check_next = True
+            return None
         if self._kpti_seen and kernel_half(address):
             return None
         if scope is None or scope is not self._scope:
@@ -267,7 +285,6 @@ class GuestMemory:
         except OSError:
             return None  # (read_many says why and falls back)
         if data is not None:
-            self._calls = calls
             self.stats["direct"] += 1
         return data
 
@@ -278,6 +295,7 @@ class GuestMemory:
             self._walker = None
             self._fed_walker = None
             self._cache = _StopCache()
+            self._kept_seen = {}
 
     async def read_direct(self, address: int, length: int, registers: bytes) -> bytes | None:
         """One read from guest RAM only; None when it cannot be read there (the caller asks the stub, whose
@@ -321,6 +339,7 @@ class GuestMemory:
         self._kpti_seen = False
         self._lasting = ()
         self._kept.clear()
+        self._kept_seen = {}
 
     async def address_space(self, registers: bytes) -> int | None:
         """The stop's address space as the kernel's `mm->pgd` names it (physical): CR3's page-table root without
@@ -415,7 +434,8 @@ class GuestMemory:
         self.stats["direct"] += len(served)
         if served:
             self._calls += 1
-            if self._calls <= CHECK_FIRST or self._calls % CHECK_EVERY == 0:
+            if self._calls <= CHECK_FIRST or self._calls % CHECK_EVERY == 0 or self._check_next:
+                self._check_next = False
                 i = max(served, key=lambda j: min(requests[j][1], CHECK_BYTES))
                 await self._check(requests[i][0], out[i][:CHECK_BYTES], served, out)
 
