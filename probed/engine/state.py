@@ -40,6 +40,8 @@ class Guest(enum.Enum):
     PARKED = "stopped for GDB, a probe hit parked"
     WAITING = "waiting for the target"
 
+    __hash__ = object.__hash__  # (members are singletons: Enum's own hash is a Python call, at every hit)
+
 
 class Event(enum.Enum):
     ATTACHED = "attached"  # the connection is up and the guest stopped
@@ -54,6 +56,8 @@ class Event(enum.Enum):
     LOST = "lost"  # the connection to the target went away
     RECONNECTED = "reconnected"
     DETACHED = "detached"
+
+    __hash__ = object.__hash__
 
 
 G, E = Guest, Event
