@@ -341,3 +341,65 @@ def test_near_grammatical_garbage_only_ever_raises_fetch_syntax_errors(args):
         parse_fetchargs(args, I386, store)
     except FetchSyntaxError as exc:
         assert 1 <= exc.column <= len(exc.text) + 1
+
+
+class CheapHit(FakeHit):
+    """A hit whose reads come from guest RAM at once (`read_now`): None where RAM cannot answer (a page not
+    mapped, or a read whose turn it is to be checked against the stub), as `GuestMemory.read_now`."""
+
+    reads_are_cheap = True
+
+    def __init__(self, regs, mem=None, refuse_every: int = 0):
+        super().__init__(regs, mem)
+        self.refuse_every = refuse_every
+        self.now = 0
+
+    def read_now(self, addr, n):
+        self.now += 1
+        if self.refuse_every and self.now % self.refuse_every == 0:
+            return None
+        pages = {a // 4096 for a in self.mem}
+        if not all(p in pages for p in range(addr // 4096, (addr + n - 1) // 4096 + 1)):
+            return None
+        return bytes(self.mem.get(a, 0) for a in range(addr, addr + n))
+
+
+PAGES = [0x10000, 0x11000, 0x13000]
+AT_ONCE_FIELDS = ["a=+0(%di):u64", "b=+8(+0(%si)):s32", "s=+0(%si):string", "t=+0(+0(%di)):string",
+                  "arr=+4(%sp):u16[3]", "c=$stack2:x64", "d=+0(+8(+0(%di))):u8", "e=+16(%sp):ustring",
+                  "f=+0(+0(+0(%sp))):x32", "g=+4094(%si):u32"]
+
+
+@given(
+    words=st.lists(st.one_of(st.sampled_from([p + o for p in PAGES for o in (0, 8, 24, 4090)] + [0x20000]),
+                             st.integers(0, 2**64 - 1)), min_size=24, max_size=24),
+    text=st.binary(max_size=12),
+    regs=st.tuples(*[st.sampled_from([p + o for p in PAGES for o in (0, 16, 4088)] + [0x20000])] * 3),
+    refuse_every=st.sampled_from([0, 1, 2, 3, 7]),
+)
+async def test_reads_at_once_give_what_breadth_first_reads_give(words, text, regs, refuse_every):
+    """With guest RAM at hand a hit's fields are read depth-first at once; when RAM cannot answer a read
+    (not mapped, or checked against the stub), the breadth-first reads give the answer. Either way every
+    field is what reading breadth-first alone gives, faults included."""
+    mem = {}
+    for i, w in enumerate(words):
+        put(mem, PAGES[i % 3] + 8 * (i // 3), word(w))
+    put(mem, PAGES[1] + 64, text + b"\0")
+    registers = {"rdi": regs[0], "rsi": regs[1], "rsp": regs[2], "rip": 0x1000}
+    prog = parse_fetchargs(AT_ONCE_FIELDS, X64)
+    expected = await prog.evaluate(FakeHit(registers, mem))
+    cheap = CheapHit(registers, mem, refuse_every)
+    assert await prog.evaluate(cheap) == expected
+    assert not cheap.batches or refuse_every or any(isinstance(v, str) and v.startswith("<fault") for v in expected.values())
+
+
+async def test_reads_at_once_make_no_round_trip():
+    """Every read of a hit's fields served from guest RAM at once: no batch goes to the target."""
+    mem = {}
+    put(mem, 0x10000, word(0x11000) + word(0x11010))
+    put(mem, 0x11000, b"comm\0")
+    put(mem, 0x11010, word(-7, 4))
+    prog = parse_fetchargs(["name=+0(+0(%di)):string", "n=+0(+8(%di)):s32", "p=+0(%di):x64"], X64)
+    cheap = CheapHit({"rdi": 0x10000, "rip": 0x1000}, mem)
+    assert await prog.evaluate(cheap) == {"name": "comm", "n": -7, "p": "0x11000"}
+    assert cheap.batches == [] and cheap.now == 4
