@@ -402,4 +402,4 @@ async def test_reads_at_once_make_no_round_trip():
     prog = parse_fetchargs(["name=+0(+0(%di)):string", "n=+0(+8(%di)):s32", "p=+0(%di):x64"], X64)
     cheap = CheapHit({"rdi": 0x10000, "rip": 0x1000}, mem)
     assert await prog.evaluate(cheap) == {"name": "comm", "n": -7, "p": "0x11000"}
-    assert cheap.batches == [] and cheap.now == 4
+    assert cheap.batches == [] and cheap.now == 5
