@@ -18,6 +18,7 @@ import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from time import perf_counter
+from typing import NoReturn
 
 import trio
 
@@ -409,8 +410,27 @@ class RSPClient:
             finally:
                 self._bounded -= 1
         if scope.cancelled_caught:
-            self.protocol.abandon()
-            raise TargetTimeout(f"the target did not answer within {seconds} s")
+            self.timed_out(seconds)
+
+    def begin_bound(self, scope: trio.CancelScope, seconds: float) -> None:
+        """`bounded` for a caller that keeps one scope across many exchanges (a loop's): from now on, the
+        exchanges are limited by `scope`, whose deadline is set to `seconds` from now. `end_bound` ends it;
+        when the scope is cancelled, the caller calls `timed_out`."""
+        scope.deadline = trio.current_time() + seconds
+        self._bounded += 1
+
+    def end_bound(self, scope: trio.CancelScope) -> None:
+        self._bounded -= 1
+        scope.deadline = math.inf
+
+    def timed_out(self, seconds: float) -> NoReturn:
+        """The exchange begun with `begin_bound` did not finish in time: what `bounded` raises.
+
+        Raises:
+            TargetTimeout: always.
+        """
+        self.protocol.abandon()
+        raise TargetTimeout(f"the target did not answer within {seconds} s")
 
     async def checked(self, payload: bytes, *, timeout: float | None = None) -> bytes:
         """Like `request`, but raise for the error reply and the empty (unsupported) reply.

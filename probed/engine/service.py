@@ -85,6 +85,14 @@ class Service:
     async def loop(self) -> None:
         engine = self.engine
         client = engine.client
+        # One scope bounds every stop's exchanges (its deadline set per stop, cheaper than a scope each).
+        with trio.CancelScope() as bound:
+            await self._loop(bound)
+        client.timed_out(engine.timeout)  # (only a stop's deadline ends the loop here)
+
+    async def _loop(self, bound: trio.CancelScope) -> None:
+        engine = self.engine
+        client = engine.client
         client.poller.window = self.poll_seconds
         guest = engine.guest
         running = False
@@ -108,11 +116,13 @@ class Service:
             finally:
                 self.free_running = False
             guest.move(Event.STOPPED)
+            client.begin_bound(bound, engine.timeout)
+            self.bound = bound
             try:
-                with client.bounded(engine.timeout) as self.bound:
-                    running = await self.on_stop(event)
+                running = await self.on_stop(event)
             finally:
                 self.bound = None
+                client.end_bound(bound)
             if running:
                 # Hits come in bursts: the next stop is likely within a millisecond.
                 client.poll_next()

@@ -85,9 +85,12 @@ class HitRecord:
         return record
 
 
+_ENCODER = json.JSONEncoder(separators=(", ", ": "), default=repr)  # (made once: `json.dumps` with options makes one a call)
+
+
 def encode_record(record: dict[str, Any]) -> str:
     """One hit record as a line of JSON (no newline)."""
-    return json.dumps(record, separators=(", ", ": "), default=repr)
+    return _ENCODER.encode(record)
 
 
 class Subscription:
