@@ -86,7 +86,13 @@ class Breakpoints:
 
     def watching(self) -> bool:
         """Whether a watchpoint is set or about to be (probes' or the debugger's)."""
-        return any(k[0] == "watch" for k in self.installed) or any(k[0] == "watch" for k in self.wanted())
+        # (Without building `wanted`: asked at every simulated step. Only probes and GDB set watchpoints.)
+        if any(k[0] == "watch" for k in self.installed):
+            return True
+        debugger = self.engine.debugger
+        if debugger is not None and any(k[0] == "watch" for k in debugger.keys()):
+            return True
+        return any(k[0] == "watch" and p.active() and p.kind != "user" for k, p in self.engine.table.points.items())
 
     def pending_changes(self) -> set[PointKey]:
         """Breakpoints and watchpoints to insert or remove to match what is wanted."""
