@@ -105,7 +105,7 @@ class GuestMemory:
         self._calls = 0
         self._reads_now = 0
         self._check_next = False  # a read made at once was due to be checked: the next read_many call checks
-        # Kernel ranges mapped once at boot (Linux's direct map and image): where their last-level page-table
+        # Kernel ranges whose upper page-table levels stay put (a Linux kernel's half): where a page's last two
         # entries lie is kept across stops, by 2 MiB granule (see `keep_translations`).
         self._lasting: tuple[tuple[int, int], ...] = ()
         self._kept: dict[int, tuple[int | None, int, int]] = {}  # 2 MiB granule -> PageWalker.leaf_table
@@ -175,7 +175,7 @@ class GuestMemory:
         return not paging.cr3 & USER_PGD_BIT or self._kpti.get(paging.cr3 & ADDRESS_MASK) is False
 
     def _keep(self, paging: Paging, address: int) -> None:
-        """Remember where the last page-table entry of `address` lies, if it is in a lasting range."""
+        """Remember where the last two page-table entries of `address` lie, if it is in a lasting range."""
         if not any(s <= address < e for s, e in self._lasting):
             return
         leaf = self._walker.leaf_table(paging, address)
