@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -67,6 +68,7 @@ class HitContext:
         self._g = g_payload
         self._regs: RegisterView | None = RegisterView(target, g_payload) if g_payload is not None else None
         self.reads = 0
+        self._read_now: Callable[[int, int], bytes | None] | None = None  # guest RAM's, bound to this stop
 
     # -- registers ----------------------------------------------------------------------------------
 
@@ -117,10 +119,13 @@ class HitContext:
     def read_now(self, address: int, length: int) -> bytes | None:
         """Guest memory read at once from guest RAM, or None when it must be read with `read_many` (the stub
         answers it, or it is checked against the stub)."""
-        read_now = getattr(self._target, "read_now", None)
+        read_now = self._read_now
         if read_now is None:
-            return None
-        data = read_now(address, length, self._g, self)
+            memory = getattr(self._target, "memory", None)
+            if memory is None or self._g is None:
+                return None
+            read_now = self._read_now = partial(memory.read_now, registers=self._g, scope=self)
+        data = read_now(address, length)
         if data is not None:
             self.reads += 1
         return data
