@@ -456,8 +456,8 @@ class GuestMemory:
                 if lasting:
                     self._keep(paging, at)
             phys, span = hit
-            if span >= length:
-                return self.ram.read(phys, length)  # (all in one page: the common case)
+            if span >= left and not chunks:
+                return self.ram.read(phys, left)  # (all in one page: the common case)
             n = min(span, left)
             if chunks and chunks[-1][0] + chunks[-1][1] == phys:
                 chunks[-1] = (chunks[-1][0], chunks[-1][1] + n)
