@@ -419,6 +419,13 @@ def test_kept_translations_read_live_entries(monkeypatch):
     assert stop(at["large"]) == ((0x2222).to_bytes(8, "little"), 0)
     assert stop(at["outside"]) == (word, 1)
     assert stop(at["outside"]) == (word, 1)  # not in a lasting range: walked at every stop
+    # A read across two pages: each page's bytes, kept or walked.
+    mem.set(0x4000, 6, 0x14000 | 3)
+    mem.words[0x10000 + 0xFF8] = 0x6666
+    mem.words[0x14000] = 0x7777
+    for _ in range(2):
+        g = object()
+        assert memory.read_now(at["small"] - 0x40 + 0xFF8, 16, g, g) == (0x6666).to_bytes(8, "little") + (0x7777).to_bytes(8, "little")
     # The page made not present: the stub answers (None here), as `m` would fault.
     mem.set(0x4000, 5, 0x10000 | 2)
     assert stop(at["small"]) == (None, 1)
