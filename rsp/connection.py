@@ -145,6 +145,8 @@ class RSPClient:
         self._send_lock = trio.Lock()
         self._monitor_output: list[bytes] | None = None
         self._bounded = 0
+        self.watching = False  # `wait_hangup` waits for the socket's first byte
+        self.wake_on_data = False  # and returns when it comes (see `wait_hangup`)
         self._begun = 0  # replies to `begin` not taken yet
         self.console: list[bytes] = []
         self.poll_until = 0.0
@@ -275,19 +277,25 @@ class RSPClient:
             self.protocol.close()
             raise ConnectionClosed(f"connection lost: {exc}") from exc
 
-    async def wait_hangup(self) -> str:
+    async def wait_hangup(self) -> str | None:
         """Return when the peer closes the connection (why, in words); for a caller that expects nothing
         from the peer meanwhile (the target is stopped). Data that does come is left for the next read,
-        and this then waits for good."""
+        and this then waits for good, unless `wake_on_data` was set while it watched (`watching`): then it
+        returns None (the caller let the target run meanwhile, and this is its stop coming)."""
         sock = getattr(self._stream, "socket", None)
         if sock is None:
             await trio.sleep_forever()
+        self.watching = True
         try:
             data = await sock.recv(1, socket.MSG_PEEK)
         except OSError as exc:
             return f"connection lost: {exc}"
+        finally:
+            self.watching = False
         if not data:
             return "the target closed the connection"
+        if self.wake_on_data:
+            return None
         await trio.sleep_forever()
         raise AssertionError("unreachable")
 

@@ -234,7 +234,10 @@ class Service:
             gone = None
             with trio.CancelScope() as scope:
                 self._parked = scope
-                gone = await self._watch_hangup()
+                try:
+                    gone = await self._watch_hangup()
+                finally:
+                    self.engine.client.wake_on_data = False
             if self._parked is scope:
                 self._parked = None
             if gone is not None:
@@ -334,8 +337,8 @@ class Service:
             raise TargetError("the engine is not attached to a target")
         if self.engine.guest.state is Guest.WAITING:
             raise TargetError(f"the target is not connected ({self.lost_reason}); probed is waiting for it to come back")
-        if self._parked is not None and not self._inline and not self.requests:
-            return await self._run_inline(fn)
+        if self._parked is not None and not self._inline and not self.requests and not self._resumed_inline:
+            return await self._run_inline(fn)  # (parked with the guest held, not watching for a stop)
         req = _Request(fn)
         self.requests.append(req)
         await self.wakeup()
@@ -351,7 +354,9 @@ class Service:
         The loop's hangup watch goes on unless `fn` reads from the target: the client then calls
         `_unpark` first (cancelling the watch frees the socket at once), and the loop waits for `fn` to
         end before it looks at anything. Like work run by the loop, `fn` is not cut short by its caller's
-        cancellation: an exchange with the target is never left half done.
+        cancellation: an exchange with the target is never left half done. When `fn` lets the guest run
+        (GDB's continue), a live watch stays: it ends on the stop's first byte, and the loop then reads the
+        stop (meanwhile nothing more runs inline: the guest is not held).
         """
         self._inline = True
         client = self.engine.client
@@ -365,7 +370,12 @@ class Service:
                     # GDB resumed the guest: the `c` goes now, not after a task switch to the loop (which
                     # waits for the stop next, or learns there that the connection failed).
                     self._resumed_inline = True
-                    self._unpark()
+                    if self._parked is not None and client.watching:
+                        # The parked watch wakes on the stop's first byte: no cancelling it now, and no
+                        # taking the socket out of epoll and putting it back for the stop.
+                        client.wake_on_data = True
+                    else:
+                        self._unpark()
                     await self._resume()
                 return result
         finally:
