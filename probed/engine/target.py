@@ -132,15 +132,6 @@ class Target:
             return await self.memory.read_many(requests, registers, scope)
         return await self.read_many_stub(requests, timeout=timeout)
 
-    def read_local(
-        self, requests: Sequence[tuple[int, int]], registers: bytes | None, scope: object = None
-    ) -> list[bytes] | None:
-        """All of `requests` from guest RAM right now, or None when any needs `read_many` (see
-        `GuestMemory.read_local`)."""
-        if self.memory is None or registers is None:
-            return None
-        return self.memory.read_local(requests, registers, scope)
-
     def read_now(self, address: int, length: int, registers: bytes | None, scope: object = None) -> bytes | None:
         """One read from guest RAM right now, or None when it needs `read_many` (see `GuestMemory.read_now`)."""
         if self.memory is None or registers is None:

@@ -100,10 +100,15 @@ class HitContext:
     async def read_many(self, requests: Sequence[tuple[int, int]]) -> list[bytes | Exception]:
         """Several reads in one round trip; a failed read is returned as its exception."""
         self.reads += len(requests)
-        read_local = getattr(self._target, "read_local", None)
-        if read_local is not None:
-            local = read_local(requests, self._g, self)
-            if local is not None:
+        read_now = self._reader()
+        if read_now is not None:
+            local: list[bytes | Exception] = []
+            for address, length in requests:
+                data = read_now(address, length)
+                if data is None:
+                    break  # (the rest with it, below: where RAM cannot answer, the stub does)
+                local.append(data)
+            else:
                 return local
         # This context lives for one stop: reads share its registers (page tables) and a cache.
         # A handler cancelled at its time limit must not cut a request short (its reply would then be
@@ -119,16 +124,20 @@ class HitContext:
     def read_now(self, address: int, length: int) -> bytes | None:
         """Guest memory read at once from guest RAM, or None when it must be read with `read_many` (the stub
         answers it, or it is checked against the stub)."""
-        read_now = self._read_now
-        if read_now is None:
-            memory = getattr(self._target, "memory", None)
-            if memory is None or self._g is None:
-                return None
-            read_now = self._read_now = partial(memory.read_now, registers=self._g, scope=self)
-        data = read_now(address, length)
+        read_now = self._reader()
+        data = read_now(address, length) if read_now is not None else None
         if data is not None:
             self.reads += 1
         return data
+
+    def _reader(self) -> Callable[[int, int], bytes | None] | None:
+        """Guest RAM's `read_now`, bound to this stop (None without guest RAM or registers)."""
+        if self._read_now is None:
+            memory = getattr(self._target, "memory", None)
+            if memory is None or self._g is None:
+                return None
+            self._read_now = partial(memory.read_now, registers=self._g, scope=self)
+        return self._read_now
 
     @property
     def reads_are_cheap(self) -> bool:

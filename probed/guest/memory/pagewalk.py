@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["EntryMissing", "Paging", "PageWalker"]
+__all__ = ["EntryMissing", "Paging", "PageWalker", "page_through"]
 
 CR0_PG = 1 << 31
 CR4_PSE = 1 << 4
@@ -107,24 +107,10 @@ class PageWalker:
     def leaf_table(self, paging: Paging, vaddr: int) -> tuple[int | None, int, int] | None:
         """Where `vaddr`'s walk ends, on 4- and 5-level paging: (the table holding the entry that points to
         the last table, or None when the last is the PUD; the last table; the shift of its entries' level:
-        12 for a 4 KiB page, 21 for 2 MiB, 30 for 1 GiB), all guest-physical. None where not present."""
-        if paging.kind not in ("4-level", "5-level"):
-            return None
-        table = paging.cr3
-        for shift in ((48, 39) if paging.kind == "5-level" else (39,)):
-            entry = self._entry(table & ADDRESS_MASK, (vaddr >> shift) & 0x1FF, 8)
-            if entry is None or not entry & PRESENT:
-                return None
-            table = entry
-        parent = None
-        for shift in (30, 21):
-            entry = self._entry(table & ADDRESS_MASK, (vaddr >> shift) & 0x1FF, 8)
-            if entry is None or not entry & PRESENT:
-                return None
-            if entry & PS:
-                return parent, table & ADDRESS_MASK, shift
-            parent, table = table & ADDRESS_MASK, entry
-        return parent, table & ADDRESS_MASK, 12
+        12 for a 4 KiB page, 21 for 2 MiB, 30 for 1 GiB), all guest-physical. None where not present.
+        `page_through` reads a page's translation from them again at a later stop."""
+        leaf = self._long_leaf(paging, vaddr) if paging.kind in ("4-level", "5-level") else None
+        return leaf[:3] if leaf is not None else None
 
     def give(self, address: int, data: bytes | None) -> None:
         """The bytes of the page-table entry at physical `address` (None: not readable), after `EntryMissing`."""
@@ -164,28 +150,60 @@ class PageWalker:
             pdpte = self._entry(paging.cr3 & ~0x1F, (vaddr >> 30) & 3, 8)
             if pdpte is None or not pdpte & PRESENT:
                 return None
+            leaf = self._down(None, pdpte & ADDRESS_MASK, vaddr, 21)
         else:
-            bits = 57 if paging.kind == "5-level" else 48
-            top = vaddr >> (bits - 1)
-            if top not in (0, (1 << (65 - bits)) - 1):
-                return None  # not canonical
-            table = paging.cr3
-            for shift in ((48, 39) if paging.kind == "5-level" else (39,)):
-                entry = self._entry(table & ADDRESS_MASK, (vaddr >> shift) & 0x1FF, 8)
-                if entry is None or not entry & PRESENT:
-                    return None
-                table = entry
-            pdpte = self._entry(table & ADDRESS_MASK, (vaddr >> 30) & 0x1FF, 8)
-            if pdpte is None or not pdpte & PRESENT:
+            leaf = self._long_leaf(paging, vaddr)
+        if leaf is None:
+            return None
+        shift, entry = leaf[2], leaf[3]
+        size = 1 << shift
+        return entry & ADDRESS_MASK & ~(size - 1), size
+
+    def _long_leaf(self, paging: Paging, vaddr: int) -> tuple[int | None, int, int, int] | None:
+        """4- and 5-level paging: `_down` from the PDPT, after the levels above it (None if not canonical)."""
+        bits = 57 if paging.kind == "5-level" else 48
+        if vaddr >> (bits - 1) not in (0, (1 << (65 - bits)) - 1):
+            return None  # not canonical
+        table = paging.cr3
+        for shift in ((48, 39) if paging.kind == "5-level" else (39,)):
+            entry = self._entry(table & ADDRESS_MASK, (vaddr >> shift) & 0x1FF, 8)
+            if entry is None or not entry & PRESENT:
                 return None
-            if pdpte & PS:
-                return pdpte & ADDRESS_MASK & ~((1 << 30) - 1), 1 << 30
-        pde = self._entry(pdpte & ADDRESS_MASK, (vaddr >> 21) & 0x1FF, 8)
-        if pde is None or not pde & PRESENT:
+            table = entry
+        return self._down(None, table & ADDRESS_MASK, vaddr, 30)
+
+    def _down(self, parent: int | None, table: int, vaddr: int, shift: int) -> tuple[int | None, int, int, int] | None:
+        """From the entry for `vaddr` at level `shift` (30: PDPT, 21: PD) in `table` down to the last one:
+        (the table above the last, the last table, its level's shift, its entry), or None where not present."""
+        while True:
+            entry = self._entry(table, (vaddr >> shift) & 0x1FF, 8)
+            if entry is None or not entry & PRESENT:
+                return None
+            if shift == 12 or entry & PS:
+                return parent, table, shift, entry
+            parent, table, shift = table, entry & ADDRESS_MASK, shift - 9
+
+
+def page_through(
+    read_phys: Callable[[int, int], bytes | None], leaf: tuple[int | None, int, int], vaddr: int
+) -> tuple[int, int] | None:
+    """(guest-physical base, size) of `vaddr`'s page, read through a walk's end kept from another stop
+    (`PageWalker.leaf_table`): its last entry, and the one above it, read live. None when either changed
+    (not present, repointed elsewhere above, a large page split, pages merged into a large one and their
+    table freed, whose page may hold anything now): then walk again."""
+    parent, table, shift = leaf
+    if parent is not None:
+        data = read_phys(parent + ((vaddr >> (shift + 9)) & 0x1FF) * 8, 8)
+        if data is None:
             return None
-        if pde & PS:
-            return pde & ADDRESS_MASK & ~((2 << 20) - 1), 2 << 20
-        pte = self._entry(pde & ADDRESS_MASK, (vaddr >> 12) & 0x1FF, 8)
-        if pte is None or not pte & PRESENT:
+        above = int.from_bytes(data, "little")
+        if not above & PRESENT or above & PS or above & ADDRESS_MASK != table:
             return None
-        return pte & ADDRESS_MASK, PAGE
+    data = read_phys(table + ((vaddr >> shift) & 0x1FF) * 8, 8)
+    if data is None:
+        return None
+    entry = int.from_bytes(data, "little")
+    if not entry & PRESENT or (shift > 12 and not entry & PS):  # (a PTE's bit 7 is PAT, not PS)
+        return None
+    size = 1 << shift
+    return entry & ADDRESS_MASK & ~(size - 1), size

@@ -34,7 +34,7 @@ from probed.guest.memory.kpti import (
     not_mapped,
     pair_roots,
 )
-from probed.guest.memory.pagewalk import ADDRESS_MASK, PRESENT, PS, PageWalker, Paging
+from probed.guest.memory.pagewalk import ADDRESS_MASK, PageWalker, Paging, page_through
 from probed.guest.memory.qemu_process import GuestMemoryUnavailable, find_qemu_pid, open_process_memory
 from probed.guest.memory.ram import HostRam, RamRange, parse_flat_view, parse_gpa2hva
 from rsp.connection import MAX_MEMORY_READ
@@ -109,8 +109,8 @@ class GuestMemory:
         # entries lie is kept across stops, by 2 MiB granule (see `keep_translations`).
         self._lasting: tuple[tuple[int, int], ...] = ()
         self._kept: dict[int, tuple[int | None, int, int]] = {}  # 2 MiB granule -> PageWalker.leaf_table
-        self._kept_seen: dict[int, tuple[int, int]] = {}  # this stop's kept translations: page -> (base, size)
-        self._mask = (1 << (8 * target.arch.word_size)) - 1 if hasattr(target, "arch") else (1 << 64) - 1
+        self._kept_seen: dict[int, tuple[int, int]] = {}  # this stop's, read through kept ones: page -> (base, size)
+        self._mask = (1 << (8 * target.arch.word_size)) - 1  # (addresses wrap at the word size)
         self.stats = {"direct": 0, "stub": 0, "cached": 0, "checks": 0, "kpti": 0}
 
     @property
@@ -136,35 +136,17 @@ class GuestMemory:
 
     def _kept_translation(self, address: int) -> tuple[int, int] | None:
         page = address >> 12
-        seen = self._kept_seen.get(page)  # (read live once per stop)
-        if seen is not None:
-            base, size = seen
-            offset = address & (size - 1)
-            return base + offset, size - offset
-        kept = self._kept.get(address >> 21)
-        if kept is None:
-            return None
-        parent, table, shift = kept
-        read = self.ram.read
-        if parent is not None:
-            # The entry above must still point to the same table (a table is freed when its pages are
-            # merged into a large one, and its page may then hold anything).
-            data = read(parent + ((address >> (shift + 9)) & 0x1FF) * 8, 8)
-            if data is None:
+        hit = self._kept_seen.get(page)  # (read live once per stop)
+        if hit is None:
+            kept = self._kept.get(address >> 21)
+            if kept is None:
                 return None
-            above = int.from_bytes(data, "little")
-            if not above & PRESENT or above & PS or above & ADDRESS_MASK != table:
+            hit = page_through(self.ram.read, kept, address)
+            if hit is None:
                 return None
-        data = read(table + ((address >> shift) & 0x1FF) * 8, 8)
-        if data is None:
-            return None
-        entry = int.from_bytes(data, "little")
-        if not entry & PRESENT or (shift > 12) != bool(entry & PS):
-            return None  # changed since (not present, split): walked again
-        size = 1 << shift
+            self._kept_seen[page] = hit
+        base, size = hit
         offset = address & (size - 1)
-        base = entry & ADDRESS_MASK & ~(size - 1)
-        self._kept_seen[page] = (base + (offset & ~(PAGE - 1)), PAGE) if shift == 12 else (base, size)
         return base + offset, size - offset
 
     def _maps_kernel(self, paging: Paging) -> bool:
@@ -242,20 +224,6 @@ class GuestMemory:
         if through:
             await self._read_through(root, registers, through, requests, out)
         return out  # type: ignore[return-value]
-
-    def read_local(
-        self, requests: Sequence[tuple[int, int]], registers: bytes, scope: Any = None
-    ) -> list[bytes] | None:
-        """All of `requests` from guest RAM at once, without a round trip or an await; None when any of them
-        needs the stub (see `read_now`): the caller then reads them all with `read_many`, which gives the
-        stub's answers where it must."""
-        out = []
-        for address, length in requests:
-            data = self.read_now(address, length, registers, scope)
-            if data is None:
-                return None
-            out.append(data)
-        return out
 
     def read_now(self, address: int, length: int, registers: bytes, scope: Any = None) -> bytes | None:
         """One read from guest RAM, without a round trip or an await: the hot path of a hit's fetches.
@@ -373,9 +341,8 @@ class GuestMemory:
         if self.ram is not None:
             if self._walker is None:
                 self._walker = PageWalker(self._read_phys)
-            mask = (1 << (8 * self.target.arch.word_size)) - 1
             try:
-                replies = [self._read_virtual(paging, a & mask, n) for a, n in wanted]
+                replies = [self._read_virtual(paging, a & self._mask, n) for a, n in wanted]
             except OSError as exc:
                 self.fall_back(f"reading /proc/PID/mem failed: {exc}")
             else:
@@ -418,11 +385,10 @@ class GuestMemory:
             return
         if self._walker is None:
             self._walker = PageWalker(self._read_phys)
-        mask = (1 << (8 * self.target.arch.word_size)) - 1
         served: list[int] = []
         try:
             for i, (address, length) in enumerate(requests):
-                data = self._read_virtual(paging, address & mask, length)
+                data = self._read_virtual(paging, address & self._mask, length)
                 if data is not None:
                     out[i] = data
                     served.append(i)
