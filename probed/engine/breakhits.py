@@ -108,13 +108,10 @@ class BreakHits:
             (g,) = await client.pipeline([read_registers()], resume=target.step_packet(thread))
             raise_for_error(g, b"g")
             stepped = True
-        elif target.memory is not None and target.memory.direct:
-            # Read the registers; the instruction comes from guest RAM after them.
-            (g,) = await client.pipeline([read_registers()])
-            raise_for_error(g, b"g")
         else:
-            # Read the registers and (speculatively) the instruction of the likely probe.
-            code_at = self._code_guess(guess)
+            # Read the registers and (speculatively) the instruction of the likely probe, unless guest RAM
+            # gives the instruction after them.
+            code_at = self._code_guess(guess) if target.memory is None or not target.memory.direct else None
             reqs = [read_registers()] + ([read_memory(code_at, MAX_INSN)] if code_at is not None else [])
             # (And, at a return probe's function, the return address where it was last time.)
             ahead = engine.returns.prefetch(code_at) if code_at is not None else None
