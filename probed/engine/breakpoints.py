@@ -13,6 +13,7 @@ for breakpoints and "w", "r", "rw" for watchpoints. `Z_TYPES` is the one map bet
 from __future__ import annotations
 
 import logging
+from itertools import chain
 from typing import TYPE_CHECKING
 
 from probed.engine.probes import Probe
@@ -68,7 +69,7 @@ class Breakpoints:
         return build(Z_TYPES[(kind, access)], address, size)
 
     def wanted(self) -> set[PointKey]:
-        want = {key for key, point in self.engine.table.points.items() if point.active() and point.kind != "user"}
+        want = self._probes_own()
         want |= self.engine.uprobes.wanted()  # user probes: an address per process mapping, and kernel hooks
         want |= self.engine.returns.keys()  # return addresses (probed.engine.returns)
         if self.engine.reboot is not None:
@@ -86,13 +87,15 @@ class Breakpoints:
 
     def watching(self) -> bool:
         """Whether a watchpoint is set or about to be (probes' or the debugger's)."""
-        # (Without building `wanted`: asked at every simulated step. Only probes and GDB set watchpoints.)
-        if any(k[0] == "watch" for k in self.installed):
-            return True
+        # (Not through `wanted`, which also works out user probes' addresses: this is asked at every simulated
+        # step, and only probes and GDB set watchpoints.)
         debugger = self.engine.debugger
-        if debugger is not None and any(k[0] == "watch" for k in debugger.keys()):
-            return True
-        return any(k[0] == "watch" and p.active() and p.kind != "user" for k, p in self.engine.table.points.items())
+        keys = chain(self.installed, self._probes_own(), debugger.keys() if debugger is not None else ())
+        return any(k[0] == "watch" for k in keys)
+
+    def _probes_own(self) -> set[PointKey]:
+        """The points of probes themselves (kernel breakpoints and watchpoints; user probes' are per process)."""
+        return {key for key, point in self.engine.table.points.items() if point.active() and point.kind != "user"}
 
     def pending_changes(self) -> set[PointKey]:
         """Breakpoints and watchpoints to insert or remove to match what is wanted."""
