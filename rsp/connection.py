@@ -15,8 +15,7 @@ from __future__ import annotations
 import math
 import os
 import socket
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from time import perf_counter
 from typing import NoReturn
 
@@ -402,28 +401,12 @@ class RSPClient:
         self._check_open()
         self.protocol.post(payloads)
 
-    @contextmanager
-    def bounded(self, seconds: float) -> Iterator[trio.CancelScope]:
-        """One time limit for a whole exchange of several requests (cheaper than one scope each).
-
-        Yields the scope: its `deadline` may be moved (the engine takes a handler's time out of it).
-
-        Raises:
-            TargetTimeout: the exchange did not finish in time.
-        """
-        with trio.move_on_after(seconds) as scope:
-            self._bounded += 1
-            try:
-                yield scope
-            finally:
-                self._bounded -= 1
-        if scope.cancelled_caught:
-            self.timed_out(seconds)
-
     def begin_bound(self, scope: trio.CancelScope, seconds: float) -> None:
-        """`bounded` for a caller that keeps one scope across many exchanges (a loop's): from now on, the
-        exchanges are limited by `scope`, whose deadline is set to `seconds` from now. `end_bound` ends it;
-        when the scope is cancelled, the caller calls `timed_out`."""
+        """One time limit for a whole exchange of several requests (cheaper than one scope each), in a
+        scope the caller keeps across exchanges (a loop's): from now on, requests with no time limit of
+        their own are limited by `scope`, whose deadline is set to `seconds` from now (and may be moved: the
+        engine takes a handler's time out of it). `end_bound` ends it; when the scope is cancelled, the
+        caller calls `timed_out`."""
         scope.deadline = trio.current_time() + seconds
         self._bounded += 1
 
@@ -432,7 +415,7 @@ class RSPClient:
         scope.deadline = math.inf
 
     def timed_out(self, seconds: float) -> NoReturn:
-        """The exchange begun with `begin_bound` did not finish in time: what `bounded` raises.
+        """The exchange begun with `begin_bound` did not finish in time.
 
         Raises:
             TargetTimeout: always.
