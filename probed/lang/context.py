@@ -131,12 +131,12 @@ class HitContext:
         return data
 
     def _reader(self) -> Callable[[int, int], bytes | None] | None:
-        """Guest RAM's `read_now`, bound to this stop (None without guest RAM or registers)."""
+        """The target's `read_now` (guest RAM), bound to this stop (None without it or registers)."""
         if self._read_now is None:
-            memory = getattr(self._target, "memory", None)
-            if memory is None or self._g is None:
+            read_now = getattr(self._target, "read_now", None)
+            if read_now is None or self._g is None:
                 return None
-            self._read_now = partial(memory.read_now, registers=self._g, scope=self)
+            self._read_now = partial(read_now, registers=self._g, scope=self)
         return self._read_now
 
     @property
