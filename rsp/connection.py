@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from time import perf_counter
 from typing import NoReturn
 
@@ -144,6 +145,13 @@ class RSPClient:
         self._send_lock = trio.Lock()
         self._monitor_output: list[bytes] | None = None
         self._bounded = 0
+        # The bound of `begin_bound`: its scope, time allowed, start (perf_counter), and whether the scope's
+        # deadline is set (only once a wait blocks: see `_arm_bound`) or paused (`bound_paused`).
+        self._bound_scope: trio.CancelScope | None = None
+        self._bound_seconds = math.inf
+        self._bound_began = 0.0
+        self._bound_armed = False
+        self._bound_paused = False
         self.watching = False  # `wait_hangup` waits for the socket's first byte
         self.wake_on_data = False  # and returns when it comes (see `wait_hangup`)
         self._begun = 0  # replies to `begin` not taken yet
@@ -263,9 +271,19 @@ class RSPClient:
         if self.claim is not None:
             self.claim()
         try:
-            if self._fd is not None:
-                data = await receive_from(self._fd, self.poll_until)
+            fd = self._fd
+            if fd is not None:
+                if self._bounded and not self._bound_armed:
+                    try:
+                        data = os.read(fd, 65536)
+                    except BlockingIOError:
+                        self._arm_bound()
+                        data = await receive_from(fd, self.poll_until)
+                else:
+                    data = await receive_from(fd, self.poll_until)
             else:
+                if self._bounded:
+                    self._arm_bound()
                 data = await self._stream.receive_some(65536)
             if self._timed:
                 self._timed = False
@@ -404,15 +422,50 @@ class RSPClient:
     def begin_bound(self, scope: trio.CancelScope, seconds: float) -> None:
         """One time limit for a whole exchange of several requests (cheaper than one scope each), in a
         scope the caller keeps across exchanges (a loop's): from now on, requests with no time limit of
-        their own are limited by `scope`, whose deadline is set to `seconds` from now (and may be moved: the
-        engine takes a handler's time out of it). `end_bound` ends it; when the scope is cancelled, the
-        caller calls `timed_out`."""
-        scope.deadline = trio.current_time() + seconds
+        their own must be answered within `seconds` from now (plus any time in `bound_paused`), or `scope`
+        is cancelled. `end_bound` ends it; when the scope is cancelled, the caller calls `timed_out`.
+
+        The scope's deadline is set only when a wait for the target blocks: most exchanges find their
+        reply already there (the target answers on the writer's core), and setting a deadline is not free.
+        """
+        self._bound_scope = scope
+        self._bound_seconds = seconds
+        self._bound_began = perf_counter()
         self._bounded += 1
 
     def end_bound(self, scope: trio.CancelScope) -> None:
         self._bounded -= 1
-        scope.deadline = math.inf
+        self._bound_scope = None
+        if self._bound_armed:
+            self._bound_armed = False
+            scope.deadline = math.inf
+
+    def _arm_bound(self) -> None:
+        """A wait in a bounded exchange is about to block: the bound's deadline goes on its scope."""
+        scope = self._bound_scope
+        if scope is None or self._bound_paused:
+            return
+        self._bound_armed = True
+        scope.deadline = trio.current_time() + self._bound_seconds - (perf_counter() - self._bound_began)
+
+    @contextmanager
+    def bound_paused(self) -> Iterator[None]:
+        """Time spent in this block (a Python handler, which has a time limit of its own) does not count
+        against the bound of `begin_bound`; nor is a wait in it limited by that bound."""
+        scope = self._bound_scope
+        if scope is None or self._bound_paused:
+            yield
+            return
+        if self._bound_armed:
+            self._bound_armed = False
+            scope.deadline = math.inf
+        self._bound_paused = True
+        began = perf_counter()
+        try:
+            yield
+        finally:
+            self._bound_paused = False
+            self._bound_began += perf_counter() - began
 
     def timed_out(self, seconds: float) -> NoReturn:
         """The exchange begun with `begin_bound` did not finish in time.

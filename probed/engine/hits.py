@@ -20,11 +20,8 @@ bounded exchange) is suspended while a Python handler runs and moved on by the t
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-import trio
 
 from probed.engine.probes import Probe
 from probed.errors import ProbedError
@@ -170,16 +167,8 @@ class HitPipeline:
     async def _run_python(self, probe: Probe, handler: PythonHandler, ctx: HitContext) -> Any:
         """Run a Python handler within its time limit, its time taken out of the target's."""
         limit = probe.timeout if probe.timeout is not None else self.engine.handler_timeout
-        bound = self.engine.service.bound
-        if bound is None:
+        with self.engine.client.bound_paused():
             return await handler.run_limited(ctx, limit)
-        saved = bound.deadline
-        bound.deadline = math.inf
-        began = trio.current_time()
-        try:
-            return await handler.run_limited(ctx, limit)
-        finally:
-            bound.deadline = saved + (trio.current_time() - began)
 
     def abandon_open(self, reason: str) -> None:
         """Publish every hit still open (the connection went away): their records say why they end here."""

@@ -73,7 +73,6 @@ class Service:
         self.free_running = False  # a `c` went and no stop came back yet: an interrupt may be sent
         self.gdb_changes = False  # GDB's breakpoint changes wait for the next `c`, in one write with it
         self.dead: BaseException | None = None
-        self.bound: trio.CancelScope | None = None  # the time limit on the target's answers during a stop
         self.reconnects = 0  # connections made again after one was lost
         self.lost_reason: str | None = None  # why the connection was lost, while WAITING
         # After a hit, the next stop may be polled for this long, when that pays on this host (see
@@ -117,11 +116,9 @@ class Service:
                 self.free_running = False
             guest.move(Event.STOPPED)
             client.begin_bound(bound, engine.timeout)
-            self.bound = bound
             try:
                 running = await self.on_stop(event)
             finally:
-                self.bound = None
                 client.end_bound(bound)
             if running:
                 # Hits come in bursts: the next stop is likely within a millisecond.

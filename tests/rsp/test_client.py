@@ -4,6 +4,8 @@ errors and disconnects. (The same client against real QEMU: tests/test_connectio
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import trio
 import trio.testing
@@ -434,3 +436,39 @@ def test_a_peer_that_never_acknowledges_costs_bounded_memory():
         p.receive_data(encode_packet(b"00"))
         events(p)
     assert len(p._unacked) <= 256
+
+
+async def _socket_client() -> tuple[RSPClient, trio.socket.SocketType]:
+    """An RSPClient on a socket (the path QEMU's connection takes), and the raw peer socket."""
+    ours, theirs = trio.socket.socketpair()
+    return RSPClient(trio.SocketStream(ours), timeout=5), theirs
+
+
+async def test_a_bound_exchange_whose_reply_is_there_sets_no_deadline_and_one_that_waits_is_cut():
+    """`begin_bound` limits every request of a stop; the scope's deadline is set only once a wait blocks."""
+    client, peer = await _socket_client()
+    await peer.send(b"+" + encode_packet(b"0123"))  # the answer is there before it is read
+    with trio.CancelScope() as bound:
+        client.begin_bound(bound, 0.2)
+        try:
+            assert await client.request(b"m0,2") == b"0123"
+            assert bound.deadline == math.inf
+            await client.request(b"m2,2")  # never answered
+        finally:
+            client.end_bound(bound)
+    assert bound.cancelled_caught
+    assert bound.deadline == math.inf  # ended: the scope may bound the next stop
+
+
+async def test_time_in_bound_paused_does_not_count_against_the_bound():
+    client, peer = await _socket_client()
+    with trio.CancelScope() as bound:
+        client.begin_bound(bound, 0.2)
+        try:
+            with client.bound_paused():
+                await trio.sleep(0.3)  # a handler's own time: longer than the bound, not counted
+            await peer.send(b"+" + encode_packet(b"OK"))
+            assert await client.request(b"Z0,10,1") == b"OK"
+        finally:
+            client.end_bound(bound)
+    assert not bound.cancelled_caught
