@@ -167,6 +167,12 @@ def decode_payload(raw: bytes) -> bytes:
     return bytes(out)
 
 
+_WHOLE_MAX = 64
+"""Packets up to this long (on the wire) that come whole are remembered by their bytes (`Framer`)."""
+_WHOLE_KEPT = 32
+"""At most this many of them."""
+
+
 class Framer:
     """Turns a byte stream into RSP events, in time linear in the bytes received.
 
@@ -187,9 +193,18 @@ class Framer:
         self.max_packet = max_packet
         self.garbage = 0
         self.oversized = 0
+        # Small packets that came whole, by their bytes on the wire: the same bytes again (a stop reply, an
+        # `OK`) are that event again, without scanning and checking them anew (the hot path of a hit).
+        self._whole: dict[bytes, Event] = {}
+        self._ready: Event | None = None  # such an event, due before anything in `_buf`
 
     def receive_data(self, data: bytes) -> None:
         """Add bytes from the peer (b"" at EOF is accepted and changes nothing)."""
+        if not self._buf and self._ready is None and not self._dropping and type(data) is bytes:
+            ready = self._whole.get(data)
+            if ready is not None:
+                self._ready = ready
+                return
         self._buf += data
 
     @property
@@ -199,6 +214,10 @@ class Framer:
 
     def next_event(self) -> Event | _NeedData:
         """The next complete event, or NEED_DATA."""
+        ready = self._ready
+        if ready is not None:
+            self._ready = None
+            return ready
         buf = self._buf
         while buf:
             if self._dropping:
@@ -240,7 +259,13 @@ class Framer:
                     self.garbage += end + 3
                     del buf[: end + 3]
                     continue
-                return self._take_packet(end, notification=first == 0x25)
+                whole = bytes(buf) if len(buf) == end + 3 and end < _WHOLE_MAX else None
+                event = self._take_packet(end, notification=first == 0x25)
+                if whole is not None and type(event) is Packet:
+                    if len(self._whole) >= _WHOLE_KEPT:
+                        self._whole.clear()
+                    self._whole[whole] = event
+                return event
             if first == 0x2B:
                 del buf[0]
                 return _ACK_EVENT

@@ -203,3 +203,46 @@ def test_a_long_packet_arriving_byte_by_byte_comes_whole():
         assert framer.next_event() is NEED_DATA
     framer.receive_data(wire[-1:])
     assert framer.next_event() == Packet(b"x" * 5000)
+
+
+_POOL = [
+    encode_packet(b"T05thread:01;"),
+    encode_packet(b"OK"),
+    encode_packet(b"E14"),
+    b"$OK#00",  # a bad checksum: an event each time, never remembered as a good packet
+    encode_notification(b"Stop:T05"),
+    b"+",
+    b"$T05thr",  # half a packet: what follows completes it (or makes it garbage)
+    b"junk",
+]
+
+
+@settings(deadline=None)
+@given(st.lists(st.sampled_from(range(len(_POOL))), max_size=40), st.lists(st.booleans(), max_size=40))
+def test_frames_that_come_again_whole_give_the_same_events_as_one_stream(picks, read_between):
+    """Small packets that come whole are remembered by their bytes (the hot path of a stop reply); the
+    events are still exactly those of the same bytes read as one stream."""
+    chunks = [_POOL[i] for i in picks]
+    whole = Framer()
+    whole.receive_data(b"".join(chunks))
+    expected = events(whole)
+    framer = Framer()
+    got = []
+    for chunk, read in zip(chunks, read_between + [True] * len(chunks), strict=False):
+        framer.receive_data(chunk)
+        if read:
+            got += events(framer)
+    got += events(framer)
+    assert got == expected
+    assert framer.garbage == whole.garbage
+
+
+def test_a_remembered_stop_reply_comes_again_in_order_with_what_follows_it():
+    framer = Framer()
+    stop = encode_packet(b"T05thread:01;")
+    framer.receive_data(stop)
+    assert events(framer) == [Packet(b"T05thread:01;")]
+    framer.receive_data(stop)  # the same bytes again: remembered
+    framer.receive_data(stop)  # and once more before the first was taken: read as bytes, after it
+    framer.receive_data(b"+")
+    assert events(framer) == [Packet(b"T05thread:01;"), Packet(b"T05thread:01;"), Ack()]
