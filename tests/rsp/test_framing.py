@@ -246,3 +246,9 @@ def test_a_remembered_stop_reply_comes_again_in_order_with_what_follows_it():
     framer.receive_data(stop)  # and once more before the first was taken: read as bytes, after it
     framer.receive_data(b"+")
     assert events(framer) == [Packet(b"T05thread:01;"), Packet(b"T05thread:01;"), Ack()]
+
+
+@given(st.binary(max_size=3000))
+def test_the_checksum_is_the_sum_of_the_bytes_modulo_256(data):
+    assert checksum(data) == sum(data) % 256
+    assert checksum(b"\xff" * 257) == (255 * 257) % 256  # past one Adler-32 part, all at the largest byte
