@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from probed.errors import FetchSyntaxError
 from probed.guest.symbols import SymbolStore
-from probed.lang.fetch import STRING_MAX, parse_fetchargs
+from probed.lang.fetch import STRING_MAX, FetchEnv, parse_fetchargs
 from rsp.arch import ARCHES
 
 X64 = ARCHES["x86_64"]
@@ -403,3 +403,44 @@ async def test_reads_at_once_make_no_round_trip():
     cheap = CheapHit({"rdi": 0x10000, "rip": 0x1000}, mem)
     assert await prog.evaluate(cheap) == {"name": "comm", "n": -7, "p": "0x11000"}
     assert cheap.batches == [] and cheap.now == 5
+
+
+I386_AT_ONCE_FIELDS = ["a=$arg1:s32", "s=$arg2:string", "t=+0($arg3):string[2]", "sp=%sp", "spv=$stack",
+                       "st=$stack1:u32", "lit=\\\"hi\"", "m=@0x10004:u16[2]", "r=$retval", "sym=+0(%sp):symbol",
+                       "bf=+4(%sp):b4@2/32", "ch=+8(%sp):char", "sa=$stack2:string", "far=+4092(%sp):x64"]
+
+
+@given(
+    words=st.lists(st.one_of(st.sampled_from([p + o for p in PAGES for o in (0, 4, 64, 4093)] + [0x1004, 0x20000]),
+                             st.integers(0, 2**32 - 1)), min_size=24, max_size=24),
+    text=st.binary(max_size=12),
+    sp=st.sampled_from([p + o for p in PAGES for o in (0, 12, 4084)] + [0x20000]),
+    refuse_every=st.sampled_from([0, 1, 2, 5]),
+    bound=st.sampled_from([None, {1: 7, 2: 0x11040, 3: 0x10000}, {1: "<not kept>"}]),
+)
+async def test_every_kind_of_field_reads_the_same_at_once_and_breadth_first(words, text, sp, refuse_every, bound):
+    """The compiled reads at once (`_evaluate_now`) against the generators read breadth-first: stack
+    arguments, string arrays, literals, fixed addresses, `$retval`, symbols, bitfields, characters, and the
+    values a return probe kept at its entry (or could not), on an i386 program."""
+    mem = {}
+    for i, w in enumerate(words):
+        put(mem, PAGES[i % 3] + 4 * (i // 3), word(w, 4))
+    put(mem, PAGES[1] + 64, text + b"\0")
+    put(mem, PAGES[0] + 4093, text[:3].replace(b"\0", b"-"))  # a string that goes on into the next page
+    registers = {"esp": sp, "eax": words[0], "eip": 0x1000}
+    prog = parse_fetchargs(I386_AT_ONCE_FIELDS, I386, env=FetchEnv(retprobe=True))
+    if bound is not None:
+        prog = prog.bind(bound)
+    expected = await prog.evaluate(FakeHit(registers, mem))
+    assert await prog.evaluate(CheapHit(registers, mem, refuse_every)) == expected
+
+
+async def test_a_string_read_at_once_goes_on_into_the_next_page():
+    mem = {}
+    put(mem, 0x10FFD, b"abc")
+    put(mem, 0x11000, b"defg\0")
+    put(mem, 0x12000, word(0x11001, 4) + word(0x10FFD, 4))
+    prog = parse_fetchargs(["s=$arg1:string", "t=+0(%sp):string[2]"], I386)
+    cheap = CheapHit({"esp": 0x12000, "eip": 0x1000}, mem)
+    assert await prog.evaluate(cheap) == {"s": "abcdefg", "t": ["efg", "abcdefg"]}
+    assert cheap.batches == []
