@@ -8,6 +8,7 @@ in tests/test_linux_guest_memory.py.
 
 from __future__ import annotations
 
+import mmap
 import multiprocessing
 import os
 import random
@@ -18,7 +19,7 @@ import trio
 from probed.api import attach
 from probed.guest.memory import GuestMemoryUnavailable
 from probed.guest.memory.pagewalk import PageWalker, Paging
-from probed.guest.memory.qemu_process import find_qemu_pid, open_process_memory
+from probed.guest.memory.qemu_process import find_qemu_pid, open_process_memory, open_shared_backing
 from probed.guest.memory.ram import parse_flat_view
 from probed.guest.memory.reader import GuestMemory
 from probed.testing.qemu import QemuGuest
@@ -255,6 +256,92 @@ async def test_ram_above_the_4g_hole():
         assert len(places) >= 4 and all(a == b for a, b in pairs)
     finally:
         guest.close()
+
+
+@pytest.mark.parametrize(("mode", "mapped"), [("auto", True), ("proc-mem", False)])
+async def test_shared_ram_is_mapped_and_reads_equal_m(mode, mapped):
+    """QEMU's RAM as a shared memfd (`memory-backend-memfd,share=on`): `auto` maps it into probed (no system
+    call per read), `proc-mem` reads it with pread; every read agrees with `m`, and what the stub writes is
+    there at once through the mapping (it is the guest's memory, not a copy)."""
+    rng = random.Random(16)
+    with QemuGuest("i386", stopped=True, shared_ram=True) as guest:
+        async with attach(guest.target, symbols=[str(guest.elf)], stopped=True, guest_memory=mode) as engine:
+            ram = engine.target.memory.ram
+            assert ram is not None and ram.mapped is mapped
+            assert ("mapped shared" in engine.target.memory.describe()) is mapped
+            await stop_in_loop(engine)
+            counts = await compare(engine, spread(rng, 0, 64 << 20, 300) + [(0x9FFF8, 16), (0xFFFFFFF0, 16)])
+            assert counts["direct"] >= 250
+            turns = engine.symbols.lookup("turns").address
+
+            async def poke():
+                await write(engine.target.client, turns, b"\x5a\xa5\x5a\xa5")
+                return ram.read(turns, 4)
+
+            assert await engine.call_stopped(poke) == b"\x5a\xa5\x5a\xa5"
+
+
+async def test_shared_ram_above_the_4g_hole_is_mapped_at_its_offset():
+    """5 GiB of shared memfd RAM: the range at 4 GiB is the file from 3 GiB on (`@OFFSET` in QEMU's flat view),
+    and reads there equal what the stub's physical mode reads."""
+    guest = QemuGuest("x86_64", bare=True, memory="5G", shared_ram=True).start()
+    try:
+        async with attach(guest.target, stopped=True) as engine:
+            ram = engine.target.memory.ram
+            assert ram is not None and ram.mapped and any(r.start == 1 << 32 for r in ram.ranges)
+            client = engine.target.client
+            places = [0x123456, 0xBFFFF000, 1 << 32, (1 << 32) + 0x7654321, (5 << 30) + (1 << 30) - 0x1000 - 64]
+            places = [p for p in places if ram.host_address(p, 64) is not None]
+
+            async def check():
+                await client.checked(b"Qqemu.PhyMemMode:1")
+                try:
+                    for n, p in enumerate(places):
+                        await write(client, p, bytes([n + 1]) * 32 + os.urandom(32))
+                    return [(ram.read(p, 64), await client.read_memory(p, 64)) for p in places]
+                finally:
+                    await client.checked(b"Qqemu.PhyMemMode:0")
+
+            pairs = await engine.call_stopped(check)
+        assert len(places) >= 4 and all(a == b for a, b in pairs)
+    finally:
+        guest.close()
+
+
+def _address_of(view: mmap.mmap) -> int:
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def test_a_shared_file_mapping_is_found_through_the_process_even_split():
+    """A memfd mapped shared in this very process stands in for QEMU's RAM: found through /proc/self, split
+    into several VMAs (mprotect) or not; a private mapping is refused with the reason."""
+    fd = os.memfd_create("probed-test-ram")
+    try:
+        os.ftruncate(fd, 16 * 4096)
+        view = mmap.mmap(fd, 16 * 4096, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        view[5 * 4096 : 5 * 4096 + 5] = b"hello"
+        base = _address_of(view)
+        backing = open_shared_backing(os.getpid(), base + 4096, 8 * 4096)
+        try:
+            assert backing.offset == 4096 and os.pread(backing.fd, 5, 5 * 4096) == b"hello"
+        finally:
+            os.close(backing.fd)
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.mprotect(ctypes.c_void_p(base + 4 * 4096), 4096, mmap.PROT_READ) == 0  # three VMAs now
+        backing = open_shared_backing(os.getpid(), base, 16 * 4096)
+        os.close(backing.fd)
+        assert backing.offset == 0
+        private = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE)
+        with pytest.raises(GuestMemoryUnavailable, match="not a file mapped shared"):
+            open_shared_backing(os.getpid(), _address_of(private), 4096)
+        with pytest.raises(GuestMemoryUnavailable, match="not one shared file mapping throughout"):
+            open_shared_backing(os.getpid(), base + 15 * 4096, 2 * 4096)  # past the file's mapping
+    finally:
+        os.close(fd)
 
 
 # -- finding QEMU, and falling back ----------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Guest RAM read directly on a real Linux kernel (Debian 12's 6.1, 4-level paging): kernel text, data,
 the direct map, the vmalloc'd task stack, and the user half (the process's code, stack and the file name it
-passes to openat), each read equal to the stub's `m` byte for byte, faults included."""
+passes to openat), each read equal to the stub's `m` byte for byte, faults included. The guest's RAM is a
+memfd QEMU maps shared (as for virtiofs), read both ways: mapped into probed, and with `pread` on
+`/proc/PID/mem` as QEMU's default RAM is."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import trio
 
 from probed.api import attach
 from rsp.errors import RemoteError
+from tests.linux.conftest_linux import boot_linux_guest
 
 pytestmark = pytest.mark.linux
 
@@ -19,10 +22,10 @@ PT_REGS = 168  # sizeof(struct pt_regs); ip at 128, sp at 152
 
 
 @pytest.fixture(scope="module")
-def linux_guest(own_linux_guest):
-    """A guest of this module's own: what other modules' tests left running in the session's guest would
-    change what these tests count."""
-    return own_linux_guest
+def linux_guest(tmp_path_factory):
+    """A guest of this module's own (what other modules' tests left running in the session's guest would
+    change what these tests count), its RAM a shared memfd."""
+    yield from boot_linux_guest(tmp_path_factory, shared_ram=True)
 
 
 def _same(a, b) -> bool:
@@ -31,12 +34,14 @@ def _same(a, b) -> bool:
     return a == b
 
 
-async def test_linux_kernel_and_user_reads_equal_m(linux_guest):
+@pytest.mark.parametrize(("mode", "mapped"), [("auto", True), ("proc-mem", False)])
+async def test_linux_kernel_and_user_reads_equal_m(linux_guest, mode, mapped):
     rng = random.Random(615)
-    async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)]) as engine:
+    async with attach(linux_guest.target, symbols=[str(linux_guest.kallsyms)], guest_memory=mode) as engine:
         target = engine.target
         memory = target.memory
         assert memory.direct, memory.reason
+        assert memory.ram.mapped is mapped
         syms = engine.symbols
         results: list = []
 

@@ -82,10 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "and write guest memory)")
     ap.add_argument("--gdb-allow-monitor", action="store_true",
                     help="let GDB's `monitor` commands that end, reset or stop the guest through the stub")
-    ap.add_argument("--guest-memory", choices=["auto", "gdbstub"], default="auto",
+    ap.add_argument("--guest-memory", choices=["auto", "proc-mem", "gdbstub"], default="auto",
                     help="auto: read guest RAM directly from QEMU's process when it runs on this host and "
-                         "/proc/PID/mem is readable, else through the gdbstub (the log says why); "
-                         "gdbstub: always through the gdbstub's m packets")
+                         "/proc/PID/mem is readable (RAM that QEMU maps shared from a file, as "
+                         "memory-backend-memfd or -file with share=on, is mapped into probed: no system call "
+                         "per read), else through the gdbstub (the log says why); proc-mem: the same, always "
+                         "with pread on /proc/PID/mem; gdbstub: always through the gdbstub's m packets")
     ap.add_argument("--qemu-pid", type=int, metavar="PID", help="QEMU's pid, if not found from the gdbstub socket")
     ap.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics here: tcp:127.0.0.1:PORT")
     ap.add_argument("--metrics-public", action="store_true", help="allow --metrics on a non-loopback address")

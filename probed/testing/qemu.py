@@ -116,6 +116,8 @@ class QemuGuest:
         kernel: boot this instead of the bundled guest (e.g. a Linux bzImage), with `append`/`initrd`.
         bare: boot nothing (for reading a machine's registers and target description).
         reboot: a guest reset reboots the machine (else `-no-reboot`: QEMU exits when the guest resets).
+        shared_ram: the guest's RAM is a memfd QEMU maps shared (`memory-backend-memfd,share=on`), as for
+            virtiofs or vhost-user; probed then maps it into its own memory.
 
     Attributes:
         target: what `probed --target` takes: `unix:PATH` or `tcp:127.0.0.1:PORT`.
@@ -138,8 +140,10 @@ class QemuGuest:
         workdir: str | os.PathLike | None = None,
         bare: bool = False,
         reboot: bool = False,
+        shared_ram: bool = False,
     ):
         self.arch = arch
+        self.shared_ram = shared_ram
         self.bare = bare
         self.reboot = reboot
         self.smp = smp
@@ -194,6 +198,9 @@ class QemuGuest:
             args += ["-append", self.append]
         if self.initrd:
             args += ["-initrd", str(self.initrd)]
+        if self.shared_ram:
+            args += ["-object", f"memory-backend-memfd,id=probed-ram,size={self.memory},share=on",
+                     "-machine", "memory-backend=probed-ram"]
         args += self.extra_args
         with open(self.workdir / "qemu.stderr", "wb") as stderr:
             self.proc = subprocess.Popen(

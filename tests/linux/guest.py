@@ -99,6 +99,8 @@ class LinuxGuest:
         reboot: the guest may reboot (QEMU resets it rather than exiting); see `reboot()` and `restart()`.
         cmdline: more kernel arguments (e.g. "pti=on").
         cpu: QEMU's `-cpu` model (QEMU's default when None).
+        shared_ram: the guest's RAM is a memfd QEMU maps shared (`memory-backend-memfd,share=on`), as for
+            virtiofs; probed then maps it too.
 
     Attributes:
         kallsyms: the dump, in /proc/kallsyms format (a cache file; valid after start()).
@@ -109,7 +111,7 @@ class LinuxGuest:
 
     def __init__(self, files: LinuxFiles, workdir: Path, *, fresh_kallsyms: bool = False, memory: str = "512M",
                  kaslr: bool = False, smp: int = 1, module_loop: bool = False, reboot: bool = False,
-                 cmdline: str = "", cpu: str | None = None):
+                 cmdline: str = "", cpu: str | None = None, shared_ram: bool = False):
         self.files = files
         self.kaslr = kaslr
         if kaslr:
@@ -128,7 +130,7 @@ class LinuxGuest:
         append += f" {cmdline}" if cmdline else ""
         self.qemu = QemuGuest(
             "x86_64", kernel=files.vmlinuz, initrd=files.initramfs, append=append, memory=memory, stopped=False,
-            smp=smp, reboot=reboot, extra_args=["-serial", f"file:{self._capture}",
+            smp=smp, reboot=reboot, shared_ram=shared_ram, extra_args=["-serial", f"file:{self._capture}",
                                  "-chardev", f"socket,id=shell,path={self._shell_path},server=on,wait=off",
                                  "-serial", "chardev:shell", *(["-cpu", cpu] if cpu else [])],
         )

@@ -17,8 +17,9 @@ import os
 import socket
 import struct
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-__all__ = ["GuestMemoryUnavailable", "find_qemu_pid", "open_process_memory"]
+__all__ = ["GuestMemoryUnavailable", "SharedBacking", "find_qemu_pid", "open_process_memory", "open_shared_backing"]
 
 
 class GuestMemoryUnavailable(Exception):
@@ -51,6 +52,100 @@ def open_process_memory(pid: int) -> int:
         raise GuestMemoryUnavailable(f"no process {pid}") from None
     except OSError as exc:
         raise GuestMemoryUnavailable(f"cannot open /proc/{pid}/mem: {exc.strerror}") from None
+
+
+@dataclass(frozen=True)
+class SharedBacking:
+    """A file QEMU maps shared at some host addresses (its RAM as `memory-backend-memfd` or
+    `memory-backend-file` with `share=on`): an open descriptor of it, and the file offset of the host
+    address asked about."""
+
+    fd: int
+    offset: int
+    path: str
+
+
+@dataclass(frozen=True)
+class _Vma:
+    start: int
+    end: int
+    shared: bool
+    offset: int
+    device: tuple[int, int]
+    inode: int
+    path: str
+
+
+def _vmas(pid: int) -> list[_Vma]:
+    out = []
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) < 5:
+                    continue
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                major, minor = (int(x, 16) for x in parts[3].split(":"))
+                path = parts[5].rstrip("\n") if len(parts) > 5 else ""
+                out.append(_Vma(start, end, parts[1][3:4] == "s", int(parts[2], 16), (major, minor), int(parts[4]), path))
+    except OSError as exc:
+        raise GuestMemoryUnavailable(f"cannot read /proc/{pid}/maps: {exc.strerror}") from None
+    return out
+
+
+def open_shared_backing(pid: int, host: int, length: int) -> SharedBacking:
+    """The file behind QEMU's host memory `[host, host+length)`, when it is one file mapped shared there (the
+    guest's RAM then is that file, and can be mapped into this process: no system call per read).
+
+    Opened read-only by its path if that is the same file, else through QEMU's descriptor of it
+    (`/proc/PID/fd/N`, which needs the same access as `/proc/PID/mem`: a deleted file, a memfd), else through
+    `/proc/PID/map_files` (root).
+
+    Raises:
+        GuestMemoryUnavailable: the memory is not all one shared file mapping, or the file cannot be opened.
+    """
+    vmas = _vmas(pid)
+    first = next((v for v in vmas if v.start <= host < v.end), None)
+    if first is None:
+        raise GuestMemoryUnavailable(f"QEMU's memory at {host:#x} is not mapped in /proc/{pid}/maps")
+    if not first.shared or not first.inode:
+        raise GuestMemoryUnavailable("QEMU's RAM is not a file mapped shared (memory-backend-memfd or -file with share=on)")
+    # The range may span several VMAs of the same file (QEMU's madvise calls split them), offsets contiguous.
+    at, index = first.end, vmas.index(first)
+    while at < host + length:
+        index += 1
+        nxt = vmas[index] if index < len(vmas) else None
+        if nxt is None or nxt.start != at or (nxt.device, nxt.inode) != (first.device, first.inode) or not nxt.shared \
+                or nxt.offset != first.offset + (nxt.start - first.start):
+            raise GuestMemoryUnavailable(f"QEMU's RAM at {host:#x} is not one shared file mapping throughout")
+        at = nxt.end
+    offset = first.offset + (host - first.start)
+    for candidate in _backing_paths(pid, first):
+        try:
+            fd = os.open(candidate, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        st = os.fstat(fd)
+        if (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) == (*first.device, first.inode):
+            return SharedBacking(fd, offset, first.path)
+        os.close(fd)
+    raise GuestMemoryUnavailable(f"cannot open QEMU's RAM file {first.path!r} (neither by its path nor through /proc/{pid})")
+
+
+def _backing_paths(pid: int, vma: _Vma) -> Iterable[str]:
+    if vma.path.startswith("/") and not vma.path.endswith(" (deleted)"):
+        yield vma.path
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        fds = []
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == vma.path:
+                yield f"/proc/{pid}/fd/{fd}"
+        except OSError:
+            continue
+    yield f"/proc/{pid}/map_files/{vma.start:x}-{vma.end:x}"
 
 
 def _unix_peer_pid(sock: socket.socket) -> int:

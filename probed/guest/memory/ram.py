@@ -17,6 +17,7 @@ Those, MMIO and everything else go to the stub. Memory hot-plug after attach is 
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import weakref
@@ -89,18 +90,34 @@ class HostRam:
         fd: an open `/proc/PID/mem` of QEMU (owned by this object from now on).
         ranges: the host-backed ranges, with their host addresses.
         pid: QEMU's pid (for messages).
+        views: per range (by its start), the range mapped into this process, when QEMU's RAM is a file it maps
+            shared (`memory-backend-memfd`, `-file` with `share=on`): read as memory, with no system call.
+            Ranges without one are read with `pread` on `fd`.
     """
 
-    def __init__(self, fd: int, ranges: list[RamRange], pid: int = 0):
+    def __init__(self, fd: int, ranges: list[RamRange], pid: int = 0, views: dict[int, mmap.mmap] | None = None):
         self.fd = fd
         self.pid = pid
         self._finalizer = weakref.finalize(self, os.close, fd)
         self.ranges = sorted(ranges, key=lambda r: r.start)
         self.size = sum(r.end - r.start for r in self.ranges)
+        self.views = dict(views or {})
+        # (start, end, host, view): what `read` looks through, largest range first (where nearly all reads go).
+        self._spans = sorted(((r.start, r.end, r.host, self.views.get(r.start)) for r in self.ranges),
+                             key=lambda s: s[0] - s[1])
+
+    @property
+    def mapped(self) -> bool:
+        """Every range is mapped into this process (reads are memory reads)."""
+        return bool(self.ranges) and len(self.views) == len(self.ranges)
 
     def close(self) -> None:
         self._finalizer()
         self.fd = -1
+        views, self.views = self.views, {}
+        self._spans = [(start, end, host, None) for start, end, host, _ in self._spans]
+        for view in views.values():
+            view.close()
 
     def host_address(self, phys: int, length: int) -> int | None:
         """Where `[phys, phys+length)` lies in QEMU's memory, or None if it is not all in one range."""
@@ -111,12 +128,15 @@ class HostRam:
 
     def read(self, phys: int, length: int) -> bytes | None:
         """`length` bytes at guest-physical `phys`, or None if they are not all in one range."""
-        host = self.host_address(phys, length)
-        if host is None:
-            return None
-        data = os.pread(self.fd, length, host)
-        return data if len(data) == length else None
+        for start, end, host, view in self._spans:
+            if start <= phys and phys + length <= end:
+                if view is not None:
+                    return view[phys - start : phys - start + length]
+                data = os.pread(self.fd, length, host + (phys - start))
+                return data if len(data) == length else None
+        return None
 
     def describe(self) -> str:
         where = ", ".join(f"{r.start:#x}-{r.end:#x} {r.name}" for r in self.ranges)
-        return f"QEMU pid {self.pid}: {where}"
+        how = "mapped shared" if self.mapped else "/proc/PID/mem"
+        return f"QEMU pid {self.pid} ({how}): {where}"

@@ -19,6 +19,7 @@ in `reason`.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -35,7 +36,12 @@ from probed.guest.memory.kpti import (
     pair_roots,
 )
 from probed.guest.memory.pagewalk import ADDRESS_MASK, PageWalker, Paging, page_through
-from probed.guest.memory.qemu_process import GuestMemoryUnavailable, find_qemu_pid, open_process_memory
+from probed.guest.memory.qemu_process import (
+    GuestMemoryUnavailable,
+    find_qemu_pid,
+    open_process_memory,
+    open_shared_backing,
+)
 from probed.guest.memory.ram import HostRam, RamRange, parse_flat_view, parse_gpa2hva
 from rsp.connection import MAX_MEMORY_READ
 from rsp.errors import RemoteError
@@ -44,7 +50,7 @@ __all__ = ["GuestMemory", "MODES", "open_guest_memory"]
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "gdbstub")
+MODES = ("auto", "proc-mem", "gdbstub")
 X86 = ("i386", "x86_64")
 CHECK_FIRST = 8  # the first calls served directly are all checked against `m`
 CHECK_EVERY = 64  # then one call in this many
@@ -503,7 +509,8 @@ async def open_guest_memory(target: Any, mode: str = "auto", pid: int | None = N
     Args:
         target: the attached target (stopped).
         mode: "auto" (read RAM directly when QEMU runs on this host and its memory is readable, else the
-            stub, saying why) or "gdbstub" (the stub only).
+            stub, saying why; RAM that QEMU maps shared from a file is mapped into this process), "proc-mem"
+            (the same, but always with `pread` on `/proc/PID/mem`) or "gdbstub" (the stub only).
         pid: QEMU's pid, when it cannot be found from the gdbstub connection (or to override it).
     """
     if mode not in MODES:
@@ -514,7 +521,7 @@ async def open_guest_memory(target: Any, mode: str = "auto", pid: int | None = N
         return GuestMemory(target, None, f"direct reads walk x86 page tables; this target is {target.arch.name}")
     memory = GuestMemory(target, None, "not set up")
     try:
-        memory.ram = await _map_ram(target, pid)
+        memory.ram = await _map_ram(target, pid, shared=mode == "auto")
         memory.reason = None
         await _check_at_attach(memory)
     except GuestMemoryUnavailable as exc:
@@ -526,7 +533,7 @@ async def open_guest_memory(target: Any, mode: str = "auto", pid: int | None = N
     return memory
 
 
-async def _map_ram(target: Any, pid: int | None) -> HostRam:
+async def _map_ram(target: Any, pid: int | None, *, shared: bool = True) -> HostRam:
     if pid is None:
         sock = getattr(getattr(target.client, "_stream", None), "socket", None)
         if sock is None:
@@ -547,7 +554,30 @@ async def _map_ram(target: Any, pid: int | None) -> HostRam:
     except BaseException:
         os.close(fd)
         raise
-    return HostRam(fd, mapped, pid)
+    return HostRam(fd, mapped, pid, _map_shared(pid, mapped) if shared else None)
+
+
+def _map_shared(pid: int, ranges: list[RamRange]) -> dict[int, mmap.mmap]:
+    """The ranges QEMU maps shared from a file, mapped read-only here too (by range start); the others are
+    read with `pread`, and the first reason why is logged."""
+    views: dict[int, mmap.mmap] = {}
+    for r in ranges:
+        try:
+            backing = open_shared_backing(pid, r.host, r.end - r.start)
+        except GuestMemoryUnavailable as exc:
+            log.info("guest memory: %s (%s) read with pread on /proc/%d/mem: %s", r.name, f"{r.start:#x}", pid, exc)
+            continue
+        try:
+            if backing.offset % mmap.ALLOCATIONGRANULARITY:
+                log.info("guest memory: %s is not page-aligned in its file: read with pread", r.name)
+                continue
+            views[r.start] = mmap.mmap(backing.fd, r.end - r.start, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
+                                       offset=backing.offset)
+        except (OSError, ValueError) as exc:
+            log.info("guest memory: cannot map %s from %s: %s", r.name, backing.path, exc)
+        finally:
+            os.close(backing.fd)
+    return views
 
 
 async def _monitor(target: Any, command: str) -> str:
