@@ -8,9 +8,18 @@ doing the same reads over raw RSP one packet at a time, side by side on the same
    string), `how->flags`, the task's comm (`current->comm`, as `$comm` does) and its parent's comm (a field
    two pointers away: `current->real_parent->comm`). The guest opens files at its own pace (a shell loop
    with a sleep), so the yardstick is the time the guest stays stopped per hit, from the stop reply to the
-   `c` that resumes it, measured the same way for all three.
+   `c` that resumes it, measured the same way for all of them.
 
-    python bench/fetch.py [--hits N] [--linux-hits N] [--rounds N] [--no-linux]
+Each variant's first WARMUP hits are not counted, the raw loop's neither: they pay for attaching (the
+first reads are all checked against `m`, translations are learnt, code is loaded), which a running daemon
+has done long before; what is compared is what a hit costs.
+
+Both guests' RAM is a memfd QEMU maps shared (`memory-backend-memfd,share=on`, as virtiofs needs), so
+probed's guest RAM is measured both ways: mapped into probed (`--guest-memory auto`) and read with `pread`
+on `/proc/PID/mem` (`--guest-memory proc-mem`, what anonymous RAM, QEMU's default, gets). `--anon-ram`
+runs QEMU with its default RAM instead (then only the second way exists).
+
+    python bench/fetch.py [--hits N] [--linux-hits N] [--rounds N] [--no-linux] [--anon-ram]
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ STRING = 256  # what a string fetch reads first (up to the page's end)
 CONTINUE = encode_packet(b"c")
 POLL: float | None = None
 RAW_WRITES = 9.0  # g, 6 m, s, c
+SHARED_RAM = True  # the guests' RAM is a shared memfd (see the module's docstring)
+WARMUP = 20  # hits of each variant not counted: the first ones pay for set-up (what a running daemon has done)
 
 
 class StopClock:
@@ -71,6 +82,10 @@ class StopClock:
 
         client.wait_stop, client._send = timed_wait_stop, timed_send
 
+    def reset(self) -> None:
+        """Count from the next stop on (the warm-up hits are over)."""
+        self.total, self.count, self.writes, self._since = 0.0, 0, 0, None
+
     @property
     def per_hit_us(self) -> float:
         return 1e6 * self.total / max(self.count, 1)
@@ -94,9 +109,11 @@ class RawFetchLoop(RawLoop):
         assert self.ask(b"Z0,%x,1" % address) == b"OK"
         stopped = 0.0
         got = []
-        self.cpu = -cpu_now(qemu_pid)
-        t0 = time.perf_counter()
-        for _ in range(hits):
+        for i in range(WARMUP + hits):
+            if i == WARMUP:  # (the warm-up hits are not counted, as for probed)
+                stopped, got = 0.0, []
+                self.cpu = -cpu_now(qemu_pid)
+                t0 = time.perf_counter()
             self.sock.sendall(CONTINUE)
             self.packet()  # the stop at the breakpoint
             since = time.perf_counter()
@@ -159,9 +176,12 @@ async def probed_i386(target: str, elf: Path, hits: int, mode: str, qemu_pid: in
         if POLL is not None:
             engine.poll_seconds = POLL
         probe = await engine.add_probe("probe_target", pre=I386_FIELDS)
-        with engine.hub.subscribe(probe.id, maxsize=hits + 10) as sub:
-            t0, cpu = time.perf_counter(), cpu_now(qemu_pid)
+        with engine.hub.subscribe(probe.id, maxsize=WARMUP + hits + 10) as sub:
             await engine.resume()
+            for _ in range(WARMUP):
+                await sub.receive()
+            clock.reset()
+            t0, cpu = time.perf_counter(), cpu_now(qemu_pid)
             records = [(await sub.receive())["pre"] for _ in range(hits)]
             elapsed, cpu = time.perf_counter() - t0, 1e6 * (cpu_now(qemu_pid) - cpu) / hits
         check_i386(records)
@@ -215,7 +235,10 @@ async def probed_linux(target: str, kallsyms: str, hits: int, mode: str, fields:
         if POLL is not None:
             engine.poll_seconds = POLL
         probe = await engine.add_probe("do_sys_openat2", pre=fields)
-        with engine.hub.subscribe(probe.id, maxsize=hits + 10) as sub:
+        with engine.hub.subscribe(probe.id, maxsize=WARMUP + hits + 10) as sub:
+            for _ in range(WARMUP):
+                await sub.receive()
+            clock.reset()
             records = [(await sub.receive())["pre"] for _ in range(hits)]
         await engine.remove_probe(probe.id)
         return clock.per_hit_us, clock.writes_per_hit, engine.target.memory.describe(), records
@@ -232,17 +255,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of all variants, one after the other")
     ap.add_argument("--no-linux", action="store_true")
     ap.add_argument("--no-i386", action="store_true")
+    ap.add_argument("--anon-ram", action="store_true", help="QEMU's default (anonymous) RAM, not a shared memfd")
     ap.add_argument("--poll", type=float, default=None, metavar="SECONDS",
                     help="the engine's busy-poll after a hit (default: the engine's own, 1 ms with 2+ cores)")
     args = ap.parse_args()
     global POLL
     POLL = args.poll
     hits, rounds = args.hits, args.rounds
-    modes = (("auto", "probed, guest RAM"), ("gdbstub", "probed, stub only"))
-    rate: dict[str, list[float]] = {"raw": [], "auto": [], "gdbstub": []}
-    stopped: dict[str, list[float]] = {"raw": [], "auto": [], "gdbstub": []}
+    global SHARED_RAM
+    SHARED_RAM = not args.anon_ram
+    modes = ((("auto", "probed, guest RAM mapped"),) if SHARED_RAM else ()) + (
+        ("proc-mem", "probed, guest RAM by pread"), ("gdbstub", "probed, stub only"))
+    rate: dict[str, list[float]] = {"raw": [], **{m: [] for m, _ in modes}}
+    stopped: dict[str, list[float]] = {"raw": [], **{m: [] for m, _ in modes}}
     writes: dict[str, float] = {"raw": RAW_WRITES}
-    cpu: dict[str, list[float]] = {"raw": [], "auto": [], "gdbstub": []}
+    cpu: dict[str, list[float]] = {"raw": [], **{m: [] for m, _ in modes}}
     if not args.no_i386:
         _i386(hits, rounds, modes, rate, stopped, writes, cpu)
     if args.no_linux:
@@ -251,7 +278,7 @@ def main() -> None:
 
 
 def _i386(hits, rounds, modes, rate, stopped, writes, cpu) -> None:
-    with QemuGuest("i386", stopped=True) as guest:
+    with QemuGuest("i386", stopped=True, shared_ram=SHARED_RAM) as guest:
         addr, turns = symbol_address(guest.elf, "probe_target"), symbol_address(guest.elf, "turns")
         print(f"i386 guest, probe_target with {' '.join(I386_FIELDS)}; {rounds} rounds of {hits} hits, medians")
         for _ in range(rounds):
@@ -279,8 +306,8 @@ def _i386(hits, rounds, modes, rate, stopped, writes, cpu) -> None:
 def _linux(n, rounds, modes, writes) -> None:
     from tests.linux.guest import LinuxGuest, fetch_linux
 
-    per: dict[str, list[float]] = {"raw": [], "auto": [], "gdbstub": []}
-    with tempfile.TemporaryDirectory() as work, LinuxGuest(fetch_linux(), Path(work)) as linux:
+    per: dict[str, list[float]] = {"raw": [], **{m: [] for m, _ in modes}}
+    with tempfile.TemporaryDirectory() as work, LinuxGuest(fetch_linux(), Path(work), shared_ram=SHARED_RAM) as linux:
         off = trio.run(linux_offsets, linux.target, str(linux.kallsyms))
         fields = linux_fields(off)
         addr = trio.run(_address_of, linux.target, str(linux.kallsyms), "do_sys_openat2")
@@ -306,7 +333,8 @@ def _linux(n, rounds, modes, writes) -> None:
         speeds = {mode: trio.run(bulk_read, linux.target, str(linux.kallsyms), mode) for mode, _ in modes}
         for mode, label in modes:
             print(f"  {label:<38} {speeds[mode]:8.1f} MiB/s")
-        print(f"  ratio guest RAM / stub only: {speeds['auto'] / speeds['gdbstub']:.0f}")
+        for mode, label in modes[:-1]:
+            print(f"  ratio {label} / stub only: {speeds[mode] / speeds['gdbstub']:.0f}")
 
 
 BULK = 4 << 20
