@@ -179,7 +179,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--cmdline", default="", help="more kernel arguments, e.g. pti=on")
-    ap.add_argument("--guest-memory", default="auto", choices=["auto", "gdbstub"])
+    ap.add_argument("--guest-memory", default="auto", choices=["auto", "proc-mem", "gdbstub"])
     options = ap.parse_args()
     calls, memory = options.calls, options.guest_memory
     address = STATIC_BASE + UserElf(uprog_path(CACHE / "linux", "utarget")).resolve("utarget")
