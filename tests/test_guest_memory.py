@@ -279,6 +279,9 @@ async def test_shared_ram_is_mapped_and_reads_equal_m(mode, mapped):
                 return ram.read(turns, 4)
 
             assert await engine.call_stopped(poke) == b"\x5a\xa5\x5a\xa5"
+            views = list(ram.views.values())
+        # Detached: QEMU's memory is let go (a mapping would keep an exited QEMU's RAM allocated).
+        assert engine.target.memory.ram is None and all(view.closed for view in views)
 
 
 async def test_shared_ram_above_the_4g_hole_is_mapped_at_its_offset():

@@ -200,6 +200,8 @@ class Engine:
                 with trio.CancelScope(shield=True):
                     with trio.move_on_after(5):
                         await service.shutdown()
+            if self.target is not None and self.target.memory is not None:
+                self.target.memory.close()
             self.hub.close()
             self.guest.move(Event.DETACHED)
 

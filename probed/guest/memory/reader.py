@@ -182,8 +182,12 @@ class GuestMemory:
         self.reason = reason
 
     def close(self) -> None:
+        """Let go of QEMU's memory (its `/proc/PID/mem`, and shared RAM mapped here, which a QEMU that
+        exited would otherwise leave allocated); reads go through the stub from now on."""
         if self.ram is not None:
             self.ram.close()
+        self.ram = None
+        self.reason = self.reason or "closed"
 
     # -- reads ---------------------------------------------------------------------------------------
 
