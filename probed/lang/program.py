@@ -300,15 +300,20 @@ class FetchProgram:
                 raise _FieldError(message)
 
             return failed
+        register = None
         if isinstance(node, Arg):
             where, loc = arch.arg_location(node.index)
             if where != "reg":
                 sp = arch.sp
                 return lambda regs, read_now: word(read_now, _register(regs, sp) + loc)
-            node = Reg(loc)
-        name = {Reg: lambda: node.name, RetVal: lambda: arch.return_register, StackPointer: lambda: arch.sp}.get(type(node))
-        if name is not None:
-            register = name()
+            register = loc
+        elif isinstance(node, Reg):
+            register = node.name
+        elif isinstance(node, RetVal):
+            register = arch.return_register
+        elif isinstance(node, StackPointer):
+            register = arch.sp
+        if register is not None:
             return lambda regs, read_now: _register(regs, register)
         address = self._now_address(node)
         return lambda regs, read_now: word(read_now, address(regs, read_now))
