@@ -81,6 +81,19 @@ def _fault(address: int, cause: Exception) -> _FieldError:
     return _FieldError(f"<fault reading {address:#x}: {cause}>")
 
 
+def _at_once(gen: Generator[_Read, Any, Any], read_now: _ReadNow) -> Any:
+    """Run a generator of reads (a field's, a string's) with each read answered at once by `read_now`."""
+    try:
+        request = next(gen)
+        while True:
+            data = read_now(*request)
+            if data is None:
+                raise _NotNow
+            request = gen.send(data)
+    except StopIteration as stop:
+        return stop.value
+
+
 def _register(regs: Mapping[str, int], name: str) -> int:
     try:
         return regs[name]
@@ -257,19 +270,7 @@ class FetchProgram:
         return compiled
 
     def _now_generator(self, f: FetchField) -> _NowField:
-        def field(regs: Mapping[str, int], read_now: _ReadNow, ctx: Any) -> Any:
-            gen = self._field(f, regs, ctx)
-            try:
-                request = next(gen)
-                while True:
-                    data = read_now(*request)
-                    if data is None:
-                        raise _NotNow
-                    request = gen.send(data)
-            except StopIteration as stop:
-                return stop.value
-
-        return field
+        return lambda regs, read_now, ctx: _at_once(self._field(f, regs, ctx), read_now)
 
     def _now_reader(self) -> tuple[Callable[[_ReadNow, int, int], bytes], Callable[[_ReadNow, int], int]]:
         """`_read` and `_word` for reads at once (a read RAM cannot answer raises `_NotNow`)."""
@@ -331,22 +332,7 @@ class FetchProgram:
 
     def _now_string(self) -> Callable[[_ReadNow, int], str]:
         """`_string` at once (no faults here: a read RAM cannot answer ends the whole evaluation)."""
-        read, _ = self._now_reader()
-
-        def string(read_now: _ReadNow, address: int) -> str:
-            out = bytearray()
-            while len(out) < STRING_MAX:
-                chunk = min(STRING_MAX - len(out), PAGE - (address % PAGE))
-                data = read(read_now, address, chunk)
-                nul = data.find(b"\0")
-                if nul >= 0:
-                    out += data[:nul]
-                    break
-                out += data
-                address += chunk
-            return out.decode("utf-8", errors="replace")
-
-        return string
+        return lambda read_now, address: _at_once(self._string(address), read_now)
 
     def _now_field(self, f: FetchField) -> _NowField:
         t = f.type
