@@ -260,17 +260,7 @@ class FetchProgram:
     # -- compiled for reads at once (`_evaluate_now`): `_field`, `_value` and `_address` as plain calls ------
 
     def _compile_now(self) -> list[tuple[str, _NowField]]:
-        compiled = []
-        for f in self.fields_spec:
-            try:
-                field = self._now_field(f)
-            except AssertionError:  # a shape only `_field` knows what to do with: its generator, fed at once
-                field = self._now_generator(f)
-            compiled.append((f.name, field))
-        return compiled
-
-    def _now_generator(self, f: FetchField) -> _NowField:
-        return lambda regs, read_now, ctx: _at_once(self._field(f, regs, ctx), read_now)
+        return [(f.name, self._now_field(f)) for f in self.fields_spec]
 
     def _now_reader(self) -> tuple[Callable[[_ReadNow, int, int], bytes], Callable[[_ReadNow, int], int]]:
         """`_read` and `_word` for reads at once (a read RAM cannot answer raises `_NotNow`)."""
