@@ -349,12 +349,6 @@ class Emulator:
             read: reads guest memory for loads (None back: the CPU would fault; step instead).
         """
         word, mask = self.word, self.mask
-        if plan.kind == "nop":  # (most probes sit on one: the fentry NOP, an ENDBR)
-            new_pc = (pc + plan.length) & mask
-            pc_name = self.arch.pc
-            layout = self.layout
-            return Outcome(layout.patch(g, pc_name, new_pc), [],
-                           [write_register(layout.regnum(pc_name), layout.encode_p(pc_name, new_pc))])
         g0 = g
         touched: set[str] = set()
         next_pc = (pc + plan.length) & mask
