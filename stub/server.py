@@ -133,7 +133,6 @@ class GdbSession:
         self.pollers = {False: PollChooser(window, free_cores=cores.free), True: PollChooser(window, free_cores=cores.free)}
         self._fd = stream_fd(stream)
         self._parsed: dict[bytes, Command] = {}
-        self._threads_document: tuple[list, bytes] | None = None  # the `qXfer:threads` document, for these threads
 
     async def send(self, data: bytes) -> None:
         """Write to GDB.
@@ -337,11 +336,8 @@ class GdbSession:
             elif isinstance(cmd, CurrentThread) and (current := self._current_thread()) is not None:
                 await self.reply(reply.current_thread_reply(_for_gdb(current)))
             elif isinstance(cmd, XferRead) and cmd.object == "threads" and not cmd.annex:
-                threads = engine.target.threads
-                known = self._threads_document
-                if known is None or known[0] != threads:  # (asked at every stop; the vCPUs stay)
-                    known = self._threads_document = (list(threads), reply.threads_document(_for_gdb(t) for t in threads))
-                await self.reply(reply.xfer_part(known[1], cmd.offset, cmd.length))
+                document = reply.threads_document(_for_gdb(t) for t in engine.target.threads)
+                await self.reply(reply.xfer_part(document, cmd.offset, cmd.length))
             elif isinstance(cmd, ThreadInfoNext):
                 await self.reply(reply.thread_list(()))
             elif isinstance(cmd, ReadMemory) and not self.phys:
