@@ -563,7 +563,7 @@ async def _map_ram(target: Any, pid: int | None, *, shared: bool = True) -> Host
 
 def _map_shared(pid: int, ranges: list[RamRange]) -> dict[int, mmap.mmap]:
     """The ranges QEMU maps shared from a file, mapped read-only here too (by range start); the others are
-    read with `pread`, and the first reason why is logged."""
+    read with `pread`, and why is logged."""
     views: dict[int, mmap.mmap] = {}
     for r in ranges:
         try:
