@@ -63,8 +63,9 @@ def stream_fd(stream: trio.abc.Stream) -> int | None:
     return sock.fileno() if sock is not None else None
 
 
-async def receive_from(fd: int, poll_until: float = 0.0) -> bytes:
+async def receive_from(fd: int, poll_until: float = 0.0, before_waiting: Callable[[], None] | None = None) -> bytes:
     """What a socket holds now, or, when nothing, the next bytes it gets (b"" at the peer's end).
+    `before_waiting` is called once when nothing is there yet (a time limit that only waits need).
 
     Until `poll_until` (a `time.perf_counter` time) the socket is polled between scheduler passes (other
     tasks run, and their sockets are polled too), then slept on in epoll as usual: bytes expected within
@@ -83,6 +84,9 @@ async def receive_from(fd: int, poll_until: float = 0.0) -> bytes:
         try:
             return os.read(fd, 65536)
         except BlockingIOError:
+            if before_waiting is not None:
+                before_waiting()
+                before_waiting = None
             if perf_counter() < poll_until:
                 await trio.lowlevel.checkpoint()
             else:
@@ -273,14 +277,8 @@ class RSPClient:
         try:
             fd = self._fd
             if fd is not None:
-                if self._bounded and not self._bound_armed:
-                    try:
-                        data = os.read(fd, 65536)
-                    except BlockingIOError:
-                        self._arm_bound()
-                        data = await receive_from(fd, self.poll_until)
-                else:
-                    data = await receive_from(fd, self.poll_until)
+                arm = self._arm_bound if self._bounded and not self._bound_armed else None
+                data = await receive_from(fd, self.poll_until, arm)
             else:
                 if self._bounded:
                     self._arm_bound()
