@@ -1,4 +1,5 @@
 # `make demo` and `make test` do all the set-up on a fresh Debian 12 machine.
+PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -6,7 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: test demo bench lint tools clean
 
 $(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
