@@ -1,5 +1,7 @@
 # `make demo` and `make test` do all the set-up on a fresh Debian 12 machine.
-PYTHON ?= python3
+# Debian's own python3 (PGO and LTO, linked statically) runs the daemon's hot paths faster than a default
+# pyenv build (docs/gdb.md); taken where it can make a venv. PYTHON=... picks another.
+PYTHON ?= $(shell /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 && echo /usr/bin/python3 || echo python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
