@@ -95,6 +95,26 @@ async def same_steps(direct: RSPClient, client: RSPClient, engine: Engine, count
     return watched, compared
 
 
+async def test_a_continues_stop_carries_every_register_and_a_steps_three(tmp_path):
+    """GDB shows the frame it stopped in after a continue and reads every register for it: they come with
+    the stop reply. After a step it looks at sp, fp and pc only."""
+    with QemuGuest("i386") as guest:
+        async with through_stub(guest, tmp_path) as (engine, client):
+            layout = engine.target.layout
+            entry = engine.symbols.lookup("probe_target").address
+            assert await client.request(b"Z0,%x,1" % entry) == b"OK"
+            stop = await stop_after(client, b"c")
+            g = await client.request(b"g")
+            every = layout.expedited(g)
+            assert stop.registers == every and len(every) > 3
+            assert layout.value(g, engine.arch.pc) == entry
+            assert await client.request(b"z0,%x,1" % entry) == b"OK"
+            step = await stop_after(client, b"s")
+            carried = {layout.registers[name].regnum for name in expedited(engine.arch)}
+            assert step.registers == {k: v for k, v in layout.expedited(await client.request(b"g")).items() if k in carried}
+            assert len(step.registers) == 3
+
+
 async def run_both_to(direct: RSPClient, client: RSPClient, address: int) -> None:
     for c in (direct, client):
         assert await c.request(b"Z0,%x,1" % address) == b"OK"
