@@ -94,14 +94,17 @@ MAX_PACKET = 4 * PACKET_SIZE
 HOT_SECONDS = 0.001
 """How long the stub may poll for GDB's next packet (when `rsp.polling.PollChooser` finds it pays)."""
 
-def expedited(arch: Any) -> tuple[str, ...]:
-    """The registers a step's stop reply carries: the stack pointer, frame pointer and pc, which GDB reads at
-    every stop to know where it is and in which frame (`stepi` compares frames); a continue's carries all
-    (`GdbSession._stop_payload`). GDB's `g` for the others is
-    answered from what the engine read at the stop. Measured with `bench/gdb_proxy.py` on one core (the
-    rounds agree there): these three, stepi 1.16 and continue 0.73 of GDB straight to QEMU; all 16
-    general registers, 0.93-0.98 and 0.69 (GDB takes longer parsing them than a `g`); the pc alone, or
-    none, 0.95-0.97 and 0.71 (GDB then asks for `g` at every stop)."""
+def expedited(arch: Any, *, step: bool = True) -> tuple[str, ...] | None:
+    """The registers a stop reply carries (None: all of them).
+
+    After a step, the stack pointer, frame pointer and pc: what GDB reads at every stop to know where it is
+    and in which frame (`stepi` compares frames); it parses three faster than more, and its `g` for the
+    others is answered from what the engine read at the stop. After a continue, all: GDB shows the frame
+    it stopped in and reads every register for that, which then takes no `g`. Measured with
+    `bench/gdb_proxy.py`: see docs/gdb.md, "Fewer round trips for GDB".
+    """
+    if not step:
+        return None
     return tuple(name for name in (arch.sp, arch.fp, arch.pc) if name)
 
 
@@ -281,12 +284,8 @@ class GdbSession:
         return self.link.current_thread or (threads[0] if threads else None)
 
     def _stop_payload(self, event: StopEvent) -> bytes:
-        """The stop reply, with registers as the engine read them at the stop: after a step, those GDB reads
-        at every stop (`expedited`); after a continue, all of them. GDB shows the frame it stopped in after
-        a continue, and reads every register for that (a `g` after the stack's `m`), which then needs no
-        exchange: `continue` through the stub 0.640 and 0.650 of direct with three, 0.678 and 0.698 with
-        all (two daemons each, side by side, 61 rounds). After a step GDB looks at sp, fp and pc only,
-        and parses three faster than all."""
+        """The stop reply, with the registers `expedited` names for GDB's last resume, as the engine read
+        them at the stop."""
         if isinstance(event, StopReply) and event.thread is not None and event.thread.pid is not None:
             event = replace(event, thread=_for_gdb(event.thread))
         payload = reply.stop_reply(event)
@@ -296,7 +295,7 @@ class GdbSession:
         if g is None:
             return payload
         # `T` and the signal, then the registers (the manual has them come first), then the rest.
-        names = expedited(self.engine.arch) if self._stepped else None
+        names = expedited(self.engine.arch, step=self._stepped)
         return payload[:3] + self.engine.target.layout.expedited_text(g, names) + payload[3:]
 
     # -- packets --------------------------------------------------------------------------------------
