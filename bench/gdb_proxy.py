@@ -14,8 +14,14 @@ Two conditions, each with fresh guests and GDBs:
 - contended: more bundled guests (one per core by default) run freely on the same cores, each keeping
   a TCG thread busy, as on a host full of VMs.
 
+With `--floors`, two more guests and GDBs take their turns in each round, through `bench/stub_floor.py`:
+the least a stub in GDB's path must do, with the hops and local answers of probed's stub and nothing else,
+once in Python and once in C (`bench/stub_floor.c`, built with `cc`). Their ratios tell what probed's own
+code costs (probed against the Python floor) from what a Python process in GDB's path costs on this host
+(the Python floor against the C one).
+
     python bench/gdb_proxy.py [--steps N] [--continues N] [--rounds N] [--transport unix|tcp]
-                              [--conditions idle,contended] [--others N]
+                              [--conditions idle,contended] [--others N] [--floors]
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -136,6 +143,33 @@ def probed_stub(guest: QemuGuest, transport: str, workdir: Path) -> Iterator[str
 
 
 @contextlib.contextmanager
+def floor_stub(guest: QemuGuest, workdir: Path, native: Path | None) -> Iterator[str]:
+    """`bench/stub_floor.py` in front of `guest` (its C build when `native`); yields where GDB connects."""
+    listen = workdir / ("floor-c.sock" if native else "floor-py.sock")
+    argv = [sys.executable, str(Path(__file__).with_name("stub_floor.py")), "--target", guest.target,
+            "--listen", f"unix:{listen}", *(["--native", str(native)] if native else [])]
+    floor = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    try:
+        if floor.stderr.readline().strip() != "ready":
+            raise RuntimeError(f"the floor stub did not start: {floor.stderr.read()[-2000:]}")
+        yield str(listen)
+    finally:
+        floor.kill()
+        floor.wait(timeout=30)
+
+
+def build_native_floor(workdir: Path) -> Path | None:
+    """`bench/stub_floor.c` built into `workdir` (None, and why on stdout, without a C compiler)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        print("no C compiler: the C floor is left out")
+        return None
+    binary = workdir / "stub_floor"
+    subprocess.run([cc, "-O2", "-o", str(binary), str(Path(__file__).with_name("stub_floor.c"))], check=True)
+    return binary
+
+
+@contextlib.contextmanager
 def others_running(count: int) -> Iterator[None]:
     """`count` more bundled guests running freely (each keeps one host thread busy) while in the block."""
     with contextlib.ExitStack() as stack:
@@ -144,8 +178,8 @@ def others_running(count: int) -> Iterator[None]:
         yield
 
 
-def run_condition(args: argparse.Namespace) -> dict[str, float]:
-    """Alternating batches of the two GDBs; returns the median ratio stub / direct per job."""
+def run_condition(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Batches of each GDB in turn; returns the median ratio to direct per job, for the stub (and floors)."""
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         direct_guest = stack.enter_context(QemuGuest("i386", stopped=True, gdb=args.transport))
@@ -155,13 +189,25 @@ def run_condition(args: argparse.Namespace) -> dict[str, float]:
             "direct": Gdb(direct_guest.elf, direct_guest.target.split(":", 1)[1], workdir, "direct"),
             "stub": Gdb(stub_guest.elf, where, workdir, "stub"),
         }
-        for gdb in gdbs.values():
-            stack.callback(gdb.close)
-        medians = {}
+        stack.callback(gdbs["direct"].close)
+        stack.callback(gdbs["stub"].close)
+        if args.floors:
+            floors = {"python floor": None, "C floor": build_native_floor(workdir)}
+            for name, native in floors.items():
+                if name == "python floor" or native is not None:
+                    guest = stack.enter_context(QemuGuest("i386", stopped=True, gdb="unix"))
+                    floor_at = stack.enter_context(floor_stub(guest, workdir, native))
+                    gdbs[name] = Gdb(guest.elf, floor_at, workdir, name.replace(" ", "-"))
+                    stack.callback(gdbs[name].close)
+        others = [name for name in gdbs if name != "direct"]
+        medians: dict[str, dict[str, float]] = {name: {} for name in others}
         for job, count in (("stepi", args.steps), ("continue", args.continues)):
-            ratios, rates = [], {"direct": [], "stub": []}
+            ratios: dict[str, list[float]] = {name: [] for name in others}
+            rates: dict[str, list[float]] = {name: [] for name in gdbs}
+            names = list(gdbs)
             for n in range(args.rounds):
-                order = ["direct", "stub"] if n % 2 == 0 else ["stub", "direct"]
+                # Who goes first turns round by round.
+                order = names[n % len(names):] + names[:n % len(names)]
                 took = {}
                 for name in order:
                     seconds, turns = gdbs[name].batch(job, count)
@@ -172,12 +218,14 @@ def run_condition(args: argparse.Namespace) -> dict[str, float]:
                     # sometimes runs nothing; probed steps again then. See docs/gdb.md.)
                     if job == "continue" and name == "stub":
                         assert turns == count, f"through the stub: {turns} turns for {count} continues"
-                ratios.append(took["direct"] / took["stub"])
-            medians[job] = statistics.median(ratios)
-            print(f"  {job:<9} direct {statistics.median(rates['direct']):6.0f}/s   "
-                  f"stub {statistics.median(rates['stub']):6.0f}/s   (medians)   "
-                  f"ratio per round: {' '.join(f'{r:.2f}' for r in ratios)}   "
-                  f"load average {os.getloadavg()[0]:.1f}", flush=True)
+                for name in others:
+                    ratios[name].append(took["direct"] / took[name])
+            for name in others:
+                medians[name][job] = statistics.median(ratios[name])
+                print(f"  {job:<9} direct {statistics.median(rates['direct']):6.0f}/s   "
+                      f"{name} {statistics.median(rates[name]):6.0f}/s   (medians)   "
+                      f"ratio per round: {' '.join(f'{r:.2f}' for r in ratios[name])}   "
+                      f"load average {os.getloadavg()[0]:.1f}", flush=True)
         return medians
 
 
@@ -191,23 +239,28 @@ def main() -> None:
                     help="comma-separated: idle, contended (other guests busy on the same cores)")
     ap.add_argument("--others", type=int, default=len(os.sched_getaffinity(0)),
                     help="guests running freely in the contended condition (default: one per core)")
+    ap.add_argument("--floors", action="store_true",
+                    help="also GDB through bench/stub_floor.py, in Python and in C (unix transport only)")
     args = ap.parse_args()
+    if args.floors and args.transport != "unix":
+        ap.error("--floors serves GDB on unix sockets: use --transport unix")
     conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
     unknown = set(conditions) - {"idle", "contended"}
     if unknown:
         ap.error(f"unknown condition(s) {sorted(unknown)}: choose from idle, contended")
     print(f"{len(os.sched_getaffinity(0))} cores; load average at start {os.getloadavg()[0]:.1f}; "
           f"batches of {args.steps} stepi / {args.continues} continues, {args.rounds} rounds")
-    medians: dict[str, dict[str, float]] = {}
+    medians: dict[str, dict[str, dict[str, float]]] = {}
     for condition in conditions:
         others = args.others if condition == "contended" else 0
         print(f"\n== {condition}" + (f": {others} other guests running freely" if others else ""), flush=True)
         with others_running(others):
             medians[condition] = run_condition(args)
     print()
-    for condition, m in medians.items():
-        print(f"{condition:<10} median of {args.rounds} rounds: stepi: stub / direct {m['stepi']:.2f}   "
-              f"continue: stub / direct {m['continue']:.2f}   (target >= 0.85)")
+    for condition, by_stub in medians.items():
+        for name, m in by_stub.items():
+            print(f"{condition:<10} median of {args.rounds} rounds: stepi: {name} / direct {m['stepi']:.2f}   "
+                  f"continue: {name} / direct {m['continue']:.2f}" + ("   (target >= 0.85)" if name == "stub" else ""))
 
 
 if __name__ == "__main__":
