@@ -314,6 +314,18 @@ def test_syntax_errors_name_the_column(arg, column, reason):
     assert str(info.value).splitlines()[-1] == "  " + " " * (column - 1) + "^"
 
 
+async def test_a_leading_zero_is_octal_as_in_kprobe_events():
+    mem = {}
+    put(mem, 0x5008, word(0x11223344, 4))
+    put(mem, 0x0008, word(0x55, 4))
+    prog = parse_fetchargs(["a=+010(%sp):x32", "b=@010:u32", "c=+0x8(%sp):x32", "d=+8(%sp):x32"], X64)
+    values = await prog.evaluate(FakeHit({"rsp": 0x5000}, mem))
+    assert values == {"a": "0x11223344", "b": 0x55, "c": "0x11223344", "d": "0x11223344"}
+    with pytest.raises(FetchSyntaxError, match="08 is not a number: a leading 0 makes it octal") as info:
+        parse_fetchargs(["x=@08"], X64)
+    assert info.value.column == 4
+
+
 def test_a_name_may_not_repeat_even_by_position():
     with pytest.raises(FetchSyntaxError, match="'arg1' appears twice"):
         parse_fetchargs(["%di", "arg1=%si"], X64)

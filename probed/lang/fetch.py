@@ -102,8 +102,16 @@ class _Parser:
         m = _NUMBER.match(self.text, self.pos, self.end)
         if not m:
             raise self.fail(f"expected {what}")
+        text = m.group(0)
+        if len(text) > 1 and text[0] == "0" and text[1] not in "xX":
+            # A leading 0 is octal, as kprobe_events reads numbers (kstrtoul with base 0).
+            if not set(text) <= set("01234567"):
+                raise self.fail(f"{text} is not a number: a leading 0 makes it octal (write {text.lstrip('0')} "
+                                f"or 0x... for decimal or hex)")
+            self.pos = m.end()
+            return int(text, 8)
         self.pos = m.end()
-        return int(m.group(0), 0)
+        return int(text, 0)
 
     def types(self, what: str, at: int) -> Any:
         """The kernel's types, or the error saying `what` needs them."""
