@@ -43,6 +43,23 @@ def test_default_names_groups_and_maxactive():
     assert parse_line("p /bin/ls:0x10").default_group == "uprobes"
 
 
+def test_numbers_are_read_as_tracefs_reads_them_and_passed_on_in_hex():
+    # kstrtoul with base 0: 0x hex, octal after a leading 0, else decimal; probed's own specs take a
+    # decimal offset and a 0x address, so a number probed would read otherwise is passed on in hex.
+    ev = parse_line("p do_sys_open+010")
+    assert (ev.target, ev.name) == ("do_sys_open+0x8", "p_do_sys_open_8")
+    assert parse_line("p ext4:ext4_sync_file+16").target == "ext4:ext4_sync_file+16"
+    assert parse_line("p ext4:ext4_sync_file+0x10").target == "ext4:ext4_sync_file+0x10"
+    assert parse_line("p 4096").target == "0x1000"
+    assert parse_line("r vfs_read+00").retprobe
+    ev = parse_line("p /bin/bash:1264(010)")
+    assert (ev.target, ev.ref_ctr, ev.name) == ("/bin/bash:0x4f0", 8, "p_bash_0x4f0")
+    for line, column in [("p do_sys_open+08", 14), ("p 09", 3), ("p /bin/sh:019", 11), ("p /bin/sh:0x10(09)", 16)]:
+        with pytest.raises(EventsFileError) as info:
+            parse_line(line)
+        assert info.value.column == column, line
+
+
 def test_comments_and_blank_lines():
     commands = parse_text("# a comment\n\n   \np:a f x=%ax # trailing\n-:a\n")
     assert [(c.line, c.action, c.fetchargs) for c in commands] == [(4, "add", ("x=%ax",)), (5, "remove", ())]

@@ -24,7 +24,8 @@ from typing import Any
 from probed.engine.returns import MAXACTIVE_MAX
 from probed.errors import ProbedError
 
-__all__ = ["EventLine", "EventsFileError", "default_event_name", "parse_line", "parse_text", "split_return"]
+__all__ = ["EventLine", "EventsFileError", "default_event_name", "kernel_number", "parse_line", "parse_text",
+           "split_return"]
 
 KPROBE_GROUP, UPROBE_GROUP = "kprobes", "uprobes"
 MAX_EVENT_NAME = 64  # MAX_EVENT_NAME_LEN in the kernel
@@ -119,6 +120,17 @@ def _sanitize(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", name)[:MAX_EVENT_NAME]
 
 
+def kernel_number(text: str) -> int | None:
+    """A number as tracefs reads one (`kstrtoul` with base 0): `0x` hex, octal after a leading `0`, else
+    decimal; None when it is none of these (`08`)."""
+    try:
+        if text[:2] in ("0x", "0X"):
+            return int(text, 16)
+        return int(text, 8) if len(text) > 1 and text[0] == "0" else int(text, 10)
+    except ValueError:
+        return None
+
+
 def split_return(spec: str) -> tuple[str, bool]:
     """`SYM%return` -> (`SYM`, True); any other spec -> (spec, False)."""
     if spec.endswith("%return"):
@@ -200,12 +212,18 @@ def parse_line(raw: str, number: int = 1) -> EventLine | None:
         if not _NUMBER.match(offset) and not _SYMBOL.fullmatch(offset.split("+")[0]):
             raise fail(tcol + m.start("offset"), f"bad offset {offset!r} (a number, or SYMBOL[+OFF])")
         if m.group("ref") is not None:
-            if not _NUMBER.match(m.group("ref")):
+            ref_ctr = kernel_number(m.group("ref")) if _NUMBER.match(m.group("ref")) else None
+            if ref_ctr is None:
                 raise fail(tcol + m.start("ref"), f"bad reference-counter offset {m.group('ref')!r}")
-            ref_ctr = int(m.group("ref"), 0)
             target = target[: m.start("ref") - 1]
+        if _NUMBER.match(offset):
+            value = kernel_number(offset)
+            if value is None:
+                raise fail(tcol + m.start("offset"), f"bad offset {offset!r} (a leading 0 makes it octal)")
+            if offset[:2] not in ("0x", "0X"):
+                target = f"{m.group('path')}:{value:#x}"  # (probed's own PATH:OFFSET is hex)
     else:
-        _check_kernel_target(target, tcol, retprobe, fail)
+        target = _check_kernel_target(target, tcol, retprobe, fail)
 
     args = words[2:]
     if len(args) > MAX_ARGS:
@@ -242,10 +260,14 @@ def _group_event(part: str | None, col: int, fail) -> tuple[str | None, str | No
     return group, event
 
 
-def _check_kernel_target(target: str, col: int, retprobe: bool, fail) -> None:
-    """`[MOD:]SYM[+OFFS]` or `MEMADDR`, as the kernel accepts them."""
+def _check_kernel_target(target: str, col: int, retprobe: bool, fail) -> str:
+    """`[MOD:]SYM[+OFFS]` or `MEMADDR`, as the kernel accepts them; returns it as probed's spec reads it the
+    same (probed reads an offset as decimal or `0x` hex, an address as `0x` hex only: other numbers go in hex)."""
     if _NUMBER.match(target):
-        return
+        address = kernel_number(target)
+        if address is None:
+            raise fail(col, f"bad address {target!r} (a leading 0 makes it octal)")
+        return target if target[:2] in ("0x", "0X") else f"{address:#x}"
     module, colon, rest = target.rpartition(":")
     if colon and not _SYMBOL.fullmatch(module):
         raise fail(col, f"bad module name {module!r}")
@@ -255,12 +277,16 @@ def _check_kernel_target(target: str, col: int, retprobe: bool, fail) -> None:
         raise fail(scol, f"expected a symbol or an address, not {rest!r}")
     tail = rest[sm.end() :]
     if not tail:
-        return
+        return target
     ocol = scol + sm.end()
     if tail[0] == "-":
         raise fail(ocol, "an offset is added: SYM+OFFS")
-    if tail[0] != "+" or not _NUMBER.match(tail[1:]):
-        raise fail(ocol, f"bad offset {tail!r} (+OFFS, decimal or 0x hex)")
-    if retprobe and int(tail[1:], 0) != 0:
+    offset = kernel_number(tail[1:]) if tail[0] == "+" and _NUMBER.match(tail[1:]) else None
+    if offset is None:
+        raise fail(ocol, f"bad offset {tail!r} (+OFFS: decimal, 0x hex, or octal after a leading 0)")
+    if retprobe and offset != 0:
         raise fail(ocol, "a return probe goes on a function's entry (SYM or SYM+0)")
+    if tail[1:2] != "0" or tail[1:] == "0" or tail[2:3] in ("x", "X"):
+        return target  # decimal or 0x hex: read the same by probed
+    return f"{target[: len(target) - len(tail)]}+{offset:#x}"
 
