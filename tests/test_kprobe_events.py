@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from probed.front.kprobe_events import EventsFileError, parse_line, parse_text
 
@@ -96,3 +98,12 @@ def test_errors_name_the_column(line, column, reason):
     assert str(err).startswith(f"probes.txt:2:{column}: ")
     assert str(err).splitlines()[1:] == [f"  {line}", "  " + " " * (column - 1) + "^"]
     assert err.data()["line"] == 2 and err.data()["column"] == column
+
+
+@given(st.text(alphabet="pr-:/ 0123456789xX+%()abcdefgsymo_.$@\\=#", max_size=40))
+def test_near_grammatical_garbage_only_ever_raises_events_file_errors(line):
+    try:
+        parse_line(line)
+    except EventsFileError as exc:
+        # (A missing word is pointed at where it would start, after a space: one past the end at most.)
+        assert 1 <= exc.column <= len(line) + 2
