@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from probed.testing.qemu import QemuGuest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import stub_floor  # noqa: E402
 
 SCRIPT = """
 import gdb, time
@@ -143,33 +145,6 @@ def probed_stub(guest: QemuGuest, transport: str, workdir: Path) -> Iterator[str
 
 
 @contextlib.contextmanager
-def floor_stub(guest: QemuGuest, workdir: Path, native: Path | None) -> Iterator[str]:
-    """`bench/stub_floor.py` in front of `guest` (its C build when `native`); yields where GDB connects."""
-    listen = workdir / ("floor-c.sock" if native else "floor-py.sock")
-    argv = [sys.executable, str(Path(__file__).with_name("stub_floor.py")), "--target", guest.target,
-            "--listen", f"unix:{listen}", *(["--native", str(native)] if native else [])]
-    floor = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
-    try:
-        if floor.stderr.readline().strip() != "ready":
-            raise RuntimeError(f"the floor stub did not start: {floor.stderr.read()[-2000:]}")
-        yield str(listen)
-    finally:
-        floor.kill()
-        floor.wait(timeout=30)
-
-
-def build_native_floor(workdir: Path) -> Path | None:
-    """`bench/stub_floor.c` built into `workdir` (None, and why on stdout, without a C compiler)."""
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        print("no C compiler: the C floor is left out")
-        return None
-    binary = workdir / "stub_floor"
-    subprocess.run([cc, "-O2", "-o", str(binary), str(Path(__file__).with_name("stub_floor.c"))], check=True)
-    return binary
-
-
-@contextlib.contextmanager
 def others_running(count: int) -> Iterator[None]:
     """`count` more bundled guests running freely (each keeps one host thread busy) while in the block."""
     with contextlib.ExitStack() as stack:
@@ -192,13 +167,17 @@ def run_condition(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         stack.callback(gdbs["direct"].close)
         stack.callback(gdbs["stub"].close)
         if args.floors:
-            floors = {"python floor": None, "C floor": build_native_floor(workdir)}
+            floors: dict[str, Path | None] = {"python floor": None}
+            native = stub_floor.build_native(workdir)
+            if native is None:
+                print("no C compiler: the C floor is left out")
+            else:
+                floors["C floor"] = native
             for name, native in floors.items():
-                if name == "python floor" or native is not None:
-                    guest = stack.enter_context(QemuGuest("i386", stopped=True, gdb="unix"))
-                    floor_at = stack.enter_context(floor_stub(guest, workdir, native))
-                    gdbs[name] = Gdb(guest.elf, floor_at, workdir, name.replace(" ", "-"))
-                    stack.callback(gdbs[name].close)
+                guest = stack.enter_context(QemuGuest("i386", stopped=True, gdb="unix"))
+                floor_at = stack.enter_context(stub_floor.serving(guest.target, workdir, native))
+                gdbs[name] = Gdb(guest.elf, floor_at, workdir, name.replace(" ", "-"))
+                stack.callback(gdbs[name].close)
         others = [name for name in gdbs if name != "direct"]
         medians: dict[str, dict[str, float]] = {name: {} for name in others}
         for job, count in (("stepi", args.steps), ("continue", args.continues)):

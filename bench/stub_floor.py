@@ -22,10 +22,14 @@ It prints "ready" on stderr when GDB may connect.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import select
+import shutil
 import socket
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -190,6 +194,32 @@ class Floor:
         self.snapshot = dict(zip(prefetch, replies[1:], strict=True))
         text = self.layout.expedited_text(self.registers, self.frame if step else None)
         self.reply(stop[:3] + text + stop[3:])
+
+
+def build_native(workdir: Path) -> Path | None:
+    """`stub_floor.c` built into `workdir` with `cc -O2`; None without a C compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    binary = workdir / "stub_floor"
+    subprocess.run([cc, "-O2", "-o", str(binary), str(Path(__file__).with_name("stub_floor.c"))], check=True)
+    return binary
+
+
+@contextlib.contextmanager
+def serving(target: str, workdir: Path, native: Path | None = None) -> Iterator[str]:
+    """This floor in front of QEMU's gdbstub at `target` (its C build when `native`), in a process of its
+    own; yields the socket where GDB connects."""
+    listen = workdir / ("floor-c.sock" if native else "floor-py.sock")
+    argv = [sys.executable, __file__, "--target", target, "--listen", f"unix:{listen}"]
+    floor = subprocess.Popen(argv + (["--native", str(native)] if native else []), stderr=subprocess.PIPE, text=True)
+    try:
+        if floor.stderr.readline().strip() != "ready":
+            raise RuntimeError(f"the floor stub did not start: {floor.stderr.read()[-2000:]}")
+        yield str(listen)
+    finally:
+        floor.kill()
+        floor.wait(timeout=30)
 
 
 def main() -> None:

@@ -23,9 +23,9 @@ from typing import Any
 
 from probed.engine.returns import MAXACTIVE_MAX
 from probed.errors import ProbedError
+from probed.lang.fetch import kernel_number
 
-__all__ = ["EventLine", "EventsFileError", "default_event_name", "kernel_number", "parse_line", "parse_text",
-           "split_return"]
+__all__ = ["EventLine", "EventsFileError", "default_event_name", "parse_line", "parse_text", "split_return"]
 
 KPROBE_GROUP, UPROBE_GROUP = "kprobes", "uprobes"
 MAX_EVENT_NAME = 64  # MAX_EVENT_NAME_LEN in the kernel
@@ -120,15 +120,13 @@ def _sanitize(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", name)[:MAX_EVENT_NAME]
 
 
-def kernel_number(text: str) -> int | None:
-    """A number as tracefs reads one (`kstrtoul` with base 0): `0x` hex, octal after a leading `0`, else
-    decimal; None when it is none of these (`08`)."""
-    try:
-        if text[:2] in ("0x", "0X"):
-            return int(text, 16)
-        return int(text, 8) if len(text) > 1 and text[0] == "0" else int(text, 10)
-    except ValueError:
-        return None
+def _for_probed(text: str, value: int, *, decimal: bool) -> str:
+    """`text`, a number tracefs reads as `value`, in the form probed's specs read as `value` too: `0x` hex
+    as it is; decimal as it is where probed reads decimal there (`decimal`: an offset added to a symbol);
+    anything else (octal, or decimal where probed reads hex) in hex."""
+    if text[:2] in ("0x", "0X") or (decimal and (text == "0" or text[0] != "0")):
+        return text
+    return f"{value:#x}"
 
 
 def split_return(spec: str) -> tuple[str, bool]:
@@ -212,7 +210,7 @@ def parse_line(raw: str, number: int = 1) -> EventLine | None:
         if not _NUMBER.match(offset) and not _SYMBOL.fullmatch(offset.split("+")[0]):
             raise fail(tcol + m.start("offset"), f"bad offset {offset!r} (a number, or SYMBOL[+OFF])")
         if m.group("ref") is not None:
-            ref_ctr = kernel_number(m.group("ref")) if _NUMBER.match(m.group("ref")) else None
+            ref_ctr = kernel_number(m.group("ref"))
             if ref_ctr is None:
                 raise fail(tcol + m.start("ref"), f"bad reference-counter offset {m.group('ref')!r}")
             target = target[: m.start("ref") - 1]
@@ -220,8 +218,7 @@ def parse_line(raw: str, number: int = 1) -> EventLine | None:
             value = kernel_number(offset)
             if value is None:
                 raise fail(tcol + m.start("offset"), f"bad offset {offset!r} (a leading 0 makes it octal)")
-            if offset[:2] not in ("0x", "0X"):
-                target = f"{m.group('path')}:{value:#x}"  # (probed's own PATH:OFFSET is hex)
+            target = f"{m.group('path')}:{_for_probed(offset, value, decimal=False)}"  # (probed's is hex)
     else:
         target = _check_kernel_target(target, tcol, retprobe, fail)
 
@@ -267,7 +264,7 @@ def _check_kernel_target(target: str, col: int, retprobe: bool, fail) -> str:
         address = kernel_number(target)
         if address is None:
             raise fail(col, f"bad address {target!r} (a leading 0 makes it octal)")
-        return target if target[:2] in ("0x", "0X") else f"{address:#x}"
+        return _for_probed(target, address, decimal=False)
     module, colon, rest = target.rpartition(":")
     if colon and not _SYMBOL.fullmatch(module):
         raise fail(col, f"bad module name {module!r}")
@@ -281,12 +278,10 @@ def _check_kernel_target(target: str, col: int, retprobe: bool, fail) -> str:
     ocol = scol + sm.end()
     if tail[0] == "-":
         raise fail(ocol, "an offset is added: SYM+OFFS")
-    offset = kernel_number(tail[1:]) if tail[0] == "+" and _NUMBER.match(tail[1:]) else None
+    offset = kernel_number(tail[1:]) if tail[0] == "+" else None
     if offset is None:
         raise fail(ocol, f"bad offset {tail!r} (+OFFS: decimal, 0x hex, or octal after a leading 0)")
     if retprobe and offset != 0:
         raise fail(ocol, "a return probe goes on a function's entry (SYM or SYM+0)")
-    if tail[1:2] != "0" or tail[1:] == "0" or tail[2:3] in ("x", "X"):
-        return target  # decimal or 0x hex: read the same by probed
-    return f"{target[: len(target) - len(tail)]}+{offset:#x}"
+    return f"{target[: len(target) - len(tail)]}+{_for_probed(tail[1:], offset, decimal=True)}"
 

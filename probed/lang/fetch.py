@@ -40,8 +40,8 @@ from .tree import (
 )
 
 __all__ = [
-    "STRING_MAX", "FetchEnv", "FetchField", "FetchProgram", "TypesNeeded", "parse_fetchargs", "parse_fetcharg",
-    "read_c_string", "Node", "Unfetched",
+    "STRING_MAX", "FetchEnv", "FetchField", "FetchProgram", "TypesNeeded", "kernel_number", "parse_fetchargs",
+    "parse_fetcharg", "read_c_string", "Node", "Unfetched",
 ]
 
 MAX_DEPTH = 64  # nested dereferences and member accesses in one fetch arg (the kernel allows far fewer)
@@ -50,6 +50,7 @@ _NUMBER = re.compile(r"0[xX][0-9a-fA-F]+|[0-9]+")
 _SYMBOL = re.compile(r"[A-Za-z_.][A-Za-z0-9_.$]*")
 _SPECIAL = re.compile(r"\$(stack|arg|retval|comm|pid|tid|current)([0-9]*)")
 _STRUCT_PATH = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\.[A-Za-z_][A-Za-z0-9_]*)+)")
+_KERNEL_NUMBER = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*")
 _TYPE = re.compile(
     r"^(?:(?P<int>[usx])(?P<bits>8|16|32|64)|(?P<other>string|ustring|symbol|symstr|char)"
     r"|b(?P<bw>[0-9]+)@(?P<bo>[0-9]+)/(?P<bc>[0-9]+))(?:\[(?P<n>[0-9]+)\])?$"
@@ -87,6 +88,14 @@ class TypesNeeded(FetchSyntaxError):
     stands as the error when they cannot be had)."""
 
 
+def kernel_number(text: str) -> int | None:
+    """A number as kprobe_events reads one (`kstrtoul` with base 0): `0x` hex, octal after a leading `0`,
+    else decimal; None for anything else (`08`, `1_000`, ` 7`)."""
+    if not _KERNEL_NUMBER.fullmatch(text):
+        return None
+    return int(text, 16) if text[1:2] in ("x", "X") else int(text, 8) if text[0] == "0" else int(text)
+
+
 class _Parser:
     def __init__(self, text: str, start: int, end: int, arch: Any, symbols: Any, env: FetchEnv):
         self.text, self.pos, self.end = text, start, end
@@ -103,15 +112,12 @@ class _Parser:
         if not m:
             raise self.fail(f"expected {what}")
         text = m.group(0)
-        if len(text) > 1 and text[0] == "0" and text[1] not in "xX":
-            # A leading 0 is octal, as kprobe_events reads numbers (kstrtoul with base 0).
-            if not set(text) <= set("01234567"):
-                raise self.fail(f"{text} is not a number: a leading 0 makes it octal (write {text.lstrip('0')} "
-                                f"or 0x... for decimal or hex)")
-            self.pos = m.end()
-            return int(text, 8)
+        value = kernel_number(text)
+        if value is None:
+            raise self.fail(f"{text} is not a number: a leading 0 makes it octal (write {text.lstrip('0')} "
+                            f"or 0x... for decimal or hex)")
         self.pos = m.end()
-        return int(text, 0)
+        return value
 
     def types(self, what: str, at: int) -> Any:
         """The kernel's types, or the error saying `what` needs them."""
